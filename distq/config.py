@@ -1,0 +1,341 @@
+"""Frozen configuration dataclasses, validation, YAML loading and dotted `--set section.key=value` overrides.
+
+Each section maps 1:1 onto a YAML mapping of the same name; the dotted paths are the same ones Ray Tune sweeps.
+Every check raises DistqError naming the offending field and its allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distq.errors import DistqError
+
+SOURCES = ("gmm1d", "swiss_roll", "gaussian", "file")
+SCHEDULES = ("ou", "ve", "vp")
+SAMPLERS = ("sde", "ode_euler", "ddim")
+PRECONDITIONS = ("edm", "none")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise DistqError(f"config field '{name}' {message}")
+
+
+def _positive(value: float, name: str) -> None:
+    _require(value > 0 and math.isfinite(value), name, f"must be a positive finite number, got {value!r}")
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: a built-in generator or a user file (section 12 for the built-ins)."""
+
+    source: str = "swiss_roll"
+    """gmm1d | swiss_roll | gaussian | file."""
+    n_samples: int = 300
+    """Number of data points N drawn from a built-in source (ignored for `file`)."""
+    path: Optional[str] = None
+    """Parquet, CSV or .npy file of numeric rows (source `file`)."""
+    columns: Optional[tuple[str, ...]] = None
+    """Columns of the file to use (default all)."""
+    mean: tuple[float, ...] = (0.0, 0.0)
+    """Mean of the `gaussian` source; its length is the dimension d."""
+    std: float = 1.0
+    """Per-coordinate standard deviation of the `gaussian` source."""
+
+    def __post_init__(self) -> None:
+        _choice(self.source, "data.source", SOURCES)
+        _require(self.n_samples >= 2, "data.n_samples", f"must be >= 2, got {self.n_samples}")
+        _require(self.source != "file" or bool(self.path), "data.path", "is required when data.source is 'file'")
+        _require(len(self.mean) >= 1, "data.mean", "must have at least one coordinate")
+        _positive(self.std, "data.std")
+        _require(self.columns is None or len(self.columns) > 0, "data.columns", "must list at least one column")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Terminal reward h (E6): a built-in name or `path/to/file.py:function` / `package.module:function`."""
+
+    fn: str = "swiss_roll_rectangle"
+    """gmm1d_right | swiss_roll_rectangle | linear | a user function reference."""
+    coef: Optional[tuple[float, ...]] = None
+    """Coefficient vector c of the `linear` reward h(x) = c . x."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.fn), "reward.fn", "must name a reward")
+        _require(self.fn != "linear" or self.coef is not None, "reward.coef", "is required by reward.fn 'linear'")
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    """Forward noising schedule (E1-E2), horizon, time grid and sampler (E5, section 8)."""
+
+    schedule: str = "ou"
+    """ou | ve | vp."""
+    T: float = 5.0
+    """Horizon of the forward process."""
+    dt: float = 0.25
+    """Step of the uniform time grid; T / dt must be a whole number K."""
+    sampler: str = "sde"
+    """sde | ode_euler | ddim."""
+    beta_min: float = 0.1
+    """vp only: beta(0)."""
+    beta_max: float = 20.0
+    """vp only: beta(T)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.schedule, "sde.schedule", SCHEDULES)
+        _choice(self.sampler, "sde.sampler", SAMPLERS)
+        _positive(self.T, "sde.T")
+        _positive(self.dt, "sde.dt")
+        ratio = self.T / self.dt
+        _require(abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1, "sde.dt",
+                 f"must divide sde.T={self.T} into a whole number of steps; got dt={self.dt} (T/dt = {ratio:g})")
+        _positive(self.beta_min, "sde.beta_min")
+        _require(self.beta_max >= self.beta_min, "sde.beta_max", f"must be >= sde.beta_min={self.beta_min}")
+
+    @property
+    def num_steps(self) -> int:
+        """K = T / dt."""
+        return int(round(self.T / self.dt))
+
+
+@dataclass(frozen=True)
+class RatioConfig:
+    """Ratio estimator of the score (E13)."""
+
+    eps: float = 0.0
+    """The paper's lower bound: weights divide by max(sum_j p_j, N eps). 0 = plain softmax (log-sum-exp)."""
+    minibatch: Optional[int] = None
+    """Use a fresh random subset of this many data points per step (None = all N)."""
+
+    def __post_init__(self) -> None:
+        _require(self.eps >= 0 and math.isfinite(self.eps), "ratio.eps", f"must be >= 0, got {self.eps}")
+        _require(self.minibatch is None or self.minibatch >= 1, "ratio.minibatch", f"must be >= 1, got {self.minibatch}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Policy-mean and value networks (paper Table 1; preconditioning of algorithm.md section 13)."""
+
+    hidden: int = 64
+    """Width of the two hidden layers."""
+    precondition: str = "edm"
+    """edm: mean through a denoiser with input/skip/output scaling; none: the paper's plain network."""
+
+    def __post_init__(self) -> None:
+        _require(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
+        _choice(self.precondition, "model.precondition", PRECONDITIONS)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Algorithm 1: reward weight, temperature, episodes and optimisation."""
+
+    beta: float = 0.0
+    """Weight of the terminal reward beta (E6); 0 = plain score matching."""
+    temperature: float = 5.0
+    """Entropy temperature theta (E8); policy covariance theta / g^2 (E10)."""
+    episodes: int = 50000
+    """Number of updates; each uses a batch of fresh trajectories."""
+    batch_size: int = 300
+    """Trajectories per episode B."""
+    lr_policy: float = 1e-3
+    """Adam learning rate of the policy mean (psi)."""
+    lr_value: float = 1e-3
+    """Adam learning rate of the value network (phi)."""
+    lr_schedule: str = "constant"
+    """constant | cosine (decay to 0 over the episodes)."""
+    grad_clip: Optional[float] = None
+    """Clip each network's gradient norm to this value (None = off)."""
+    log_every: int = 50
+    """Episodes between rows of metrics.parquet."""
+    checkpoint_every: int = 1000
+    """Episodes between checkpoints (one is always written at the end)."""
+    progress_seconds: float = 5.0
+    """Seconds between progress lines."""
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0 and math.isfinite(self.beta), "train.beta", f"must be >= 0, got {self.beta}")
+        _positive(self.temperature, "train.temperature")
+        _require(self.episodes >= 1, "train.episodes", f"must be >= 1, got {self.episodes}")
+        _require(self.batch_size >= 2, "train.batch_size", f"must be >= 2, got {self.batch_size}")
+        _positive(self.lr_policy, "train.lr_policy")
+        _positive(self.lr_value, "train.lr_value")
+        _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        if self.grad_clip is not None:
+            _positive(self.grad_clip, "train.grad_clip")
+        _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _require(self.progress_seconds >= 0, "train.progress_seconds", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (section 11): batches of generated samples against fresh data."""
+
+    n_samples: int = 300
+    """Generated samples per batch (and data samples per reference batch)."""
+    batches: int = 20
+    """Number of batches for the 95% confidence intervals (the paper uses 100)."""
+    k: int = 1
+    """Neighbour index of the kNN KL estimator."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples >= 3, "eval.n_samples", f"must be >= 3, got {self.n_samples}")
+        _require(self.batches >= 2, "eval.batches", f"must be >= 2, got {self.batches}")
+        _require(1 <= self.k < self.n_samples - 1, "eval.k", f"must be in [1, eval.n_samples - 2], got {self.k}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training run."""
+
+    seed: int = 0
+    """Seed of data generation, initialisation and every random draw."""
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    ratio: RatioConfig = field(default_factory=RatioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.reward.fn == "linear" and self.data.source == "gaussian":
+            _require(len(self.reward.coef) == len(self.data.mean), "reward.coef",
+                     f"has {len(self.reward.coef)} entries but data.mean has {len(self.data.mean)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists instead of tuples), ready for YAML."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check `value` against a field's type hint, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        _require(isinstance(value, (list, tuple)), name, f"must be a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+        _require(ok, name, f"must be a whole number, got {value!r}")
+        return value
+    if hint is str:
+        _require(isinstance(value, str), name, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {name}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise DistqError(f"config section '{where}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise DistqError(f"unknown config key '{path}'{hint} (allowed: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, path)
+        else:
+            kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (the YAML layout)."""
+    return _build(Config, values, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value parsed as YAML)."""
+    if "=" not in text:
+        raise DistqError(f"override {text!r} must look like section.key=value")
+    path, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise DistqError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return path.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the nested dict with each `section.key=value` applied."""
+    values = _plain(values)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise DistqError(f"override {text!r}: '{key}' is not a config section")
+            node = child
+        node[keys[-1]] = value
+    return values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistqError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DistqError(f"config file {path} is not valid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DistqError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file, apply overrides, validate."""
+    return config_from_dict(apply_overrides(read_yaml(path), list(overrides)))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
