@@ -1,0 +1,72 @@
+"""Checkpoints: written atomically, read back with errors that name the file and what is wrong.
+
+A checkpoint holds the resolved config, the episode reached, the learner's networks, optimisers and schedulers,
+and the data's column names. Rollout randomness is counter-based (rollout.episode_chunks), so the episode number
+is the whole random state needed to continue exactly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distq.config import Config
+from distq.errors import DistqError
+
+FORMAT = 1
+# Fields that may change between a run and its resumption: how long and how it reports, not what it learns.
+RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
+                     "train.threads", "eval.n_samples", "eval.batches", "eval.k")
+_REQUIRED = ("format", "config", "episode", "learner", "columns")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` via a temporary file and an atomic rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint; DistqError if it is missing, corrupt or of another format."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistqError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise DistqError(f"checkpoint {path} is corrupt or not a distq checkpoint ({type(err).__name__}: {err})") from None
+    missing = [key for key in _REQUIRED if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise DistqError(f"checkpoint {path} is not a distq checkpoint (missing {', '.join(missing)})")
+    if payload["format"] != FORMAT:
+        raise DistqError(f"checkpoint {path} has format {payload['format']}; this distq reads format {FORMAT}")
+    return payload
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def config_differences(saved: dict[str, Any], config: Config) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring RESUMABLE_CHANGES."""
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+
+
+def check_compatible(payload: dict[str, Any], config: Config, path: str | Path) -> None:
+    """DistqError naming the differing fields if the checkpoint was trained with another config."""
+    diffs = config_differences(payload["config"], config)
+    if diffs:
+        flat_old = _flatten(payload["config"])
+        shown = ", ".join(f"{k} (checkpoint {flat_old.get(k)!r})" for k in diffs[:6])
+        raise DistqError(f"checkpoint {path} was trained with a different config: {shown}; "
+                         f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume")

@@ -1,0 +1,118 @@
+"""Command line: `distq train | sample | evaluate`. Argument parsing only; the work is in distq.train and friends."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from distq import rundir
+from distq.checkpoint import load_checkpoint
+from distq.components import build_rollout, make_grid
+from distq.config import SAMPLERS, Config, config_from_dict, load_config
+from distq.data import load_dataset
+from distq.errors import DistqError
+from distq.evaluation import evaluate_given, evaluate_policy
+from distq.rewards import load_reward
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distq", description="Reward-directed diffusion by continuous-time q-learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a run, then evaluate it")
+    train.add_argument("config", nargs="?", help="YAML config (default with --resume: RUN_DIR/config.yaml)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+    train.add_argument("--out", help="run directory to create")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace the outputs of a run already in --out")
+    sample = sub.add_parser("sample", help="generate samples from a trained run")
+    sample.add_argument("run_dir")
+    sample.add_argument("-n", type=int, required=True, help="number of samples")
+    sample.add_argument("--out", required=True, help="Parquet file to write")
+    sample.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the run's)")
+    sample.add_argument("--steps", type=int, help="number of steps over [0, T] (default: the run's)")
+    sample.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from distq.train import train
+
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise DistqError(f"--out {args.out} and --resume {args.resume} name different run directories")
+        config_path = args.config or str(Path(args.resume) / rundir.CONFIG)
+        train(load_config(config_path, args.overrides), args.resume, resume=True)
+    elif not args.out:
+        raise DistqError("distq train needs --out RUN_DIR (or --resume RUN_DIR)")
+    elif not args.config:
+        raise DistqError("distq train needs a CONFIG.yaml")
+    else:
+        train(load_config(args.config, args.overrides), args.out, overwrite=args.overwrite)
+
+
+def _load_run(run_dir: str) -> tuple[Config, dict]:
+    payload = load_checkpoint(Path(run_dir) / rundir.CHECKPOINT)
+    try:
+        config = config_from_dict(payload["config"])
+    except DistqError as err:
+        raise DistqError(f"checkpoint in {run_dir} holds an invalid config: {err}") from None
+    return config, payload
+
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise DistqError(f"-n must be >= 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise DistqError(f"--steps must be >= 1, got {args.steps}")
+    config, payload = _load_run(args.run_dir)
+    columns = payload["columns"]
+    # Generation needs only the policy: a placeholder stands in for the data and the reward.
+    rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None)
+    rollout.set_weights(payload["learner"]["policy"])
+    samples = rollout.generate(args.n, torch.Generator().manual_seed(args.seed), make_grid(config, args.steps),
+                               args.sampler)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_samples(out, samples, columns)
+    print(f"wrote {args.n} samples ({args.sampler or config.sde.sampler}, "
+          f"{args.steps or config.sde.num_steps} steps) to {out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    config, payload = _load_run(args.run_dir)
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points[:8])
+    if args.samples:
+        metrics = evaluate_given(rundir.read_samples(Path(args.samples), payload["columns"]), dataset, reward, config)
+        metrics["samples"] = str(args.samples)
+    else:
+        rollout = build_rollout(config, dataset.points, reward)
+        rollout.set_weights(payload["learner"]["policy"])
+        metrics, _ = evaluate_policy(rollout, dataset, reward, config)
+    rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.command](args)
+    except DistqError as err:
+        print(f"distq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distq: interrupted; the last checkpoint is kept (continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Assembles the schedule, networks, rollout and learner of a run from its Config.
+
+Rollouts and the learner are built separately from the same inputs so that a rollout can live in another
+process (a Ray actor) with its own copy of the policy-mean network.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from distq.config import Config
+from distq.learner import Learner
+from distq.policy import PolicyMean, Preconditioner
+from distq.ratio import RatioEstimator
+from distq.rollout import Rollout
+from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
+from distq.value import ValueNet
+
+Reward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def data_statistics(points: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-coordinate mean (d,) and one overall spread s (root mean per-coordinate variance) of the data (N, d)."""
+    mean = points.mean(0)
+    scale = float((points - mean).pow(2).mean().sqrt())
+    return mean, max(scale, 1e-6)
+
+
+def make_grid(config: Config, num_steps: Optional[int] = None) -> TimeGrid:
+    """The uniform time grid of the run (or of `num_steps` steps over the same horizon, for sampling)."""
+    return time_grid(make_schedule(config.sde), config.sde.T, num_steps or config.sde.num_steps)
+
+
+def _preconditioner(config: Config, points: torch.Tensor) -> Preconditioner:
+    mean, scale = data_statistics(points)
+    return Preconditioner(make_schedule(config.sde), config.sde.T, mean, scale,
+                          enabled=config.model.precondition == "edm")
+
+
+def build_policy(config: Config, points: torch.Tensor) -> PolicyMean:
+    """A fresh policy-mean network mu_psi (E10), seeded by config.seed."""
+    torch.manual_seed(config.seed)
+    return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points))
+
+
+def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward) -> ValueNet:
+    """A fresh value network J_phi (E12) whose output is put at the scale of beta h on the data."""
+    torch.manual_seed(config.seed + 1)
+    beta = config.train.beta
+    rewards = terminal_reward(points)
+    return ValueNet(points.shape[1], config.model.hidden, _preconditioner(config, points), config.train.temperature,
+                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()))
+
+
+def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
+                  policy: Optional[PolicyMean] = None) -> Rollout:
+    """A rollout over `points`; it shares `policy` (in-process) or builds its own copy (another process)."""
+    policy = policy if policy is not None else build_policy(config, points)
+    return Rollout(policy, make_grid(config), config.sde.sampler,
+                   RatioEstimator(points, config.ratio.eps, config.ratio.minibatch), terminal_reward,
+                   config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T))
+
+
+def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward) -> Learner:
+    """The central learner with fresh networks."""
+    return Learner(build_policy(config, points), build_value(config, points, terminal_reward), make_grid(config),
+                   config.train)

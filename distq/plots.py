@@ -1,0 +1,132 @@
+"""Figures: generated samples against data (like the paper's figures) and training curves, written as PNG.
+
+Uses matplotlib's Agg canvas directly (no pyplot, no global figure state); every file is written atomically.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from distq.errors import DistqError
+
+if TYPE_CHECKING:
+    import pyarrow
+
+DATA_COLOUR = "tab:blue"
+GENERATED_COLOUR = "tab:orange"
+
+
+def _as_array(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """(n, d) float64 numpy copy of a tensor or array."""
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if array.ndim != 2:
+        raise DistqError(f"plot {name} must be a 2-D array (n, d); got shape {array.shape}")
+    return array.astype(np.float64)
+
+
+def _save_atomically(fig: Figure, path) -> None:
+    """Write `fig` as PNG to a temp file beside `path`, then rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name opened with "xb" (not mkstemp, whose files are 0600) keeps the user's umask.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            FigureCanvasAgg(fig).print_png(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _histograms(ax, generated: np.ndarray, data: np.ndarray, column: str) -> None:
+    """Overlaid density histograms of one coordinate, on bins shared by both sets."""
+    bins = np.histogram_bin_edges(np.concatenate([data[:, 0], generated[:, 0]]), bins=50)
+    ax.hist(data[:, 0], bins=bins, density=True, alpha=0.5, color=DATA_COLOUR, label="data")
+    ax.hist(generated[:, 0], bins=bins, density=True, alpha=0.5, color=GENERATED_COLOUR, label="generated")
+    ax.set_xlabel(column)
+    ax.set_ylabel("density")
+
+
+def _scatter(ax, generated: np.ndarray, data: np.ndarray, columns: tuple[str, ...]) -> None:
+    """Overlaid scatter of the first two coordinates on equal axes."""
+    ax.scatter(data[:, 0], data[:, 1], s=6, alpha=0.4, color=DATA_COLOUR, label="data")
+    ax.scatter(generated[:, 0], generated[:, 1], s=6, alpha=0.4, color=GENERATED_COLOUR, label="generated")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel(columns[0])
+    ax.set_ylabel(columns[1])
+
+
+def plot_samples(
+    generated: np.ndarray | torch.Tensor,
+    data: np.ndarray | torch.Tensor,
+    columns: tuple[str, ...],
+    path,
+    title: str = "",
+) -> None:
+    """PNG of generated (n, d) vs data (m, d): density histograms when d == 1, else a scatter of columns 0 and 1.
+
+    `columns` names the d coordinates (axis labels); `title` is shown as given.
+    """
+    generated, data = _as_array(generated, "generated"), _as_array(data, "data")
+    d = data.shape[1]
+    if generated.shape[1] != d or len(columns) != d:
+        raise DistqError(
+            f"plot_samples needs generated, data and columns of the same dimension; "
+            f"got {generated.shape[1]}, {d} and {len(columns)} ({', '.join(columns)})"
+        )
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.add_subplot()
+    if d == 1:
+        _histograms(ax, generated, data, columns[0])
+    else:
+        _scatter(ax, generated, data, columns)
+    ax.legend(loc="best")
+    ax.set_title(title)
+    _save_atomically(fig, path)
+
+
+def _numeric_columns(metrics: dict[str, list[float]] | pyarrow.Table) -> dict[str, np.ndarray]:
+    """Columns of a dict of lists or a pyarrow Table that convert to float (nulls become nan)."""
+    table = metrics if isinstance(metrics, dict) else metrics.to_pydict()
+    numeric = {}
+    for name, values in table.items():
+        try:
+            numeric[name] = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue  # text columns (run ids, tags) are not curves
+    return numeric
+
+
+def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, x: str = "episode") -> None:
+    """PNG grid of line plots, one per numeric column of `metrics` (dict of lists or pyarrow Table), against `x`."""
+    columns = _numeric_columns(metrics)
+    if x not in columns:
+        raise DistqError(f"plot_training_curves needs a numeric '{x}' column; got columns {', '.join(columns)}")
+    steps = columns.pop(x)
+    mismatched = [name for name, values in columns.items() if values.shape != steps.shape]
+    if not columns or mismatched:
+        raise DistqError(
+            f"plot_training_curves needs numeric 1-D columns as long as '{x}' ({len(steps)}); "
+            f"mismatched: {', '.join(mismatched) or 'none'}, numeric: {', '.join(columns) or 'none'}"
+        )
+    ncols = min(3, len(columns))
+    nrows = math.ceil(len(columns) / ncols)
+    fig = Figure(figsize=(4 * ncols, 3 * nrows), layout="constrained")
+    for index, (name, values) in enumerate(columns.items()):
+        ax = fig.add_subplot(nrows, ncols, index + 1)
+        # Metrics logged every few episodes are nan in between; drop those so the line stays connected.
+        logged = ~np.isnan(values)
+        ax.plot(steps[logged], values[logged], linewidth=1.2, marker="o" if logged.sum() <= 50 else None, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    _save_atomically(fig, path)

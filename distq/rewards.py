@@ -1,0 +1,165 @@
+"""Terminal rewards h (E6): (B, d) points -> (B,) float32 rewards.
+
+`reward.fn` names a built-in (section 12) or a user function `path/to/file.py:function` / `package.module:function`.
+Every reward is wrapped in `Reward`, which checks each output, so a bad reward fails with a DistqError naming
+`reward.fn` instead of corrupting training.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from distq.config import RewardConfig
+from distq.errors import DistqError
+
+RewardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gmm1d_right(x: torch.Tensor) -> torch.Tensor:
+    """h(x) = -|x_0 - 6| (section 12, 1D example); x: (B, d) -> (B,)."""
+    return -(x[:, 0] - 6.0).abs()
+
+
+def swiss_roll_rectangle(x: torch.Tensor) -> torch.Tensor:
+    """h(x) = 1 if -15 <= x_0 <= 15 and 0 <= x_1 <= 17.5 else 0 (section 12); x: (B, d >= 2) -> (B,)."""
+    inside = (x[:, 0] >= -15.0) & (x[:, 0] <= 15.0) & (x[:, 1] >= 0.0) & (x[:, 1] <= 17.5)
+    return inside.to(x.dtype)
+
+
+class LinearReward:
+    """h(x) = x @ c; x: (B, d), c: (d,) -> (B,)."""
+
+    def __init__(self, coef: tuple[float, ...]):
+        self.coef = torch.tensor(coef, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.coef.to(x)
+
+
+BUILTINS = ("gmm1d_right", "swiss_roll_rectangle", "linear")
+
+
+def _where(err: BaseException) -> str:
+    """' (at file:line)' of the innermost frame of an exception, unless that frame is importlib's (frozen)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames or frames[-1].filename.startswith("<"):
+        return ""
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})"
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}{_where(err)}"
+
+
+class Reward:
+    """A terminal reward checked on every call: (B, d) -> (B,) float32, finite."""
+
+    def __init__(self, fn: RewardFn, name: str):
+        self.fn = fn
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, d) -> (B,) float32."""
+        try:
+            out = self.fn(x)
+        except DistqError:
+            raise
+        except Exception as err:
+            raise DistqError(f"reward.fn '{self.name}' raised {_describe(err)}") from err
+        return self._check(out, x.shape[0])
+
+    def _fail(self, message: str) -> DistqError:
+        return DistqError(f"reward.fn '{self.name}' {message}")
+
+    def _check(self, out: object, batch: int) -> torch.Tensor:
+        """Output as a (B,) float32 tensor; (B, 1) is squeezed."""
+        if isinstance(out, np.ndarray):
+            if out.dtype.kind not in "biuf":
+                raise self._fail(f"returned a numpy array of dtype {out.dtype}; expected numbers")
+            out = torch.from_numpy(out)
+        if not isinstance(out, torch.Tensor):
+            raise self._fail(f"returned {type(out).__name__}; expected a torch tensor or numpy array of shape ({batch},)")
+        if out.is_complex():
+            raise self._fail(f"returned complex values (dtype {out.dtype})")
+        out = out.to(torch.float32)
+        if out.shape == (batch, 1):
+            out = out.squeeze(1)
+        if out.shape != (batch,):
+            raise self._fail(f"returned shape {tuple(out.shape)}; expected ({batch},) for a batch of {batch} points")
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise self._fail(f"returned {bad} non-finite values (NaN or inf) in a batch of {batch}")
+        return out
+
+
+def _builtin(cfg: RewardConfig, dim: int) -> RewardFn:
+    """The built-in named by cfg.fn, checked against the data dimension d."""
+    if cfg.fn == "linear":
+        if len(cfg.coef) != dim:
+            raise DistqError(f"reward.coef has {len(cfg.coef)} entries but the data have dimension d = {dim}")
+        return LinearReward(cfg.coef)
+    if cfg.fn == "swiss_roll_rectangle" and dim < 2:
+        raise DistqError(f"reward.fn 'swiss_roll_rectangle' needs points of dimension >= 2, got d = {dim}")
+    return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle}[cfg.fn]
+
+
+def _load_file_module(ref: str, target: str) -> object:
+    """Execute a .py file (relative to the working directory) as a fresh module."""
+    path = Path(target)
+    if not path.is_file():
+        raise DistqError(f"reward.fn '{ref}': file '{path}' does not exist (relative to {Path.cwd()})")
+    # Not registered in sys.modules: cloudpickle then ships the function by value (e.g. to Ray workers).
+    spec = importlib.util.spec_from_file_location(f"distq_user_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise DistqError(f"reward.fn '{ref}': importing '{path}' failed: {_describe(err)}") from err
+    return module
+
+
+def _import_module(ref: str, target: str) -> object:
+    try:
+        return importlib.import_module(target)
+    except Exception as err:
+        raise DistqError(f"reward.fn '{ref}': importing module '{target}' failed: {_describe(err)}") from err
+
+
+def _user_function(ref: str) -> RewardFn:
+    """Resolve `path/to/file.py:function` or `package.module:function`."""
+    target, _, attr = ref.rpartition(":")
+    if not target or not attr:
+        raise DistqError(f"reward.fn '{ref}' is neither a built-in ({', '.join(BUILTINS)}) nor of the form "
+                         "'path/to/file.py:function' or 'package.module:function'")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    module = _load_file_module(ref, target) if is_file else _import_module(ref, target)
+    if not hasattr(module, attr):
+        raise DistqError(f"reward.fn '{ref}': '{target}' has no attribute '{attr}'")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise DistqError(f"reward.fn '{ref}': '{attr}' is not callable (got {type(fn).__name__})")
+    return fn
+
+
+def load_reward(cfg: RewardConfig, probe: torch.Tensor) -> Reward:
+    """The checked reward named by `reward.fn`, called once on `probe` (B, d) data rows so bad rewards fail early."""
+    if cfg.fn in BUILTINS:
+        fn = _builtin(cfg, probe.shape[1])
+    elif ":" in cfg.fn:
+        fn = _user_function(cfg.fn)
+    else:
+        close = difflib.get_close_matches(cfg.fn, BUILTINS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise DistqError(f"reward.fn '{cfg.fn}' is not a built-in reward ({hint}built-ins: {', '.join(BUILTINS)}) "
+                         "nor a 'path/to/file.py:function' or 'package.module:function' reference")
+    reward = Reward(fn, cfg.fn)
+    reward(probe)
+    return reward

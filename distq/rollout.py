@@ -1,0 +1,125 @@
+"""Step 1 of Algorithm 1: batches of controlled reverse trajectories with ratio-estimated running rewards.
+
+No gradients flow here; the output is a plain `Trajectories` record, so a rollout can run in another process
+(a Ray actor) and hand its batch to the learner. Randomness is counter-based: a batch is made of chunks, each
+with its own seed derived from (seed, episode, chunk index), so a batch is the same however its chunks are
+spread over workers, and resuming at an episode needs no saved generator state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from distq.policy import PolicyMean, action_std
+from distq.ratio import RatioEstimator, running_reward
+from distq.samplers import SAMPLERS, is_stochastic
+from distq.schedules import TimeGrid
+
+Chunk = tuple[int, int]
+"""(seed, number of trajectories)."""
+
+
+@dataclass
+class Trajectories:
+    """A batch of B trajectories of K steps: states Y_k and actions a_k (K, B, d), running rewards r_hat_k (K, B)
+    (E14), final states Y_K (B, d) and unweighted terminal rewards h(Y_K) (B,)."""
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    running_rewards: torch.Tensor
+    final_states: torch.Tensor
+    terminal_rewards: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.final_states.shape[0]
+
+    @staticmethod
+    def concat(parts: Sequence["Trajectories"]) -> "Trajectories":
+        """Join batches along the batch dimension, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Trajectories(*(torch.cat([getattr(p, name) for p in parts], dim)
+                              for name, dim in (("states", 1), ("actions", 1), ("running_rewards", 1),
+                                                ("final_states", 0), ("terminal_rewards", 0))))
+
+
+def episode_chunks(seed: int, episode: int, batch_size: int, chunk_size: int) -> list[Chunk]:
+    """The chunks of one episode's batch: sizes summing to batch_size, seeds from (seed, episode, index)."""
+    sizes = [chunk_size] * (batch_size // chunk_size) + ([batch_size % chunk_size] if batch_size % chunk_size else [])
+    return [(int(np.random.SeedSequence([seed, episode, i]).generate_state(1)[0]), size) for i, size in enumerate(sizes)]
+
+
+class Rollout:
+    """Generates training trajectories (with exploration) and evaluation samples (mean actions)."""
+
+    def __init__(self, policy: PolicyMean, grid: TimeGrid, sampler: str, ratio: RatioEstimator,
+                 terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float):
+        self.policy, self.grid, self.sampler, self.ratio = policy, grid, sampler, ratio
+        self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
+        self.dim = ratio.data.shape[1]
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load the learner's policy-mean weights."""
+        self.policy.load_state_dict(weights)
+
+    def _noise(self, chunks: Sequence[Chunk]) -> dict[str, torch.Tensor]:
+        """All random draws of a batch, chunk by chunk in a fixed order: start, actions, steps, data subsets."""
+        K, d = self.grid.num_steps, self.dim
+        draws: dict[str, list] = {"start": [], "action": [], "step": [], "subsets": []}
+        for seed, size in chunks:
+            gen = torch.Generator().manual_seed(seed)
+            draws["start"].append(torch.randn(size, d, generator=gen))
+            draws["action"].append(torch.randn(K, size, d, generator=gen))
+            if is_stochastic(self.sampler):
+                draws["step"].append(torch.randn(K, size, d, generator=gen))
+            if self.ratio.minibatch is not None:
+                draws["subsets"].append([self.ratio.subset(gen) for _ in range(K)])
+        noise = {key: torch.cat(draws[key], dim=0 if key == "start" else 1) for key in ("start", "action", "step")
+                 if draws[key]}
+        noise["subsets"] = draws["subsets"]
+        return noise
+
+    def _ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list) -> torch.Tensor:
+        mu, sigma2 = float(self.grid.mu[k]), float(self.grid.sigma2[k])
+        if not subsets:
+            return self.ratio.score(y, mu, sigma2)
+        rows = np.cumsum([0] + [size for _, size in chunks])
+        return torch.cat([self.ratio.score(y[a:b], mu, sigma2, chunk_subsets[k])
+                          for a, b, chunk_subsets in zip(rows[:-1], rows[1:], subsets)])
+
+    @torch.inference_mode()
+    def run(self, chunks: Sequence[Chunk]) -> Trajectories:
+        """Algorithm 1 step 1 for the trajectories of `chunks`: a_k ~ pi_psi (E10), r_hat_k (E14), a step (E5)."""
+        grid, K = self.grid, self.grid.num_steps
+        noise = self._noise(chunks)
+        y = noise["start"] * self.prior_std
+        batch = y.shape[0]
+        states = torch.empty(K, batch, self.dim)
+        actions = torch.empty(K, batch, self.dim)
+        rewards = torch.empty(K, batch)
+        stds = action_std(grid.g2, self.temperature)
+        step = SAMPLERS[self.sampler]
+        for k in range(K):
+            states[k] = y
+            action = self.policy(grid.tau[k], y).add_(noise["action"][k], alpha=float(stds[k]))
+            actions[k] = action
+            rewards[k] = running_reward(self._ratio_score(y, k, chunks, noise["subsets"]), action, float(grid.g2[k]))
+            y = step(grid, k, y, action, noise["step"][k] if "step" in noise else None)
+        return Trajectories(states, actions, rewards, y, self.terminal_reward(y))
+
+    @torch.inference_mode()
+    def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
+                 sampler: Optional[str] = None) -> torch.Tensor:
+        """n samples (n, d) from the reverse process driven by the mean action mu_psi (section 5)."""
+        grid = grid or self.grid
+        sampler = sampler or self.sampler
+        step = SAMPLERS[sampler]
+        y = torch.randn(n, self.dim, generator=generator) * self.prior_std
+        for k in range(grid.num_steps):
+            noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None
+            y = step(grid, k, y, self.policy(grid.tau[k], y), noise)
+        return y

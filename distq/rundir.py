@@ -1,0 +1,87 @@
+"""The run directory: which files a run writes, atomic writers, and the guard against clobbering a run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distq.errors import DistqError
+
+CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.parquet", "checkpoint.pt"
+SAMPLES, PLOT, SUMMARY = "samples.parquet", "samples.png", "summary.json"
+OUTPUTS = (CONFIG, METRICS, CHECKPOINT, SAMPLES, PLOT, SUMMARY, "training.png", "evaluation.json")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over an existing one unless asked; a resumed run needs its checkpoint."""
+    if resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise DistqError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DistqError(f"--out {run_dir} exists and is not a directory")
+    existing = [name for name in OUTPUTS if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise DistqError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                         "pass --resume to continue it or --overwrite to replace it")
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Remove the files a previous run wrote (and only those)."""
+    for name in OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    """Atomically write a JSON object."""
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2) + "\n"))
+
+
+def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Atomically write rows of scalars as Parquet."""
+    table = pa.Table.from_pylist(list(rows))
+    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_table_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file written by write_table ([] if absent)."""
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def write_samples(path: Path, samples: torch.Tensor, columns: Sequence[str]) -> None:
+    """Atomically write samples (n, d) as Parquet with one float column per data column."""
+    values = samples.detach().cpu().numpy().astype(np.float32)
+    table = pa.table({name: values[:, i] for i, name in enumerate(columns)})
+    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_samples(path: Path, columns: Sequence[str]) -> torch.Tensor:
+    """Samples (n, d) from a Parquet file holding the given columns; DistqError naming the file otherwise."""
+    if not path.is_file():
+        raise DistqError(f"samples file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise DistqError(f"samples file {path} is not readable Parquet ({err})") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DistqError(f"samples file {path} lacks columns {', '.join(missing)} (has {', '.join(table.column_names)})")
+    try:
+        values = np.stack([table.column(c).to_numpy().astype(np.float32) for c in columns], axis=1)
+    except (ValueError, TypeError, pa.ArrowException) as err:
+        raise DistqError(f"samples file {path} has non-numeric or missing values ({err})") from None
+    if not np.isfinite(values).all():
+        raise DistqError(f"samples file {path} holds NaN or infinite values")
+    return torch.from_numpy(values)

@@ -1,0 +1,216 @@
+"""distq.data: built-in laws against closed forms and sklearn, file round trips, and every bad-file error."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.datasets import make_swiss_roll
+
+from distq.config import DataConfig
+from distq.data import Dataset, load_dataset
+from distq.errors import DistqError
+
+N_STAT = 20000  # large enough for 4-sigma checks of means and variances, still milliseconds
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gmm1d_moments_match_closed_form():
+    # 0.5 N(-2,1) + 0.5 N(2,1): mean 0, var 1 + 4 = 5, E[(x - 0)^4] = 16 + 6*4 + 3 = 43.
+    x = load_dataset(DataConfig(source="gmm1d", n_samples=N_STAT), seed=0).points[:, 0].double()
+    assert abs(x.mean()) < 4 * math.sqrt(5 / N_STAT)
+    assert abs(x.var() - 5) < 4 * math.sqrt((43 - 25) / N_STAT)
+    assert abs((x > 0).double().mean() - 0.5) < 4 * math.sqrt(0.25 / N_STAT)
+
+
+def test_gmm1d_fresh_draws_same_law():
+    data = load_dataset(DataConfig(source="gmm1d"), seed=0)
+    x = data.fresh(N_STAT, _gen())
+    assert x.shape == (N_STAT, 1) and x.dtype == torch.float32
+    x = x.double()
+    assert abs(x.mean()) < 4 * math.sqrt(5 / N_STAT)
+    assert abs(x.var() - 5) < 4 * math.sqrt(18 / N_STAT)
+
+
+@pytest.mark.parametrize("source", ["gmm1d", "swiss_roll", "gaussian"])
+def test_builtins_deterministic_given_seed(source):
+    cfg = DataConfig(source=source, n_samples=50)
+    a, b, c = load_dataset(cfg, 3), load_dataset(cfg, 3), load_dataset(cfg, 4)
+    assert a.points.dtype == torch.float32 and a.points.shape == (50, a.dim)
+    assert torch.equal(a.points, b.points) and not torch.equal(a.points, c.points)
+    assert a.columns == tuple(f"x{i}" for i in range(a.dim)) and a.name == source
+
+
+def test_swiss_roll_matches_sklearn():
+    data = load_dataset(DataConfig(source="swiss_roll", n_samples=300), seed=7)
+    expected = make_swiss_roll(300, noise=0.5, random_state=7)[0][:, [0, 2]].astype(np.float32)
+    np.testing.assert_array_equal(data.points.numpy(), expected)
+    assert data.dim == 2 and data.n == 300
+
+
+def test_swiss_roll_fresh_draws_are_new_and_reproducible():
+    data = load_dataset(DataConfig(source="swiss_roll", n_samples=300), seed=0)
+    g = _gen(1)
+    first, second = data.fresh(300, g), data.fresh(300, g)
+    assert first.shape == (300, 2) and first.dtype == torch.float32
+    assert not torch.equal(first, second) and not torch.equal(first, data.points)
+    assert torch.equal(first, data.fresh(300, _gen(1)))
+    # Same law as the training data: section 12's std of about 6.7 per column.
+    assert torch.allclose(first.std(0), data.points.std(0), rtol=0.15)
+
+
+def test_gaussian_mean_and_std():
+    mean, std = (1.0, -2.0, 3.0), 0.5
+    x = load_dataset(DataConfig(source="gaussian", n_samples=N_STAT, mean=mean, std=std), seed=0).points.double()
+    assert x.shape == (N_STAT, 3)
+    assert torch.all((x.mean(0) - torch.tensor(mean, dtype=torch.float64)).abs() < 4 * std / math.sqrt(N_STAT))
+    # The sample std has standard error std / sqrt(2 N).
+    assert torch.all((x.std(0) - std).abs() < 4 * std / math.sqrt(2 * N_STAT))
+
+
+def test_reference_uses_fresh_draws_for_known_laws():
+    data = load_dataset(DataConfig(source="gmm1d", n_samples=100), seed=0)
+    ref = data.reference(500, _gen())
+    assert ref.shape == (500, 1) and torch.equal(ref, data.fresh(500, _gen()))
+
+
+def _write_npy(tmp_path, array, name="data.npy"):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+def test_reference_of_file_is_subset_without_replacement(tmp_path):
+    values = np.arange(40, dtype=np.float32).reshape(20, 2)
+    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)
+    ref = data.reference(8, _gen())
+    assert data.fresh is None and ref.shape == (8, 2)
+    rows = {tuple(r) for r in ref.tolist()}
+    assert len(rows) == 8 and rows <= {tuple(r) for r in values.tolist()}
+    assert torch.equal(data.reference(20, _gen()), data.points)
+    assert torch.equal(data.reference(100, _gen()), data.points)
+
+
+def _table():
+    return pa.table({"a": [1.5, -2.0, 3.25], "b": [1, 2, 3], "c": [0.0, 1e-3, 7.0]})
+
+
+def test_parquet_round_trip(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(_table(), path)
+    data = load_dataset(DataConfig(source="file", path=str(path)), seed=0)
+    assert data.columns == ("a", "b", "c") and data.name == str(path) and data.points.dtype == torch.float32
+    expected = np.array([[1.5, 1, 0.0], [-2.0, 2, 1e-3], [3.25, 3, 7.0]], dtype=np.float32)
+    np.testing.assert_array_equal(data.points.numpy(), expected)
+
+
+def test_csv_round_trip_with_selected_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,c,label\n1.5,1,0.0,x\n-2.0,2,0.001,y\n3.25,3,7.0,z\n")
+    data = load_dataset(DataConfig(source="file", path=str(path), columns=("c", "a")), seed=0)
+    assert data.columns == ("c", "a")
+    np.testing.assert_array_equal(data.points.numpy(), np.array([[0.0, 1.5], [1e-3, -2.0], [7.0, 3.25]], np.float32))
+
+
+def test_npy_round_trips(tmp_path):
+    values = np.random.default_rng(0).normal(size=(10, 3))
+    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)
+    assert data.columns == ("x0", "x1", "x2")
+    np.testing.assert_array_equal(data.points.numpy(), values.astype(np.float32))
+    picked = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values)), columns=("x2", "x0")), 0)
+    np.testing.assert_array_equal(picked.points.numpy(), values[:, [2, 0]].astype(np.float32))
+    flat = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values[:, 0], "f.npy"))), 0)
+    assert flat.points.shape == (10, 1) and flat.columns == ("x0",)
+
+
+def test_file_ignores_n_samples(tmp_path):
+    path = _write_npy(tmp_path, np.zeros((5, 2)))
+    assert load_dataset(DataConfig(source="file", path=str(path), n_samples=300), 0).n == 5
+
+
+def _message(path, columns=None) -> str:
+    with pytest.raises(DistqError) as info:
+        load_dataset(DataConfig(source="file", path=str(path), columns=columns), seed=0)
+    message = str(info.value)
+    assert path.name in message and "data.path" in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in _message(tmp_path / "nope.csv")
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("1,2\n3,4\n")
+    assert ".txt" in _message(path)
+
+
+@pytest.mark.parametrize("name", ["bad.parquet", "bad.npy"])
+def test_corrupt_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00\x01 this is not a real file \xff" * 10)
+    assert "could not be read" in _message(path)
+
+
+def test_truncated_npy(tmp_path):
+    path = _write_npy(tmp_path, np.zeros((100, 2)))
+    path.write_bytes(path.read_bytes()[:200])
+    assert "could not be read" in _message(path)
+
+
+def test_empty_files(tmp_path):
+    zero_bytes = tmp_path / "zero.csv"
+    zero_bytes.write_text("")
+    assert "empty" in _message(zero_bytes)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("a,b\n")
+    assert "0 rows" in _message(header_only)
+    no_rows = tmp_path / "none.parquet"
+    pq.write_table(pa.table({"a": pa.array([], pa.float64())}), no_rows)
+    assert "0 rows" in _message(no_rows)
+    assert "0 rows" in _message(_write_npy(tmp_path, np.zeros((0, 2))))
+
+
+def test_single_row(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("a,b\n1,2\n")
+    assert "1 rows" in _message(path)
+
+
+def test_missing_column_lists_available(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(_table(), path)
+    message = _message(path, columns=("a", "zzz"))
+    assert "'zzz'" in message and "data.columns" in message and "a, b, c" in message
+    assert "x0, x1" in _message(_write_npy(tmp_path, np.zeros((3, 2))), columns=("x5",))
+
+
+def test_non_numeric_column(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n1,x\n2,y\n")
+    assert "'label'" in _message(path)
+    assert "<U1" in _message(_write_npy(tmp_path, np.array([["a", "b"], ["c", "d"]])))
+
+
+@pytest.mark.parametrize("cell", ["nan", "inf", "", "1e300"])
+def test_non_finite_value_names_column_and_row(tmp_path, cell):
+    path = tmp_path / "d.csv"
+    path.write_text(f"a,b\n1,2\n3,4\n5,{cell}\n6,nan\n")
+    message = _message(path)
+    assert "column 'b'" in message and "row 2" in message
+
+
+def test_non_finite_npy(tmp_path):
+    values = np.zeros((4, 3))
+    values[3, 1] = np.inf
+    message = _message(_write_npy(tmp_path, values))
+    assert "column 'x1'" in message and "row 3" in message
+
+
+def test_npy_wrong_rank(tmp_path):
+    assert "(2, 2, 2)" in _message(_write_npy(tmp_path, np.zeros((2, 2, 2))))

@@ -1,0 +1,72 @@
+"""plot_samples and plot_training_curves write valid PNGs atomically (no temp files left behind)."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from distq.errors import DistqError
+from distq.plots import plot_samples, plot_training_curves
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_only_png(folder, name: str) -> None:
+    assert [p.name for p in folder.iterdir()] == [name]
+    content = (folder / name).read_bytes()
+    assert content.startswith(PNG_SIGNATURE)
+    assert len(content) > 5_000  # a blank figure is ~2 kB; curves, markers and text add more
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_plot_samples_writes_a_png(tmp_path, d):
+    g = torch.Generator().manual_seed(d)
+    data = torch.randn(300, d, generator=g)
+    generated = (torch.randn(200, d, generator=g) + 1.0).numpy()
+    columns = tuple(f"x{i}" for i in range(d))
+    plot_samples(generated, data, columns, tmp_path / "samples.png", title=f"d = {d}")
+    assert_only_png(tmp_path, "samples.png")
+
+
+def test_plot_samples_creates_the_folder_and_overwrites(tmp_path):
+    path = tmp_path / "figures" / "samples.png"
+    data = np.random.default_rng(0).normal(size=(50, 2))
+    plot_samples(data, data, ("a", "b"), path)
+    plot_samples(data + 1.0, data, ("a", "b"), path)
+    assert_only_png(path.parent, "samples.png")
+
+
+def test_plot_samples_rejects_mismatched_dimensions(tmp_path):
+    with pytest.raises(DistqError, match="same dimension"):
+        plot_samples(np.zeros((5, 2)), np.zeros((5, 3)), ("a", "b", "c"), tmp_path / "x.png")
+    with pytest.raises(DistqError, match="same dimension"):
+        plot_samples(np.zeros((5, 2)), np.zeros((5, 2)), ("a",), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def training_metrics() -> dict[str, list]:
+    episodes = list(range(40))
+    return {
+        "episode": episodes,
+        "reward/mean": [1.0 - np.exp(-e / 10) for e in episodes],
+        "loss/td": [np.exp(-e / 5) for e in episodes],
+        "time/rollout_s": [0.1] * 40,
+        "kl/mean": [None if e % 10 else 0.5 / (1 + e) for e in episodes],
+        "run": ["a"] * 40,
+    }
+
+
+def test_plot_training_curves_from_dict(tmp_path):
+    plot_training_curves(training_metrics(), tmp_path / "curves.png")
+    assert_only_png(tmp_path, "curves.png")
+
+
+def test_plot_training_curves_from_pyarrow_table(tmp_path):
+    plot_training_curves(pa.table(training_metrics()), tmp_path / "curves.png")
+    assert_only_png(tmp_path, "curves.png")
+
+
+def test_plot_training_curves_needs_the_x_column(tmp_path):
+    with pytest.raises(DistqError, match="'step'"):
+        plot_training_curves(training_metrics(), tmp_path / "curves.png", x="step")
+    with pytest.raises(DistqError, match="mismatched: loss/td"):
+        plot_training_curves({"episode": [0, 1, 2], "loss/td": [1.0, 2.0]}, tmp_path / "curves.png")

@@ -1,0 +1,165 @@
+"""distq.rewards: built-ins on hand-picked points, user functions, and the per-call output checks."""
+import math
+import textwrap
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_swiss_roll
+
+from distq.config import RewardConfig
+from distq.errors import DistqError
+from distq.rewards import BUILTINS, load_reward
+
+PROBE2 = torch.zeros(4, 2)
+
+
+def _reward(fn, probe=PROBE2, coef=None):
+    return load_reward(RewardConfig(fn=fn, coef=coef), probe)
+
+
+def _error(fn, probe=PROBE2, coef=None) -> str:
+    with pytest.raises(DistqError) as info:
+        _reward(fn, probe, coef)
+    return str(info.value)
+
+
+def test_gmm1d_right_hand_picked():
+    h = _reward("gmm1d_right", torch.zeros(3, 1))
+    x = torch.tensor([[6.0], [4.0], [9.0], [-2.0]])
+    assert torch.equal(h(x), torch.tensor([0.0, -2.0, -3.0, -8.0]))
+
+
+def test_rectangle_hand_picked():
+    h = _reward("swiss_roll_rectangle")
+    inside = [[0.0, 5.0], [-15.0, 0.0], [15.0, 17.5], [-3.0, 17.0]]
+    outside = [[-15.01, 5.0], [15.01, 5.0], [0.0, -0.01], [0.0, 17.51], [20.0, 10.0], [0.0, -8.0]]
+    out = h(torch.tensor(inside + outside))
+    assert out.dtype == torch.float32
+    assert out.tolist() == [1.0] * len(inside) + [0.0] * len(outside)
+
+
+def test_rectangle_scores_half_on_swiss_roll_data():
+    # Section 12: data score 0.50 (2 decimals, so true p in [0.495, 0.505]); binomial s.e. sqrt(p(1-p)/n) ~ 0.0035.
+    n = 20000
+    x = torch.from_numpy(make_swiss_roll(n, noise=0.5, random_state=0)[0][:, [0, 2]].astype(np.float32))
+    score = _reward("swiss_roll_rectangle")(x).mean().item()
+    assert abs(score - 0.5) < 0.005 + 4 * math.sqrt(0.25 / n)
+
+
+def test_rectangle_needs_two_dimensions():
+    assert "d = 1" in _error("swiss_roll_rectangle", torch.zeros(3, 1))
+
+
+def test_linear_equals_manual_dot():
+    coef = (0.5, -2.0, 3.0)
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    out = _reward("linear", torch.zeros(2, 3), coef)(x)
+    manual = torch.tensor([sum(c * float(v) for c, v in zip(coef, row)) for row in x])
+    assert torch.allclose(out, manual, atol=1e-5)
+
+
+def test_linear_coef_length_checked():
+    assert "reward.coef" in _error("linear", torch.zeros(2, 3), coef=(1.0, 2.0))
+
+
+def test_name_is_the_reference():
+    h = _reward("gmm1d_right", torch.zeros(2, 1))
+    assert h.name == "gmm1d_right" and h.__name__ == "gmm1d_right"
+
+
+def _write(path, source):
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_user_reward_from_file(tmp_path, monkeypatch):
+    _write(tmp_path / "rew.py", """
+        import numpy as np
+        def total(x):
+            return x.sum(1, keepdim=True).double()
+        def numpy_norm(x):
+            return np.linalg.norm(x.numpy(), axis=1)
+    """)
+    x = torch.tensor([[1.0, 2.0], [3.0, -4.0]])
+    absolute = _reward(f"{tmp_path / 'rew.py'}:total")
+    assert torch.equal(absolute(x), torch.tensor([3.0, -1.0])) and absolute(x).dtype == torch.float32
+    monkeypatch.chdir(tmp_path)
+    relative = _reward("rew.py:numpy_norm")
+    assert torch.allclose(relative(x), torch.tensor([math.sqrt(5), 5.0])) and relative.name == "rew.py:numpy_norm"
+
+
+def test_user_reward_from_module(tmp_path, monkeypatch):
+    package = f"distq_test_pkg_{uuid.uuid4().hex}"
+    (tmp_path / package).mkdir()
+    _write(tmp_path / package / "__init__.py", "")
+    _write(tmp_path / package / "mod.py", "def first(x):\n    return 2 * x[:, 0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    h = _reward(f"{package}.mod:first")
+    assert torch.equal(h(torch.tensor([[1.0, 9.0], [-3.0, 0.0]])), torch.tensor([2.0, -6.0]))
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("swiss_roll_rectangl", "swiss_roll_rectangle"),  # unknown built-in: suggests and lists them
+    ("nope.py:h", "does not exist"),
+    ("no/such/dir/r.py:h", "does not exist"),
+    ("distq_no_such_module_xyz:h", "No module named"),
+    ("distq.rewards:no_such_function", "no attribute 'no_such_function'"),
+    ("distq.rewards:BUILTINS", "not callable"),
+    ("distq.rewards:", "neither a built-in"),
+    (":h", "neither a built-in"),
+])
+def test_bad_references(ref, expected):
+    message = _error(ref)
+    assert "reward.fn" in message and ref in message and expected in message
+    if ":" not in ref:
+        assert all(name in message for name in BUILTINS)
+
+
+def test_import_error_inside_file_is_reported(tmp_path):
+    _write(tmp_path / "broken.py", "import torch\nraise ValueError('boom at import')\n")
+    message = _error(f"{tmp_path / 'broken.py'}:h")
+    assert "reward.fn" in message and "broken.py" in message and "boom at import" in message
+    _write(tmp_path / "syntax.py", "def h(x):\n    return x +\n")
+    assert "SyntaxError" in _error(f"{tmp_path / 'syntax.py'}:h")
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    return _write(tmp_path / "bad_rewards.py", """
+        import numpy as np
+        import torch
+        def full(x):
+            return x
+        def nan(x):
+            out = x[:, 0].clone()
+            out[1] = float("nan")
+            return out
+        def as_list(x):
+            return x[:, 0].tolist()
+        def strings(x):
+            return np.array(["a"] * len(x))
+        def crash(x):
+            return 1 / 0
+        def nan_on_big_batches(x):
+            return x[:, 0] * (float("nan") if len(x) > 4 else 1.0)
+    """)
+
+
+@pytest.mark.parametrize("fn, expected", [
+    ("full", "shape (4, 2)"),
+    ("nan", "1 non-finite"),
+    ("as_list", "returned list"),
+    ("strings", "dtype <U1"),
+    ("crash", "ZeroDivisionError"),
+])
+def test_bad_outputs_fail_on_probe(user_file, fn, expected):
+    message = _error(f"{user_file}:{fn}")
+    assert f"reward.fn '{user_file}:{fn}'" in message and expected in message
+
+
+def test_every_call_is_checked(user_file):
+    h = _reward(f"{user_file}:nan_on_big_batches")
+    with pytest.raises(DistqError, match="5 non-finite"):
+        h(torch.zeros(5, 2))
