@@ -154,8 +154,8 @@ class TrainConfig:
     """Trajectories per episode B."""
     chunk_size: int = 100
     """Trajectories per independent random stream; batches split across rollout workers in whole chunks."""
-    threads: int = 1
-    """torch CPU threads of the training process (1 is fastest for paper-size networks)."""
+    threads: int = 0
+    """torch CPU threads of the training process (0 = torch's default, one per core)."""
     lr_policy: float = 1e-3
     """Adam learning rate of the policy mean (psi)."""
     lr_value: float = 1e-3
@@ -177,7 +177,7 @@ class TrainConfig:
         _require(self.episodes >= 1, "train.episodes", f"must be >= 1, got {self.episodes}")
         _require(self.batch_size >= 2, "train.batch_size", f"must be >= 2, got {self.batch_size}")
         _require(self.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {self.chunk_size}")
-        _require(self.threads >= 1, "train.threads", f"must be >= 1, got {self.threads}")
+        _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)

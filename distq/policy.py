@@ -19,9 +19,16 @@ from torch import nn
 from distq.schedules import Schedule
 
 
+class Tanh(nn.Module):
+    """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU sigmoid kernel is ~6x faster than its tanh."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x * 2.0).mul(2.0).sub_(1.0)
+
+
 def mlp(in_dim: int, hidden: int, out_dim: int, zero_last: bool) -> nn.Sequential:
     """Paper Table 1: Linear -> Tanh -> Linear -> ReLU -> Linear."""
-    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.ReLU(),
+    net = nn.Sequential(nn.Linear(in_dim, hidden), Tanh(), nn.Linear(hidden, hidden), nn.ReLU(),
                         nn.Linear(hidden, out_dim))
     if zero_last:
         nn.init.zeros_(net[-1].weight)
@@ -30,7 +37,12 @@ def mlp(in_dim: int, hidden: int, out_dim: int, zero_last: bool) -> nn.Sequentia
 
 
 class Preconditioner(nn.Module):
-    """Normalised network inputs shared by the policy and value networks."""
+    """Per-time affine maps around the network: its input c_in (y - mu_t m) and the mean it implies.
+
+    The mean is linear in the network output, mu_psi = out_y * y + out_net * net + out_shift, with
+    out_y = (mu_t c_skip - 1) / sigma_t^2, out_net = mu_t c_out / sigma_t^2, out_shift = mu_t (1 - mu_t c_skip) m / sigma_t^2.
+    The coefficients depend on tau only, so a rollout computes them once per grid step.
+    """
 
     def __init__(self, schedule: Schedule, T: float, data_mean: torch.Tensor, data_scale: float, enabled: bool):
         super().__init__()
@@ -38,17 +50,25 @@ class Preconditioner(nn.Module):
         self.register_buffer("data_mean", data_mean.float().clone())
         self.register_buffer("data_scale", torch.tensor(float(data_scale)))
 
-    def forward(self, tau: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tau broadcastable to y.shape[:-1], y: (..., d) -> features (..., d + 1) and mu, sigma2, var (..., 1)."""
-        tau = tau.expand(y.shape[:-1]).unsqueeze(-1)
-        t = self.T - tau
-        mu, sigma2 = self.schedule.mu(t), self.schedule.sigma2(t)
+    def coefficients(self, tau: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tau: any shape (...) -> coefficients broadcastable against states (..., B?, d) as (..., 1) or (..., d)."""
+        tau = tau.unsqueeze(-1)
+        time = tau / self.T
         if not self.enabled:
-            return {"features": torch.cat([y, tau / self.T], -1), "mu": mu, "sigma2": sigma2}
-        centred = y - mu * self.data_mean
-        var = mu.square() * self.data_scale.square() + sigma2
-        features = torch.cat([centred * var.rsqrt(), tau / self.T], -1)
-        return {"features": features, "mu": mu, "sigma2": sigma2, "var": var, "centred": centred}
+            zero = torch.zeros_like(tau)
+            return {"time": time, "in_scale": torch.ones_like(tau), "in_shift": zero, "out_y": zero,
+                    "out_net": torch.ones_like(tau), "out_shift": zero}
+        t = self.T - tau
+        mu, sigma2, s2, m = self.schedule.mu(t), self.schedule.sigma2(t), self.data_scale.square(), self.data_mean
+        var = mu.square() * s2 + sigma2
+        c_in, c_skip, c_out = var.rsqrt(), mu * s2 / var, (s2 * sigma2 / var).sqrt()
+        return {"time": time, "in_scale": c_in, "in_shift": -mu * c_in * m, "out_y": (mu * c_skip - 1) / sigma2,
+                "out_net": mu * c_out / sigma2, "out_shift": mu * (1 - mu * c_skip) * m / sigma2}
+
+    def features(self, coef: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Network input (..., d + 1): the normalised state and tau / T."""
+        normalised = torch.addcmul(coef["in_shift"], y, coef["in_scale"])
+        return torch.cat([normalised, coef["time"].expand(*y.shape[:-1], 1)], -1)
 
 
 class PolicyMean(nn.Module):
@@ -60,13 +80,12 @@ class PolicyMean(nn.Module):
         self.net = mlp(dim + 1, hidden, dim, zero_last=preconditioner.enabled)
 
     def forward(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        inputs = self.pre(tau, y)
-        out = self.net(inputs["features"])
-        if not self.pre.enabled:
-            return out
-        mu, sigma2, var, s = inputs["mu"], inputs["sigma2"], inputs["var"], self.pre.data_scale
-        x0 = self.pre.data_mean + (mu * s.square() / var) * inputs["centred"] + (s * (sigma2 / var).sqrt()) * out
-        return (mu * x0 - y) / sigma2
+        return self.mean(self.pre.coefficients(tau), y)
+
+    def mean(self, coef: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """mu_psi from precomputed Preconditioner.coefficients; y: (..., d) -> (..., d)."""
+        out = self.net(self.pre.features(coef, y))
+        return torch.addcmul(coef["out_shift"], y, coef["out_y"]).addcmul_(out, coef["out_net"])
 
 
 def action_std(g2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -38,8 +38,9 @@ def ratio_score(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float, e
     return torch.addmm(x, weights, data, beta=-1.0, alpha=mu).div_(sigma2)
 
 
-def running_reward(score: torch.Tensor, action: torch.Tensor, g2: float) -> torch.Tensor:
-    """r_hat = -(g^2 / 2) |s_hat - a|^2 (E14, paper (19)); score, action: (B, d) -> (B,)."""
+def running_reward(score: torch.Tensor, action: torch.Tensor, g2) -> torch.Tensor:
+    """r_hat = -(g^2 / 2) |s_hat - a|^2 (E14, paper (19)); score, action: (..., d) -> (...); g2 a float or
+    a tensor broadcastable to (...)."""
     return (score - action).pow(2).sum(-1).mul(-0.5 * g2)
 
 

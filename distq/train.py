@@ -102,7 +102,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
           collector_factory: Optional[Callable] = None) -> dict[str, Any]:
     """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents."""
     run_dir = Path(run_dir)
-    torch.set_num_threads(config.train.threads)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     dataset, reward, payload = prepare(config, run_dir, resume, overwrite)
     learner = build_learner(config, dataset.points, reward)
     rollout = build_rollout(config, dataset.points, reward, policy=learner.policy)

@@ -40,7 +40,7 @@ class ValueNet(nn.Module):
         return self.baseline_table[lower] * (1 - frac) + self.baseline_table[lower + 1] * frac
 
     def forward(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.pre(tau, y)["features"]).squeeze(-1)
+        out = self.net(self.pre.features(self.pre.coefficients(tau), y)).squeeze(-1)
         return self.baseline(tau) + self.offset + self.scale * out
 
 
