@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory to create")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the outputs of a run already in --out")
+    train.add_argument("--address", help="Ray cluster to join with parallel.workers > 0 ('auto' or host:port; "
+                                         "default: RAY_ADDRESS, else an embedded local instance)")
     sample = sub.add_parser("sample", help="generate samples from a trained run")
     sample.add_argument("run_dir")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
@@ -49,13 +51,13 @@ def _train(args: argparse.Namespace) -> None:
         if args.out and Path(args.out) != Path(args.resume):
             raise DistqError(f"--out {args.out} and --resume {args.resume} name different run directories")
         config_path = args.config or str(Path(args.resume) / rundir.CONFIG)
-        train(load_config(config_path, args.overrides), args.resume, resume=True)
+        train(load_config(config_path, args.overrides), args.resume, resume=True, address=args.address)
     elif not args.out:
         raise DistqError("distq train needs --out RUN_DIR (or --resume RUN_DIR)")
     elif not args.config:
         raise DistqError("distq train needs a CONFIG.yaml")
     else:
-        train(load_config(args.config, args.overrides), args.out, overwrite=args.overwrite)
+        train(load_config(args.config, args.overrides), args.out, overwrite=args.overwrite, address=args.address)
 
 
 def _load_run(run_dir: str) -> tuple[Config, dict]:

@@ -154,8 +154,9 @@ class TrainConfig:
     """Trajectories per episode B."""
     chunk_size: int = 100
     """Trajectories per independent random stream; batches split across rollout workers in whole chunks."""
-    threads: int = 0
-    """torch CPU threads of the training process (0 = torch's default, one per core)."""
+    threads: int = 1
+    """torch CPU threads of the training process (0 = one per core). More than 1 pays only on an otherwise idle
+    machine: OpenMP threads that share a core with another busy process slow training several-fold."""
     lr_policy: float = 1e-3
     """Adam learning rate of the policy mean (psi)."""
     lr_value: float = 1e-3
@@ -206,6 +207,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Ray rollout actors (distq.parallel); workers = 0 runs everything in the training process."""
+
+    workers: int = 0
+    """Number of RolloutWorker actors W (0 = in-process, no Ray)."""
+    mode: str = "sync"
+    """sync: exactly Algorithm 1; async: the next batch is generated while the learner updates (policy lag)."""
+    num_cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each RolloutWorker."""
+    num_gpus_per_worker: float = 0.0
+    """GPUs Ray reserves for each RolloutWorker."""
+    learner_num_cpus: float = 1.0
+    """CPUs Ray reserves for the Learner actor."""
+    learner_num_gpus: float = 0.0
+    """GPUs Ray reserves for the Learner actor (put it on a GPU node)."""
+    ray_num_cpus: Optional[int] = None
+    """CPUs of an embedded Ray instance (None = all of this machine's)."""
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 0, "parallel.workers", f"must be >= 0, got {self.workers}")
+        _choice(self.mode, "parallel.mode", ("sync", "async"))
+        for name in ("num_cpus_per_worker", "num_gpus_per_worker", "learner_num_cpus", "learner_num_gpus"):
+            value = getattr(self, name)
+            _require(value >= 0 and math.isfinite(value), f"parallel.{name}", f"must be >= 0, got {value}")
+        _require(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "parallel.ray_num_cpus", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole training run."""
 
@@ -218,6 +247,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

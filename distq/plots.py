@@ -57,7 +57,9 @@ def _histograms(ax, generated: np.ndarray, data: np.ndarray, column: str) -> Non
 
 
 def _scatter(ax, generated: np.ndarray, data: np.ndarray, columns: tuple[str, ...]) -> None:
-    """Overlaid scatter of the first two coordinates on equal axes."""
+    """Overlaid scatter of the first two coordinates on equal axes, with as many generated points as data points
+    (the first ones) so that neither cloud hides the other."""
+    generated = generated[: data.shape[0]]
     ax.scatter(data[:, 0], data[:, 1], s=6, alpha=0.4, color=DATA_COLOUR, label="data")
     ax.scatter(generated[:, 0], generated[:, 1], s=6, alpha=0.4, color=GENERATED_COLOUR, label="generated")
     ax.set_aspect("equal", adjustable="datalim")

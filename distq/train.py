@@ -1,6 +1,6 @@
 """The training driver: Algorithm 1 over episodes, then evaluation and the run directory's outputs.
 
-Rollouts come from a collector (in-process here; Ray actors in distq.parallel) so the loop is the same for both.
+Episodes run on a backend (in-process here; Ray actors in distq.parallel), so the loop is the same for both.
 """
 from __future__ import annotations
 
@@ -17,26 +17,47 @@ from distq.components import build_learner, build_rollout
 from distq.config import Config, save_config
 from distq.data import Dataset, load_dataset
 from distq.evaluation import evaluate_policy
-from distq.learner import Learner, TrainingDiverged
+from distq.learner import TrainingDiverged
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
-from distq.rollout import Rollout, Trajectories, episode_chunks
+from distq.rollout import Rollout, episode_chunks
 
 Echo = Callable[[str], None]
 
 
-class InProcessCollector:
-    """Rollouts in the training process, sharing the learner's policy network (no weight copies)."""
+class InProcessBackend:
+    """Algorithm 1 in the training process; the rollout shares the learner's policy module (no weight copies).
 
-    def __init__(self, rollout: Rollout, config: Config):
-        self.rollout, self.config = rollout, config
+    A backend runs one episode per `step` and hands back the learner's metrics; distq.parallel.RayBackend is the
+    same interface over Ray actors.
+    """
 
-    def collect(self, episode: int) -> Trajectories:
+    workers = 0
+    restarts = 0
+
+    def __init__(self, config: Config, dataset: Dataset, reward):
+        self.config = config
+        self.learner = build_learner(config, dataset.points, reward)
+        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy)
+
+    def step(self, episode: int) -> dict[str, float]:
+        """Collect the episode's batch with the current policy (E10) and apply one update (E15-E16)."""
         train = self.config.train
-        return self.rollout.run(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size))
+        began = time.perf_counter()
+        batch = self.rollout.run(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size))
+        collected = time.perf_counter()
+        metrics = self.learner.update(batch)
+        metrics["time/rollout_s"] = collected - began
+        return metrics
 
-    def broadcast(self, weights: dict[str, torch.Tensor]) -> None:
-        """Nothing to send: the rollout holds the learner's own policy module."""
+    def learner_state(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        return self.learner.policy_weights()
 
     def close(self) -> None:
         """Nothing to stop."""
@@ -80,10 +101,19 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _save(run_dir: Path, config: Config, learner: Learner, dataset: Dataset, episode: int, rows: list) -> None:
+def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
     save_checkpoint(run_dir / rundir.CHECKPOINT, {"config": config.to_dict(), "episode": episode,
-                                                  "learner": learner.state_dict(), "columns": list(dataset.columns)})
+                                                  "learner": backend.learner_state(), "columns": list(dataset.columns)})
     rundir.write_table(run_dir / rundir.METRICS, rows)
+
+
+def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None):
+    """In-process for parallel.workers = 0; Ray actors otherwise (the only path that imports ray)."""
+    if config.parallel.workers == 0:
+        return InProcessBackend(config, dataset, reward)
+    from distq.parallel import RayBackend
+
+    return RayBackend(config, dataset, reward, address)
 
 
 def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
@@ -99,58 +129,60 @@ def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, echo: Echo = print,
-          collector_factory: Optional[Callable] = None) -> dict[str, Any]:
-    """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents."""
+          address: Optional[str] = None) -> dict[str, Any]:
+    """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents.
+
+    `address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded instance).
+    """
     run_dir = Path(run_dir)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     dataset, reward, payload = prepare(config, run_dir, resume, overwrite)
-    learner = build_learner(config, dataset.points, reward)
-    rollout = build_rollout(config, dataset.points, reward, policy=learner.policy)
     start, rows = 0, []
     if payload is not None:
-        learner.load_state_dict(payload["learner"])
         start = payload["episode"]
         rows = [r for r in rundir.read_table_rows(run_dir / rundir.METRICS) if r["episode"] <= start]
     elif overwrite:
         rundir.clear_outputs(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / rundir.CONFIG)
-    collector = (collector_factory or InProcessCollector)(rollout, config)
-    log = MetricsLog(config, rows, start, echo)
-    began = time.perf_counter()
+    backend = make_backend(config, dataset, reward, address)
     try:
-        _loop(config, run_dir, learner, collector, dataset, log, start)
+        if payload is not None:
+            backend.load_learner_state(payload["learner"])
+        log = MetricsLog(config, rows, start, echo)
+        began = time.perf_counter()
+        _loop(config, run_dir, backend, dataset, log, start)
+        wall = time.perf_counter() - began
+        weights = backend.policy_weights()
+        workers, restarts = backend.workers, backend.restarts
     finally:
-        collector.close()
-    wall = time.perf_counter() - began
-    return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo)
+        backend.close()
+    rollout = build_rollout(config, dataset.points, reward)
+    rollout.set_weights(weights)
+    extra = {"workers": workers, "worker_restarts": restarts}
+    return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo, extra)
 
 
-def _loop(config: Config, run_dir: Path, learner: Learner, collector, dataset: Dataset, log: MetricsLog,
-          start: int) -> None:
+def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int) -> None:
     for episode in range(start + 1, config.train.episodes + 1):
         began = time.perf_counter()
-        batch = collector.collect(episode)
-        collected = time.perf_counter()
         try:
-            metrics = learner.update(batch)
+            metrics = backend.step(episode)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}. Training stopped at episode {episode}; the last good checkpoint "
                                    f"{run_dir / rundir.CHECKPOINT} is kept (if one was written)") from None
-        collector.broadcast(learner.policy_weights())
-        metrics["time/rollout_s"] = collected - began
         metrics["time/episode_s"] = time.perf_counter() - began
         log.add(episode, metrics)
         if episode % config.train.checkpoint_every == 0:
-            _save(run_dir, config, learner, dataset, episode, log.rows)
+            _save(run_dir, config, backend, dataset, episode, log.rows)
     if log.rows and log.rows[-1]["episode"] == config.train.episodes and config.train.episodes > start:
         log.progress(config.train.episodes, {k: log.rows[-1][k] for k in ("reward/terminal_mean", "loss/td")})
-    _save(run_dir, config, learner, dataset, config.train.episodes, log.rows)
+    _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
 
 
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog, start: int,
-           wall: float, echo: Echo) -> dict[str, Any]:
+           wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate, write samples, plots and summary.json, and print the headline metrics."""
     metrics, samples = evaluate_policy(rollout, dataset, reward, config)
     rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns)
@@ -162,7 +194,7 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     summary = {**metrics, "episodes": config.train.episodes, "wall_s": wall,
                "episodes_per_s": done / wall if wall > 0 else 0.0, "dim": dataset.dim, "n_data": dataset.n,
                "beta": config.train.beta, "temperature": config.train.temperature, "sampler": config.sde.sampler,
-               "steps": config.sde.num_steps, "schedule": config.sde.schedule, "workers": 0}
+               "steps": config.sde.num_steps, "schedule": config.sde.schedule, **extra}
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     echo(f"reward {metrics['reward_mean']:.4f} ± {metrics['reward_ci95']:.4f} | "
          f"KL {metrics['kl_mean']:.4f} ± {metrics['kl_ci95']:.4f} (estimator floor {metrics['kl_floor']:.4f}) | "

@@ -1,0 +1,181 @@
+"""Benchmarks, written as JSON under benchmarks/ and quoted by the README.
+
+    python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads
+    python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
+
+Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distq.components import build_learner, build_rollout  # noqa: E402
+from distq.config import config_from_dict, load_config  # noqa: E402
+from distq.data import load_dataset  # noqa: E402
+from distq.rewards import load_reward  # noqa: E402
+from distq.rollout import episode_chunks  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "benchmarks"
+PAPER_SCALE = {"data": {"source": "swiss_roll", "n_samples": 300}, "reward": {"fn": "swiss_roll_rectangle"},
+               "sde": {"T": 5.0, "dt": 0.25}, "train": {"batch_size": 300, "beta": 1.0}}
+
+
+def _setup(overrides: dict | None = None):
+    config = config_from_dict({**PAPER_SCALE, **(overrides or {})})
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points[:8])
+    learner = build_learner(config, dataset.points, reward)
+    rollout = build_rollout(config, dataset.points, reward, policy=learner.policy)
+    return config, dataset, reward, learner, rollout
+
+
+def distq_episode(config, learner, rollout):
+    """One full episode of distq: rollout, then the learner update."""
+    def run(episode: int) -> None:
+        learner.update(rollout.run(episode_chunks(config.seed, episode, config.train.batch_size,
+                                                  config.train.chunk_size)))
+    return run
+
+
+def plain_episode(config, dataset, reward):
+    """The same Algorithm 1 written plainly (nn.Tanh, default Adam, cdist + softmax per step): the reference."""
+    d, K, dt, theta, beta = dataset.dim, config.sde.num_steps, config.sde.dt, config.train.temperature, config.train.beta
+    net = lambda out: torch.nn.Sequential(torch.nn.Linear(d + 1, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                          torch.nn.ReLU(), torch.nn.Linear(64, out))
+    policy, value = net(d), net(1)
+    opt_p, opt_v = torch.optim.Adam(policy.parameters(), 1e-3), torch.optim.Adam(value.parameters(), 1e-3)
+    data, B, T = dataset.points, config.train.batch_size, config.sde.T
+
+    def run(episode: int) -> None:
+        y = torch.randn(B, d)
+        taus, states, actions, rewards = [], [], [], []
+        with torch.no_grad():
+            for k in range(K):
+                tau = k * dt
+                t = T - tau
+                mu, s2 = math.exp(-t), 1 - math.exp(-2 * t)
+                inp = torch.cat([y, torch.full((B, 1), tau / T)], 1)
+                a = policy(inp) + math.sqrt(theta / 2) * torch.randn(B, d)
+                w = torch.softmax(-torch.cdist(y, mu * data).pow(2) / (2 * s2), 1)
+                score = (-y + mu * w @ data) / s2
+                taus.append(inp), states.append(y), actions.append(a)
+                rewards.append(-(score - a).pow(2).sum(1))
+                y = y + (y + 2 * a) * dt + math.sqrt(2 * dt) * torch.randn(B, d)
+        inp, a, r = torch.stack(taus), torch.stack(actions), torch.stack(rewards)
+        J = value(inp).squeeze(-1)
+        q = -(a - policy(inp)).pow(2).sum(-1) - theta * d / 2 * math.log(2 * math.pi * theta / 2)
+        nxt = torch.cat([J[1:].detach(), beta * reward(y)[None]])
+        loss = 0.5 * (nxt - J + (r - q) * dt).pow(2).sum(0).mean()
+        opt_p.zero_grad(), opt_v.zero_grad()
+        loss.backward()
+        opt_p.step(), opt_v.step()
+    return run
+
+
+def _rate(run, start: int, episodes: int) -> float:
+    began = time.perf_counter()
+    for e in range(start, start + episodes):
+        run(e)
+    return episodes / (time.perf_counter() - began)
+
+
+def _split(config, learner, rollout) -> dict[str, float]:
+    """Milliseconds per episode spent in the ratio estimator, the rollout's network calls, the learner's
+    forward/backward and the optimiser step."""
+    batch = rollout.run(episode_chunks(0, 0, config.train.batch_size, config.train.chunk_size))
+    grid, reps = rollout.grid, 30
+    def timed(fn) -> float:
+        fn()
+        began = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - began) / reps * 1e3
+    with torch.inference_mode():
+        ratio = timed(lambda: [rollout.ratio.score(batch.states[k], float(grid.mu[k]), float(grid.sigma2[k]))
+                               for k in range(grid.num_steps)])
+        policy = timed(lambda: [rollout.policy.mean(rollout._coefficients[k], batch.states[k])
+                                for k in range(grid.num_steps)])
+    def backward():
+        for opt in learner.optimizers.values():
+            opt.zero_grad()
+        learner.loss(batch)[0].backward()
+    networks = timed(backward)
+    optimizer = timed(lambda: [opt.step() for opt in learner.optimizers.values()])
+    total = 1e3 / _rate(distq_episode(config, learner, rollout), 0, reps)
+    return {"ratio_estimator_ms": ratio, "rollout_networks_ms": policy, "learner_forward_backward_ms": networks,
+            "optimizer_ms": optimizer, "episode_ms": total,
+            "other_ms": total - ratio - policy - networks - optimizer}
+
+
+def bench_core(rounds: int, episodes: int) -> dict:
+    """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of distq and of the plain loop."""
+    config, dataset, reward, learner, rollout = _setup()
+    variants = {"distq": distq_episode(config, learner, rollout), "plain_torch": plain_episode(config, dataset, reward)}
+    rates = {f"{name}_threads{threads}": [] for name in variants for threads in (1, 2)}
+    for r in range(rounds):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, run in variants.items():
+                run(0)
+                rates[f"{name}_threads{threads}"].append(_rate(run, r * episodes, episodes))
+    torch.set_num_threads(1)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "setting": "swiss_roll N=300 d=2 B=300 K=20 sde, paper Table 1 networks",
+        "episodes_per_s_median": median, "episodes_per_s_rounds": rates,
+        "speedup_vs_plain_threads1": median["distq_threads1"] / median["plain_torch_threads1"],
+        "speedup_vs_plain_threads2": median["distq_threads2"] / median["plain_torch_threads2"],
+        "minutes_for_50000_episodes_threads1": 50000 / median["distq_threads1"] / 60,
+        "minutes_for_50000_episodes_threads2": 50000 / median["distq_threads2"] / 60,
+        "split_threads1_ms": _split(config, learner, rollout),
+    }
+
+
+def bench_quality(episodes: int, betas: list[float]) -> dict:
+    """Paper-scale Swiss roll runs from configs/swiss_roll.yaml at several beta; summary of each."""
+    from distq.train import train
+    results = {}
+    for beta in betas:
+        config = load_config("configs/swiss_roll.yaml", [f"train.beta={beta}", f"train.episodes={episodes}",
+                                                         "train.progress_seconds=60"])
+        summary = train(config, f"runs/bench_quality_beta{beta:g}", overwrite=True)
+        results[f"beta={beta:g}"] = {k: summary[k] for k in ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95",
+                                                            "kl_floor", "episodes", "episodes_per_s", "wall_s")}
+    return {"setting": f"configs/swiss_roll.yaml, {episodes} episodes, eval 20 batches of 300 vs fresh data",
+            "runs": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("core", "quality"), nargs="?", default="core")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=None)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.4, 2.0])
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    if args.what == "core":
+        result = bench_core(args.rounds, args.episodes or 100)
+    else:
+        result = bench_quality(args.episodes or 50000, args.betas)
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                         "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
+    path = OUT / f"{args.what}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
