@@ -268,6 +268,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _yaml_number(text: str) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number everyone means."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check `value` against a field's type hint, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)
@@ -282,6 +291,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         _require(isinstance(value, (list, tuple)), name, f"must be a list, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, str) and hint in (float, int):
+        value = _yaml_number(value)
     if hint is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
         return float(value)

@@ -122,9 +122,11 @@ class TimeGrid:
 def time_grid(schedule: Schedule, T: float, num_steps: int) -> TimeGrid:
     """Uniform grid of `num_steps` steps over [0, T] in generation time; computed in float64, stored float32."""
     dt = T / num_steps
-    tau = torch.arange(num_steps, dtype=torch.float64) * dt
-    t = T - tau
-    t_next = (t - dt).clamp_min(0.0)
+    steps = torch.arange(num_steps, dtype=torch.float64)
+    tau = steps * dt
+    # t as T (K - k) / K rather than T - tau, so that the last t_next is exactly 0 for any horizon
+    t = T * (num_steps - steps) / num_steps
+    t_next = T * (num_steps - steps - 1) / num_steps
     values = dict(tau=tau, t=t, f=schedule.f(t), g2=schedule.g2(t), mu=schedule.mu(t), sigma2=schedule.sigma2(t),
                   mu_next=schedule.mu(t_next), sigma2_next=schedule.sigma2(t_next))
     return TimeGrid(T=T, dt=dt, **{k: v.float() for k, v in values.items()})

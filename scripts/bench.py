@@ -151,6 +151,7 @@ def bench_quality(episodes: int, betas: list[float]) -> dict:
         config = load_config("configs/swiss_roll.yaml", [f"train.beta={beta}", f"train.episodes={episodes}",
                                                          "train.progress_seconds=60"])
         summary = train(config, f"runs/bench_quality_beta{beta:g}", overwrite=True)
+        print(f"beta={beta:g}: {summary}", flush=True)
         results[f"beta={beta:g}"] = {k: summary[k] for k in ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95",
                                                             "kl_floor", "episodes", "episodes_per_s", "wall_s")}
     return {"setting": f"configs/swiss_roll.yaml, {episodes} episodes, eval 20 batches of 300 vs fresh data",
@@ -162,7 +163,8 @@ def main() -> None:
     parser.add_argument("what", choices=("core", "quality"), nargs="?", default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None)
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.4, 2.0])
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
+    parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if args.what == "core":
@@ -171,7 +173,7 @@ def main() -> None:
         result = bench_quality(args.episodes or 50000, args.betas)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                          "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
-    path = OUT / f"{args.what}.json"
+    path = OUT / (args.name or f"{args.what}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")

@@ -1,0 +1,226 @@
+"""distq.learner: the loss gradients are the semi-gradients of (E16) computed on an independent loop, an update's
+metrics, divergence handling, checkpoint round trip and the cosine learning-rate schedule."""
+import copy
+import math
+
+import pytest
+import torch
+
+from distq.components import build_learner, build_rollout
+from distq.config import config_from_dict
+from distq.errors import DistqError
+from distq.learner import TrainingDiverged
+from distq.rollout import Trajectories, episode_chunks
+
+T, DT, D, B = 5.0, 0.5, 2, 12
+K = int(T / DT)
+THETA, BETA, G2 = 0.5, 1.5, 2.0  # ou: g^2 = 2
+METRIC_KEYS = {"loss/td", "td/abs_mean", "reward/terminal_mean", "reward/running_mean", "grad_norm/policy",
+               "grad_norm/value", "lr/policy", "time/update_s"}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Small tensors: OpenMP threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(seed=3, episodes=100, lr_schedule="constant", grad_clip=None, sampler="sde"):
+    return config_from_dict({
+        "seed": seed,
+        "data": {"source": "gaussian", "mean": [1.0, -1.0], "std": 0.7},
+        "reward": {"fn": "linear", "coef": [1.0, 0.5]},
+        "sde": {"T": T, "dt": DT, "sampler": sampler},
+        "model": {"hidden": 16},
+        "train": {"batch_size": B, "chunk_size": 5, "temperature": THETA, "beta": BETA, "episodes": episodes,
+                  "lr_schedule": lr_schedule, "grad_clip": grad_clip, "lr_policy": 1e-3, "lr_value": 2e-3},
+    })
+
+
+def _points(n=60, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tensor([1.0, -1.0]) + 0.7 * torch.randn(n, D, generator=gen)
+
+
+def _reward(x):
+    return x @ torch.tensor([1.0, 0.5])
+
+
+def _perturb(net, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net[-1].parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def _setup(config=None, episode=1):
+    config = config or _config()
+    points = _points()
+    learner = build_learner(config, points, _reward)
+    _perturb(learner.policy.net, 11)  # non-zero last layers: gradients reach every parameter
+    _perturb(learner.value.net, 12)
+    rollout = build_rollout(config, points, _reward, policy=learner.policy)
+    return learner, rollout, config
+
+
+def _batch(rollout, config, episode=1):
+    return rollout.run(episode_chunks(config.seed, episode, config.train.batch_size, config.train.chunk_size))
+
+
+def _loop_deltas(learner, batch):
+    """(E15) step by step: J_phi(tau_k, Y_k), q_psi (E11) written out, next values detached, J(T, .) = beta h."""
+    values, qs, deltas = [], [], []
+    for k in range(K):
+        tau = torch.tensor(k * DT)
+        value = learner.value(tau, batch.states[k])
+        mean = learner.policy(tau, batch.states[k])
+        q = -0.5 * G2 * (batch.actions[k] - mean).pow(2).sum(-1) - 0.5 * THETA * D * math.log(2 * math.pi * THETA / G2)
+        with torch.no_grad():
+            nxt = (learner.value(torch.tensor((k + 1) * DT), batch.states[k + 1]) if k + 1 < K
+                   else BETA * batch.terminal_rewards)
+        values.append(value)
+        qs.append(q)
+        deltas.append(nxt - value + (batch.running_rewards[k] - q) * DT)
+    return values, qs, deltas
+
+
+def _expected_gradients(learner, batch):
+    values, qs, deltas = _loop_deltas(learner, batch)
+    value_params, policy_params = list(learner.value.parameters()), list(learner.policy.parameters())
+    # (E16): phi moves along sum_k delta_k grad J_phi, psi along sum_k delta_k grad q_psi (here times dt);
+    # the loss gradient is minus that, averaged over the batch.
+    value_surrogate = sum((d.detach() * v).sum() for d, v in zip(deltas, values))
+    policy_surrogate = sum((d.detach() * q).sum() for d, q in zip(deltas, qs))
+    grad_value = torch.autograd.grad(value_surrogate, value_params)
+    grad_policy = torch.autograd.grad(policy_surrogate, policy_params)
+    return ([-g / B for g in grad_value], [-DT * g / B for g in grad_policy],
+            torch.stack([d.detach() for d in deltas]))
+
+
+def _params(learner):
+    return [p.detach().clone() for p in list(learner.policy.parameters()) + list(learner.value.parameters())]
+
+
+def test_loss_and_deltas_match_loop():
+    learner, rollout, config = _setup()
+    batch = _batch(rollout, config)
+    _, _, expected = _expected_gradients(learner, batch)
+    loss, delta = learner.loss(batch)
+    assert delta.shape == (K, B)
+    assert torch.allclose(delta, expected, rtol=1e-5, atol=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * float(expected.square().sum(0).mean()), rel=1e-5)
+
+
+def test_loss_gradients_are_the_semi_gradients():
+    learner, rollout, config = _setup()
+    batch = _batch(rollout, config)
+    grad_value, grad_policy, _ = _expected_gradients(learner, batch)
+    loss, _ = learner.loss(batch)
+    loss.backward()
+    for p, g in zip(learner.value.parameters(), grad_value):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    for p, g in zip(learner.policy.parameters(), grad_policy):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().max() > 0 for g in grad_value + grad_policy)
+
+
+def test_update_changes_parameters_and_returns_metrics():
+    learner, rollout, config = _setup()
+    batch = _batch(rollout, config)
+    grad_value, grad_policy, delta = _expected_gradients(learner, batch)
+    before = _params(learner)
+    metrics = learner.update(batch)
+    assert METRIC_KEYS <= set(metrics)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    assert metrics["loss/td"] == pytest.approx(0.5 * float(delta.square().sum(0).mean()), rel=1e-5)
+    assert metrics["td/abs_mean"] == pytest.approx(float(delta.abs().mean()), rel=1e-5)
+    assert metrics["reward/terminal_mean"] == pytest.approx(float(_reward(batch.final_states).mean()), rel=1e-5)
+    assert metrics["reward/running_mean"] == pytest.approx(DT * float(batch.running_rewards.sum(0).mean()), rel=1e-5)
+    # Norms before clipping, of the (E16) gradients.
+    assert metrics["grad_norm/value"] == pytest.approx(float(torch.cat([g.flatten() for g in grad_value]).norm()),
+                                                       rel=1e-4)
+    assert metrics["grad_norm/policy"] == pytest.approx(float(torch.cat([g.flatten() for g in grad_policy]).norm()),
+                                                        rel=1e-4)
+    assert metrics["lr/policy"] == pytest.approx(1e-3)
+    after = _params(learner)
+    n_policy = len(list(learner.policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before[:n_policy], after[:n_policy]))
+    assert any(not torch.equal(a, b) for a, b in zip(before[n_policy:], after[n_policy:]))
+    # Adam's first step moves every parameter with a non-zero gradient by about lr.
+    step = max(float((a - b).abs().max()) for a, b in zip(before[n_policy:], after[n_policy:]))
+    assert step == pytest.approx(2e-3, rel=1e-2)
+    assert learner.updates == 1
+
+
+@pytest.mark.parametrize("field", ["running_rewards", "terminal_rewards", "actions"])
+def test_non_finite_batch_raises_and_leaves_parameters(field):
+    learner, rollout, config = _setup()
+    batch = _batch(rollout, config)
+    tensors = {name: getattr(batch, name).clone() for name in
+               ("states", "actions", "running_rewards", "final_states", "terminal_rewards")}
+    tensors[field].view(-1)[3] = float("nan")
+    bad = Trajectories(**tensors)
+    before = _params(learner)
+    with pytest.raises(TrainingDiverged) as info:
+        learner.update(bad)
+    assert isinstance(info.value, DistqError) and "update 1" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(learner)))
+    assert learner.updates == 0
+    assert math.isfinite(learner.update(batch)["loss/td"])  # the learner is still usable
+
+
+def test_state_dict_round_trip_reproduces_next_update():
+    config = _config(lr_schedule="cosine", episodes=10)
+    learner, rollout, _ = _setup(config)
+    for episode in (1, 2):
+        learner.update(_batch(rollout, config, episode))
+    state = copy.deepcopy(learner.state_dict())  # as written to a checkpoint
+    other = build_learner(_config(seed=9, lr_schedule="cosine", episodes=10), _points(), _reward)
+    assert not all(torch.equal(a, b) for a, b in zip(_params(learner), _params(other)))
+    other.load_state_dict(state)
+    assert other.updates == 2
+    batch = _batch(rollout, config, 3)
+    ours, theirs = learner.update(batch), other.update(batch)
+    for key in METRIC_KEYS - {"time/update_s"}:
+        assert ours[key] == theirs[key], key
+    assert all(torch.equal(a, b) for a, b in zip(_params(learner), _params(other)))
+
+
+def test_cosine_schedule_decays_to_zero():
+    episodes = 100
+    learner, rollout, config = _setup(_config(lr_schedule="cosine", episodes=episodes))
+    batch = _batch(rollout, config)
+    used, reported = [], []
+    for _ in range(episodes):
+        groups = (learner.optimizers["policy"].param_groups[0], learner.optimizers["value"].param_groups[0])
+        used.append(tuple(group["lr"] for group in groups))
+        reported.append(learner.update(batch)["lr/policy"])
+    for i, (lr_policy, lr_value) in enumerate(used):
+        factor = 0.5 * (1 + math.cos(math.pi * i / episodes))
+        assert lr_policy == pytest.approx(1e-3 * factor, abs=1e-12)
+        assert lr_value == pytest.approx(2e-3 * factor, abs=1e-12)
+    assert used[0] == (1e-3, 2e-3)
+    assert used[-1][0] < 1e-3 * 1e-3  # the last episode's step is ~0
+    assert reported[-1] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_constant_schedule_keeps_lr():
+    learner, rollout, config = _setup()
+    batch = _batch(rollout, config)
+    assert all(learner.update(batch)["lr/policy"] == pytest.approx(1e-3) for _ in range(3))
+
+
+def test_grad_clip_reports_norm_before_clipping():
+    learner, rollout, config = _setup(_config(grad_clip=1e-6))
+    free, _, _ = _setup()
+    batch = _batch(rollout, config)
+    clipped_metrics, free_metrics = learner.update(batch), free.update(batch)
+    for name in ("value", "policy"):
+        assert clipped_metrics[f"grad_norm/{name}"] == pytest.approx(free_metrics[f"grad_norm/{name}"], rel=1e-6)
+        assert clipped_metrics[f"grad_norm/{name}"] > 1e-4
+        net = learner.value if name == "value" else learner.policy
+        applied = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+        assert float(applied) == pytest.approx(1e-6, rel=1e-3)

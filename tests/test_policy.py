@@ -1,0 +1,171 @@
+"""distq.policy: the policy density (E10-E11) normalises, matches torch's Normal, and the preconditioned mean
+starts at the exact Gaussian score (algorithm.md section 13)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distq.components import build_policy, data_statistics
+from distq.config import config_from_dict
+from distq.policy import action_std, policy_log_density, q_value
+
+T = 5.0
+BETA_MIN, BETA_MAX = 0.1, 20.0
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors: OpenMP threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _closed_form(schedule, t):
+    """mu_t, sigma_t^2 of (E2) for the three schedules of algorithm.md section 1."""
+    if schedule == "ou":
+        return math.exp(-t), 1 - math.exp(-2 * t)
+    if schedule == "ve":
+        return 1.0, t
+    integral = BETA_MIN * t + 0.5 * (BETA_MAX - BETA_MIN) * t**2 / T
+    return math.exp(-0.5 * integral), 1 - math.exp(-integral)
+
+
+def _config(schedule="ou", precondition="edm", hidden=16, seed=0):
+    return config_from_dict({"seed": seed, "sde": {"schedule": schedule, "T": T, "dt": 0.5, "beta_min": BETA_MIN,
+                                                  "beta_max": BETA_MAX},
+                             "model": {"hidden": hidden, "precondition": precondition}})
+
+
+def _gaussian_points(n=300, mean=(1.0, -2.0), std=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tensor(mean) + std * torch.randn(n, len(mean), generator=gen)
+
+
+def _randomise_last_layer(policy, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.net[-1].parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("g2", [0.1, 2.0, 20.0])
+@pytest.mark.parametrize("theta", [0.05, 1.0, 5.0])
+def test_policy_density_normalises_1d(g2, theta):
+    mean = 0.7
+    std = math.sqrt(theta / g2)
+    a = torch.linspace(mean - 12 * std, mean + 12 * std, 20001, dtype=torch.float64).unsqueeze(-1)
+    q = q_value(a, torch.full_like(a, mean), torch.tensor(g2, dtype=torch.float64), theta)
+    density = torch.exp(q / theta).numpy()
+    mass = np.sum(0.5 * (density[1:] + density[:-1]) * np.diff(a[:, 0].numpy()))
+    assert mass == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("g2, theta", [(0.1, 5.0), (2.0, 1.0), (20.0, 0.05)])
+def test_policy_density_normalises_2d(g2, theta):
+    mean = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    std = math.sqrt(theta / g2)
+    u = torch.linspace(-10 * std, 10 * std, 801, dtype=torch.float64)
+    a = torch.stack(torch.meshgrid(u + mean[0], u + mean[1], indexing="ij"), -1)
+    density = torch.exp(q_value(a, mean, torch.tensor(g2, dtype=torch.float64), theta) / theta).numpy()
+    h = float(u[1] - u[0])
+    weights = np.ones(801)
+    weights[[0, -1]] = 0.5
+    mass = h * h * weights @ density @ weights
+    assert mass == pytest.approx(1.0, abs=1e-8)
+
+
+def test_log_density_equals_torch_normal():
+    gen = torch.Generator().manual_seed(0)
+    K, B, d, theta = 4, 5, 3, 0.7
+    g2 = torch.tensor([0.2, 1.0, 2.0, 9.0]).unsqueeze(1)
+    mean = torch.randn(K, B, d, generator=gen)
+    action = mean + torch.randn(K, B, d, generator=gen)
+    expected = torch.distributions.Normal(mean, (theta / g2).sqrt().unsqueeze(-1)).log_prob(action).sum(-1)
+    got = policy_log_density(action, mean, g2, theta)
+    assert got.shape == (K, B)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(q_value(action, mean, g2, theta), theta * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_action_std():
+    g2 = torch.tensor([0.5, 2.0, 8.0])
+    assert torch.allclose(action_std(g2, 2.0), torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_data_statistics_match_numpy():
+    points = _gaussian_points(seed=3)
+    mean, scale = data_statistics(points)
+    x = points.double().numpy()
+    np.testing.assert_allclose(mean.numpy(), x.mean(0), rtol=1e-6)
+    assert scale == pytest.approx(math.sqrt(((x - x.mean(0)) ** 2).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["ou", "ve", "vp"])
+def test_fresh_edm_policy_is_exact_gaussian_score(schedule):
+    points = _gaussian_points()
+    x = points.double().numpy()
+    m_hat = torch.tensor(x.mean(0))
+    s_hat = math.sqrt(((x - x.mean(0)) ** 2).mean())
+    policy = build_policy(_config(schedule), points)
+    gen = torch.Generator().manual_seed(5)
+    for tau in [0.0, 1.0, 2.5, 4.0, 4.5, 4.9]:
+        mu, sigma2 = _closed_form(schedule, T - tau)
+        var = mu**2 * s_hat**2 + sigma2
+        y = mu * m_hat + math.sqrt(var) * torch.randn(7, 2, generator=gen, dtype=torch.float64)
+        expected = -(y - mu * m_hat) / var  # score of N(mu m, (mu^2 s^2 + sigma^2) I)
+        with torch.no_grad():
+            got = policy(torch.tensor(tau), y.float()).double()
+        assert got.shape == (7, 2)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), tau
+
+
+def test_fresh_edm_policy_scalar_and_vector_tau_agree():
+    points = _gaussian_points()
+    policy = build_policy(_config(), points)
+    _randomise_last_layer(policy)
+    y = _gaussian_points(6, seed=2)
+    tau = torch.full((6,), 1.5)
+    with torch.no_grad():
+        assert torch.allclose(policy(tau, y), policy(torch.tensor(1.5), y), rtol=1e-6, atol=1e-6)
+
+
+def test_none_precondition_returns_raw_network_output():
+    points = _gaussian_points()
+    policy = build_policy(_config(precondition="none"), points)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 4, 2, generator=gen)
+    tau = torch.tensor([0.0, 2.0, 4.5]).unsqueeze(1)
+    with torch.no_grad():
+        out = policy(tau, y)
+        raw = policy.net(torch.cat([y, (tau / T).unsqueeze(-1).expand(3, 4, 1)], -1))
+    assert out.shape == (3, 4, 2)
+    assert torch.allclose(out, raw, rtol=1e-6, atol=1e-6)
+    assert out.abs().max() > 0  # the plain network is not zero-initialised
+
+
+def test_build_policy_is_seeded():
+    points = _gaussian_points()
+    a, b, c = (build_policy(_config(precondition="none", seed=s), points) for s in (0, 0, 1))
+    y = _gaussian_points(5, seed=9)
+    tau = torch.tensor(1.0)
+    with torch.no_grad():
+        assert torch.equal(a(tau, y), b(tau, y)) and not torch.equal(a(tau, y), c(tau, y))
+
+
+@pytest.mark.parametrize("precondition", ["edm", "none"])
+def test_broadcast_over_steps_equals_per_step_calls(precondition):
+    points = _gaussian_points()
+    policy = build_policy(_config(precondition=precondition), points)
+    _randomise_last_layer(policy)
+    K, B = 6, 5
+    gen = torch.Generator().manual_seed(4)
+    tau = (torch.arange(K) * 0.8).unsqueeze(1)
+    y = 2 * torch.randn(K, B, 2, generator=gen)
+    with torch.no_grad():
+        together = policy(tau, y)
+        apart = torch.stack([policy(tau[k, 0], y[k]) for k in range(K)])
+    assert together.shape == (K, B, 2)
+    assert torch.allclose(together, apart, rtol=1e-5, atol=1e-5)
