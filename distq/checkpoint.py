@@ -40,13 +40,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        raise DistqError(f"checkpoint {path} is corrupt or not a distq checkpoint ({type(err).__name__}: {err})") from None
+        raise DistqError(f"checkpoint {path} is corrupt or not a distq checkpoint ({_reason(err)})") from None
     missing = [key for key in _REQUIRED if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise DistqError(f"checkpoint {path} is not a distq checkpoint (missing {', '.join(missing)})")
     if payload["format"] != FORMAT:
         raise DistqError(f"checkpoint {path} has format {payload['format']}; this distq reads format {FORMAT}")
     return payload
+
+
+def _reason(err: Exception) -> str:
+    """torch's load error in one line; its weights-only advice (load untrusted files unsafely) is left out."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((line for line in lines[1:] if "WeightsUnpickler error" not in line and "documentation" not in line), "")
+        return f"unpickling failed: {detail}" if detail else "unpickling failed"
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -74,6 +74,10 @@ def _sample(args: argparse.Namespace) -> None:
         raise DistqError(f"-n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise DistqError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise DistqError(f"--out {out} is a directory; name a .parquet file")
+    rundir.check_writable_dir(out.parent, "--out")
     config, payload = _load_run(args.run_dir)
     columns = payload["columns"]
     # Generation needs only the policy: a placeholder stands in for the data and the reward.
@@ -81,7 +85,6 @@ def _sample(args: argparse.Namespace) -> None:
     rollout.set_weights(payload["learner"]["policy"])
     samples = rollout.generate(args.n, torch.Generator().manual_seed(args.seed), make_grid(config, args.steps),
                                args.sampler)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_samples(out, samples, columns)
     print(f"wrote {args.n} samples ({args.sampler or config.sde.sampler}, "

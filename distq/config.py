@@ -335,6 +335,13 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line diagnostic as one line: the problem and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (['section', 'key'], value parsed as YAML)."""
     if "=" not in text:
@@ -343,7 +350,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise DistqError(f"override {text!r}: value is not valid YAML ({err})") from None
+        raise DistqError(f"override {text!r}: value is not valid YAML ({_yaml_problem(err)})") from None
     return path.strip().split("."), value
 
 
@@ -370,7 +377,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise DistqError(f"config file {path} is not valid YAML: {err}") from None
+        raise DistqError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

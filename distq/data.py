@@ -45,6 +45,15 @@ class Dataset:
     def n(self) -> int:
         return self.points.shape[0]
 
+    def reference_pair(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independent reference batches for the KL estimator's floor: fresh draws, or for files two disjoint
+        random subsets of min(n, N // 2) points (overlapping subsets would share points at distance 0)."""
+        if self.fresh is not None:
+            return self.fresh(n, generator), self.fresh(n, generator)
+        size = min(n, self.n // 2)
+        order = torch.randperm(self.n, generator=generator)
+        return self.points[order[:size]], self.points[order[size:2 * size]]
+
     def reference(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, d) samples to compare generated ones against (only N rows if a file holds N < n points).
 

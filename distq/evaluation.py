@@ -24,7 +24,7 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
     """Reward and kNN KL of eval.batches batches of eval.n_samples mean-action samples; -> (metrics, samples (n, d))."""
     ev = config.eval
     return evaluate_samples(lambda n, g: rollout.generate(n, g, grid, sampler), dataset.reference, reward,
-                            ev.n_samples, ev.batches, ev.k, _generator(config))
+                            ev.n_samples, ev.batches, ev.k, _generator(config), dataset.reference_pair)
 
 
 def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Config) -> dict[str, float]:
@@ -37,5 +37,6 @@ def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Conf
         start = next(cursor)
         return samples[start:start + size]
 
-    metrics, _ = evaluate_samples(next_batch, dataset.reference, reward, n, batches, config.eval.k, _generator(config))
+    metrics, _ = evaluate_samples(next_batch, dataset.reference, reward, n, batches, config.eval.k, _generator(config),
+                                  dataset.reference_pair)
     return metrics

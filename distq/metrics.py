@@ -5,7 +5,7 @@ Pure functions: tensors in, Python floats out. KL is computed in float64 on the 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -90,12 +90,13 @@ def evaluate_samples(
     batches: int,
     k: int,
     generator: torch.Generator,
+    reference_pair: Optional[Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Reward and kNN KL of `batches` generated batches of n, with the estimator's floor (section 11).
 
     generate(n, generator) -> (n, d) samples; reference(n, generator) -> (n, d) fresh data; reward_fn (B, d) -> (B,).
     Each batch gives one KL (generated vs a fresh data batch) and one floor value (a fresh data batch vs
-    another, same n and m). Returns the metrics (reward_mean, reward_ci95 over all generated samples; kl_mean,
+    another, same n and m; `reference_pair(n, generator)` supplies the two when they must be drawn jointly). Returns the metrics (reward_mean, reward_ci95 over all generated samples; kl_mean,
     kl_ci95, kl_floor, kl_floor_ci95 over batches; n_samples = n * batches) and the generated samples (n * batches, d).
     """
     if n < k + 1 or batches < 1:
@@ -105,7 +106,7 @@ def evaluate_samples(
         for _ in range(batches):
             x = generate(n, generator)
             kls.append(knn_kl(x, reference(n, generator), k))
-            floors.append(knn_kl(reference(n, generator), reference(n, generator), k))
+            floors.append(knn_kl(*(reference_pair or (lambda m, g: (reference(m, g), reference(m, g))))(n, generator), k))
             rewards.append(reward_fn(x).reshape(-1))
             generated.append(x.detach())
     reward_mean, reward_ci95 = mean_ci95(torch.cat(rewards))

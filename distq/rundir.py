@@ -24,12 +24,20 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (run_dir / CHECKPOINT).is_file():
             raise DistqError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
         return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DistqError(f"--out {run_dir} exists and is not a directory")
+    check_writable_dir(run_dir, "--out")
     existing = [name for name in OUTPUTS if (run_dir / name).exists()]
     if existing and not overwrite:
         raise DistqError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it or --overwrite to replace it")
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """DistqError unless `path` is, or can be created as, a directory (no regular file on the way)."""
+    for node in (path, *path.parents):
+        if node.exists():
+            if not node.is_dir():
+                raise DistqError(f"{flag} {path}: {node} exists and is not a directory")
+            return
 
 
 def clear_outputs(run_dir: Path) -> None:

@@ -16,6 +16,7 @@ from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout
 from distq.config import Config, save_config
 from distq.data import Dataset, load_dataset
+from distq.errors import DistqError
 from distq.evaluation import evaluate_policy
 from distq.learner import TrainingDiverged
 from distq.plots import plot_samples, plot_training_curves
@@ -125,6 +126,9 @@ def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
     if resume:
         payload = load_checkpoint(run_dir / rundir.CHECKPOINT)
         check_compatible(payload, config, run_dir / rundir.CHECKPOINT)
+        if config.train.episodes < payload["episode"]:
+            raise DistqError(f"train.episodes={config.train.episodes} is below the {payload['episode']} episodes "
+                             f"already trained in {run_dir}; resume to at least that many")
     return dataset, reward, payload
 
 

@@ -1,0 +1,322 @@
+"""Algorithm 1 over Ray: RolloutWorker actors run step 1, one Learner actor runs steps 2-3 (E15-E16).
+
+The only module that imports ray. Data go to the object store once (`ray.put`) and actors hold the reference;
+the learner's weights leave it once per update as one object that every worker reads. A batch is split across
+the workers in whole chunks of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the
+same updates for any number of workers. A worker that dies is replaced and its chunks are generated again with the
+same seeds. Actors rebuild the rollout and the learner from the config (user reward callables are never pickled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import ray
+import torch
+
+from distq.components import build_learner, build_rollout
+from distq.config import Config, ParallelConfig
+from distq.errors import DistqError
+from distq.rewards import load_reward
+from distq.rollout import Chunk, Trajectories, episode_chunks
+
+if TYPE_CHECKING:  # actor processes import this module: keep distq.data (sklearn, pyarrow) out of them
+    from distq.data import Dataset
+
+ATTEMPTS = 3
+"""Replacements of one worker in a row (for one batch) before the run gives up."""
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Actor:
+    """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
+
+    def __init__(self, config: Config, data: list):
+        torch.set_num_threads(1)
+        self.data, self.error = data[0], None
+        try:
+            points = ray.get(self.data)
+            self.build(config, points, load_reward(config.reward, points[:8]))
+        except DistqError as err:
+            self.error = err
+
+    def build(self, config: Config, points: torch.Tensor, reward) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def ready(self) -> bool:
+        self.check()
+        return True
+
+    def data_ref(self) -> list:
+        """[the ObjectRef of the data], as held (the list keeps Ray from resolving it)."""
+        return [self.data]
+
+    def get_pid(self) -> int:
+        return os.getpid()
+
+    def get_node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote
+class RolloutWorker(_Actor):
+    """Step 1 of Algorithm 1 for the chunks it is given, with the weights it is given."""
+
+    def build(self, config: Config, points: torch.Tensor, reward) -> None:
+        self.rollout = build_rollout(config, points, reward)
+
+    @ray.method(num_returns=2)
+    def run(self, weights: list, chunks: list[Chunk]) -> tuple[Trajectories, dict[str, float]]:
+        """weights: [ObjectRef of the policy-mean state dict]; returns the trajectories and small timing stats."""
+        self.check()
+        began = time.perf_counter()
+        state = ray.get(weights[0])
+        self.rollout.set_weights(state)
+        loaded = time.perf_counter()
+        batch = self.rollout.run(chunks)
+        return batch, {"fetch_s": loaded - began, "generate_s": time.perf_counter() - loaded,
+                       "trajectories": batch.batch_size, "weights_bytes": _nbytes(state.values()),
+                       "trajectory_bytes": _nbytes(vars(batch).values())}
+
+
+@ray.remote
+class Learner(_Actor):
+    """Steps 2-3 of Algorithm 1 (E15-E16) on batches read straight from the workers' results."""
+
+    def build(self, config: Config, points: torch.Tensor, reward) -> None:
+        self.learner = build_learner(config, points, reward)
+
+    @ray.method(num_returns=2)
+    def update(self, parts: list) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """parts: ObjectRefs of the batch's Trajectories in chunk order; returns metrics and the new weights."""
+        self.check()
+        began = time.perf_counter()
+        batch = Trajectories.concat(ray.get(parts))
+        fetched = time.perf_counter()
+        metrics = self.learner.update(batch)
+        metrics["time/transfer_s"] = fetched - began
+        return metrics, self.learner.policy_weights()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        self.check()
+        return self.learner.policy_weights()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+
+@dataclass
+class _Batch:
+    """One episode's batch in flight: per worker slot its chunks and its call (actor, trajectories, stats refs)."""
+
+    episode: int
+    version: int
+    weights: ray.ObjectRef
+    groups: dict[int, list[Chunk]]
+    calls: dict[int, tuple[Any, ray.ObjectRef, ray.ObjectRef]]
+
+
+def _split(chunks: list[Chunk], workers: int) -> dict[int, list[Chunk]]:
+    """Contiguous groups of whole chunks, one per worker slot (slots left without a chunk are omitted)."""
+    bounds = [i * len(chunks) // workers for i in range(workers + 1)]
+    return {i: chunks[a:b] for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a}
+
+
+def _portable(config: Config) -> Config:
+    """The config with a user reward file made absolute, so actors find it whatever their working directory."""
+    target, sep, attr = config.reward.fn.rpartition(":")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    if not sep or not is_file or Path(target).is_absolute():
+        return config
+    reward = dataclasses.replace(config.reward, fn=f"{Path(target).resolve()}:{attr}")
+    return dataclasses.replace(config, reward=reward)
+
+
+def _connect(parallel: ParallelConfig, address: Optional[str]) -> bool:
+    """Join `address` (a cluster) or start an embedded instance, unless Ray is already up; True if it ran ray.init."""
+    if ray.is_initialized():
+        return False
+    # Actors' output and Ray's info lines would break the driver's progress line.
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=parallel.ray_num_cpus, include_dashboard=False, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DistqError(f"could not start or join Ray (address {address or 'local'}): {err}") from None
+    return True
+
+
+def _check_fits(parallel: ParallelConfig) -> None:
+    """Actors that cannot all be placed would wait forever: fail now, naming the fields to change."""
+    cpus = parallel.workers * parallel.num_cpus_per_worker + parallel.learner_num_cpus
+    gpus = parallel.workers * parallel.num_gpus_per_worker + parallel.learner_num_gpus
+    have = ray.cluster_resources()
+    if cpus > have.get("CPU", 0) + 1e-9 or gpus > have.get("GPU", 0) + 1e-9:
+        raise DistqError(
+            f"parallel.workers={parallel.workers} actors x parallel.num_cpus_per_worker={parallel.num_cpus_per_worker} "
+            f"+ parallel.learner_num_cpus={parallel.learner_num_cpus} need {cpus:g} CPUs and {gpus:g} GPUs, but the "
+            f"embedded Ray has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower those fields or "
+            "raise parallel.ray_num_cpus")
+
+
+def _get(ref: ray.ObjectRef, *siblings: ray.ObjectRef) -> Any:
+    """ray.get, re-raising a DistqError (or lost-object error) from an actor as itself, so the CLI prints one line.
+
+    `siblings` are the other returns of the same call: on failure they are read too, else Ray logs their error
+    as unhandled when they are dropped.
+    """
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        for other in siblings:
+            try:
+                ray.get(other)
+            except ray.exceptions.RayError:
+                pass
+        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(
+                err.cause, (DistqError, ray.exceptions.ObjectLostError)):
+            raise err.cause from None
+        raise
+
+
+class RayBackend:
+    """The training loop's backend over W RolloutWorker actors and one Learner actor (see distq.train)."""
+
+    def __init__(self, config: Config, dataset: "Dataset", reward, address: Optional[str]) -> None:
+        del reward  # rebuilt in each actor from config.reward: user callables are not pickled
+        self.config, self.workers, self.restarts = _portable(config), config.parallel.workers, 0
+        self.rollout_workers: list = []
+        self._learner, self._pending = None, None
+        address = address or os.environ.get("RAY_ADDRESS")
+        self._started = _connect(config.parallel, address)
+        try:
+            if self._started and not address:
+                _check_fits(config.parallel)
+            self._data = ray.put(dataset.points)
+            parallel = config.parallel
+            self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
+                                            max_restarts=0).remote(self.config, [self._data])
+            self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
+            for actor in (self._learner, *self.rollout_workers):
+                _get(actor.ready.remote())
+            self._weights, self._version = self._learner.weights.remote(), 0
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_worker(self):
+        parallel = self.config.parallel
+        # SPREAD: rollouts are the part that scales out, one node's cores are not enough for many workers.
+        return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
+                                     max_restarts=0, scheduling_strategy="SPREAD").remote(self.config, [self._data])
+
+    def _submit(self, episode: int) -> _Batch:
+        """Start generating an episode's batch with the current weights, whole chunks per worker."""
+        train = self.config.train
+        groups = _split(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size), self.workers)
+        return _Batch(episode, self._version, self._weights, groups,
+                      {slot: self._call(slot, self._weights, group) for slot, group in groups.items()})
+
+    def _call(self, slot: int, weights: ray.ObjectRef, chunks: list[Chunk]) -> tuple[Any, ray.ObjectRef, ray.ObjectRef]:
+        actor = self.rollout_workers[slot]
+        return (actor, *actor.run.remote([weights], chunks))
+
+    def _replace(self, slot: int, dead) -> None:
+        """Replace the slot's actor if it is still the one that died (a pending call may have found it first)."""
+        if self.rollout_workers[slot] is dead:
+            ray.kill(dead, no_restart=True)
+            self.rollout_workers[slot] = self._new_worker()
+            self.restarts += 1
+
+    def _gather(self, batch: _Batch) -> tuple[list, dict[int, dict]]:
+        """The batch's trajectory refs in chunk order and each slot's stats; dead workers are replaced and their
+        chunks generated again (same seeds and weights, so no trajectory is lost or counted twice)."""
+        stats = {}
+        for slot in batch.groups:
+            for attempt in range(ATTEMPTS + 1):
+                actor, trajectories, call_stats = batch.calls[slot]
+                try:
+                    stats[slot] = _get(call_stats, trajectories)
+                    break
+                except ray.exceptions.RayActorError as err:
+                    if attempt == ATTEMPTS:
+                        raise DistqError(f"RolloutWorker {slot} died {ATTEMPTS + 1} times in a row generating "
+                                         f"episode {batch.episode}: {str(err).splitlines()[0]}") from None
+                    self._replace(slot, actor)
+                    batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
+        return [batch.calls[slot][1] for slot in sorted(batch.calls)], stats
+
+    def _update(self, batch: _Batch, parts: list) -> tuple[dict[str, float], ray.ObjectRef]:
+        """One learner update on the gathered batch; in async mode the next batch starts during the update."""
+        metrics, weights = self._learner.update.remote(parts)
+        if self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
+            self._pending = self._submit(batch.episode + 1)
+        try:
+            return _get(metrics, weights), weights
+        except ray.exceptions.ObjectLostError:
+            # a finished part was lost with its node before the learner read it: generate the batch again, once
+            calls = {slot: self._call(slot, batch.weights, group) for slot, group in batch.groups.items()}
+            metrics, weights = self._learner.update.remote(self._gather(dataclasses.replace(batch, calls=calls))[0])
+            return _get(metrics, weights), weights
+        except ray.exceptions.RayActorError as err:
+            raise DistqError(f"the Learner actor died ({str(err).splitlines()[0]}); its state is lost: continue "
+                             "from the last checkpoint with --resume RUN_DIR") from None
+
+    def step(self, episode: int) -> dict[str, float]:
+        """One episode: the batch from the workers, one learner update; learner metrics plus timing and lag."""
+        began = time.perf_counter()
+        pending, self._pending = self._pending, None
+        batch = pending if pending is not None and pending.episode == episode else self._submit(episode)
+        parts, stats = self._gather(batch)
+        collected = time.perf_counter()
+        metrics, weights = self._update(batch, parts)
+        lag = self._version - batch.version
+        self._weights, self._version = weights, self._version + 1
+        metrics["time/rollout_s"] = collected - began
+        metrics["time/transfer_s"] += max(s["fetch_s"] for s in stats.values())
+        metrics["parallel/policy_lag"] = float(lag)
+        metrics["parallel/restarts"] = float(self.restarts)
+        metrics["parallel/bytes_per_update"] = float(sum(s["weights_bytes"] + s["trajectory_bytes"]
+                                                         for s in stats.values()))
+        for slot, s in stats.items():
+            metrics[f"parallel/worker{slot}_trajectories_per_s"] = s["trajectories"] / max(s["generate_s"], 1e-9)
+        return metrics
+
+    def learner_state(self) -> dict:
+        return _get(self._learner.state_dict.remote())
+
+    def load_learner_state(self, state: dict) -> None:
+        """Load a checkpoint into the learner; the next batch is generated with its weights (on every worker)."""
+        _get(self._learner.load_state_dict.remote(state))
+        self._pending = None
+        self._weights, self._version = self._learner.weights.remote(), self._version + 1
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        return _get(self._weights)
+
+    def close(self) -> None:
+        """Stop the actors; shut Ray down only if this backend started (or joined) it."""
+        for actor in (*self.rollout_workers, self._learner):
+            if actor is not None and ray.is_initialized():
+                ray.kill(actor, no_restart=True)
+        self.rollout_workers, self._learner, self._pending = [], None, None
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
