@@ -251,6 +251,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        chunks = -(-self.train.batch_size // self.train.chunk_size)
+        _require(self.parallel.workers <= chunks, "parallel.workers",
+                 f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
         if self.reward.fn == "linear" and self.data.source == "gaussian":
             _require(len(self.reward.coef) == len(self.data.mean), "reward.coef",
                      f"has {len(self.reward.coef)} entries but data.mean has {len(self.data.mean)}")

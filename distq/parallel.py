@@ -1,10 +1,11 @@
 """Algorithm 1 over Ray: RolloutWorker actors run step 1, one Learner actor runs steps 2-3 (E15-E16).
 
 The only module that imports ray. Data go to the object store once (`ray.put`) and actors hold the reference;
-the learner's weights leave it once per update as one object that every worker reads. A batch is split across
-the workers in whole chunks of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the
-same updates for any number of workers. A worker that dies is replaced and its chunks are generated again with the
-same seeds. Actors rebuild the rollout and the learner from the config (user reward callables are never pickled).
+the learner's weights leave it once per update as one object that every worker reads, and the workers' batches go
+to the learner by reference (the driver never fetches them). A batch is split across the workers in whole chunks
+of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the same updates for any number
+of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
+the rollout and the learner from the config (user reward callables are never pickled).
 """
 from __future__ import annotations
 
@@ -51,12 +52,9 @@ class _Actor:
     def build(self, config: Config, points: torch.Tensor, reward) -> None:
         raise NotImplementedError
 
-    def check(self) -> None:
+    def ready(self) -> bool:
         if self.error is not None:
             raise self.error
-
-    def ready(self) -> bool:
-        self.check()
         return True
 
     def data_ref(self) -> list:
@@ -78,17 +76,14 @@ class RolloutWorker(_Actor):
         self.rollout = build_rollout(config, points, reward)
 
     @ray.method(num_returns=2)
-    def run(self, weights: list, chunks: list[Chunk]) -> tuple[Trajectories, dict[str, float]]:
-        """weights: [ObjectRef of the policy-mean state dict]; returns the trajectories and small timing stats."""
-        self.check()
+    def run(self, weights: dict[str, torch.Tensor], chunks: list[Chunk]) -> tuple[Trajectories, dict[str, float]]:
+        """The chunks' trajectories under the policy-mean weights, and small stats for the driver."""
+        self.ready()
         began = time.perf_counter()
-        state = ray.get(weights[0])
-        self.rollout.set_weights(state)
-        loaded = time.perf_counter()
+        self.rollout.set_weights(weights)
         batch = self.rollout.run(chunks)
-        return batch, {"fetch_s": loaded - began, "generate_s": time.perf_counter() - loaded,
-                       "trajectories": batch.batch_size, "weights_bytes": _nbytes(state.values()),
-                       "trajectory_bytes": _nbytes(vars(batch).values())}
+        return batch, {"generate_s": time.perf_counter() - began, "trajectories": batch.batch_size,
+                       "weights_bytes": _nbytes(weights.values()), "trajectory_bytes": _nbytes(vars(batch).values())}
 
 
 @ray.remote
@@ -99,18 +94,13 @@ class Learner(_Actor):
         self.learner = build_learner(config, points, reward)
 
     @ray.method(num_returns=2)
-    def update(self, parts: list) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """parts: ObjectRefs of the batch's Trajectories in chunk order; returns metrics and the new weights."""
-        self.check()
-        began = time.perf_counter()
-        batch = Trajectories.concat(ray.get(parts))
-        fetched = time.perf_counter()
-        metrics = self.learner.update(batch)
-        metrics["time/transfer_s"] = fetched - began
-        return metrics, self.learner.policy_weights()
+    def update(self, *parts: Trajectories) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One update on the batch's parts (in chunk order); returns the metrics and the new weights."""
+        self.ready()
+        return self.learner.update(Trajectories.concat(parts)), self.learner.policy_weights()
 
     def weights(self) -> dict[str, torch.Tensor]:
-        self.check()
+        self.ready()
         return self.learner.policy_weights()
 
     def state_dict(self) -> dict[str, Any]:
@@ -176,24 +166,31 @@ def _check_fits(parallel: ParallelConfig) -> None:
             "raise parallel.ray_num_cpus")
 
 
-def _get(ref: ray.ObjectRef, *siblings: ray.ObjectRef) -> Any:
-    """ray.get, re-raising a DistqError (or lost-object error) from an actor as itself, so the CLI prints one line.
+def _discard(refs: list, timeout: Optional[float] = None) -> None:
+    """Read results that are not needed, ignoring their errors (else Ray logs each error as unhandled)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False) if refs else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            pass
 
-    `siblings` are the other returns of the same call: on failure they are read too, else Ray logs their error
-    as unhandled when they are dropped.
-    """
+
+def _get(ref: ray.ObjectRef, *siblings: ray.ObjectRef) -> Any:
+    """ray.get, re-raising a DistqError (or a lost object) from an actor as itself, so the CLI prints one line;
+    `siblings`, the other returns of the same call, are discarded on failure."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as err:
-        for other in siblings:
-            try:
-                ray.get(other)
-            except ray.exceptions.RayError:
-                pass
+        _discard(list(siblings))
         if isinstance(err, ray.exceptions.RayTaskError) and isinstance(
                 err.cause, (DistqError, ray.exceptions.ObjectLostError)):
             raise err.cause from None
         raise
+
+
+def _outstanding(batch: _Batch) -> list:
+    return [ref for _, *refs in batch.calls.values() for ref in refs]
 
 
 class RayBackend:
@@ -222,10 +219,13 @@ class RayBackend:
             raise
 
     def _new_worker(self):
-        parallel = self.config.parallel
-        # SPREAD: rollouts are the part that scales out, one node's cores are not enough for many workers.
+        parallel, context = self.config.parallel, ray.get_runtime_context()
+        # SPREAD: rollouts are the part that scales out over nodes. But inside a placement group that captures its
+        # children (a Tune trial's), the actors must take the group's bundles: the default strategy does.
+        captured = context.get_placement_group_id() and context.should_capture_child_tasks_in_placement_group
         return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
-                                     max_restarts=0, scheduling_strategy="SPREAD").remote(self.config, [self._data])
+                                     max_restarts=0, scheduling_strategy=None if captured else "SPREAD"
+                                     ).remote(self.config, [self._data])
 
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""
@@ -236,7 +236,7 @@ class RayBackend:
 
     def _call(self, slot: int, weights: ray.ObjectRef, chunks: list[Chunk]) -> tuple[Any, ray.ObjectRef, ray.ObjectRef]:
         actor = self.rollout_workers[slot]
-        return (actor, *actor.run.remote([weights], chunks))
+        return (actor, *actor.run.remote(weights, chunks))
 
     def _replace(self, slot: int, dead) -> None:
         """Replace the slot's actor if it is still the one that died (a pending call may have found it first)."""
@@ -246,26 +246,31 @@ class RayBackend:
             self.restarts += 1
 
     def _gather(self, batch: _Batch) -> tuple[list, dict[int, dict]]:
-        """The batch's trajectory refs in chunk order and each slot's stats; dead workers are replaced and their
-        chunks generated again (same seeds and weights, so no trajectory is lost or counted twice)."""
-        stats = {}
-        for slot in batch.groups:
-            for attempt in range(ATTEMPTS + 1):
-                actor, trajectories, call_stats = batch.calls[slot]
-                try:
-                    stats[slot] = _get(call_stats, trajectories)
-                    break
-                except ray.exceptions.RayActorError as err:
-                    if attempt == ATTEMPTS:
-                        raise DistqError(f"RolloutWorker {slot} died {ATTEMPTS + 1} times in a row generating "
-                                         f"episode {batch.episode}: {str(err).splitlines()[0]}") from None
-                    self._replace(slot, actor)
-                    batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
+        """The batch's trajectory refs in chunk order and each slot's stats (see `_wait`)."""
+        try:
+            stats = {slot: self._wait(batch, slot) for slot in batch.groups}
+        except DistqError:
+            _discard(_outstanding(batch))
+            raise
         return [batch.calls[slot][1] for slot in sorted(batch.calls)], stats
+
+    def _wait(self, batch: _Batch, slot: int) -> dict[str, float]:
+        """A slot's stats; a dead worker is replaced and its chunks generated again (same seeds and weights, so no
+        trajectory is lost or counted twice)."""
+        for attempt in range(ATTEMPTS + 1):
+            actor, trajectories, stats = batch.calls[slot]
+            try:
+                return _get(stats, trajectories)
+            except ray.exceptions.RayActorError as err:
+                if attempt == ATTEMPTS:
+                    raise DistqError(f"RolloutWorker {slot} died {ATTEMPTS + 1} times in a row generating episode "
+                                     f"{batch.episode}: {str(err).splitlines()[0]}") from None
+                self._replace(slot, actor)
+                batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
 
     def _update(self, batch: _Batch, parts: list) -> tuple[dict[str, float], ray.ObjectRef]:
         """One learner update on the gathered batch; in async mode the next batch starts during the update."""
-        metrics, weights = self._learner.update.remote(parts)
+        metrics, weights = self._learner.update.remote(*parts)
         if self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
             self._pending = self._submit(batch.episode + 1)
         try:
@@ -273,14 +278,16 @@ class RayBackend:
         except ray.exceptions.ObjectLostError:
             # a finished part was lost with its node before the learner read it: generate the batch again, once
             calls = {slot: self._call(slot, batch.weights, group) for slot, group in batch.groups.items()}
-            metrics, weights = self._learner.update.remote(self._gather(dataclasses.replace(batch, calls=calls))[0])
+            metrics, weights = self._learner.update.remote(*self._gather(dataclasses.replace(batch, calls=calls))[0])
             return _get(metrics, weights), weights
         except ray.exceptions.RayActorError as err:
             raise DistqError(f"the Learner actor died ({str(err).splitlines()[0]}); its state is lost: continue "
                              "from the last checkpoint with --resume RUN_DIR") from None
 
     def step(self, episode: int) -> dict[str, float]:
-        """One episode: the batch from the workers, one learner update; learner metrics plus timing and lag."""
+        """One episode: the batch from the workers, one learner update; the learner's metrics plus time/rollout_s
+        (waiting for the batch: in async mode only what the previous update did not hide), time/transfer_s (the
+        update call beyond the learner's own time/update_s: batch in, weights out), policy lag and throughput."""
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         batch = pending if pending is not None and pending.episode == episode else self._submit(episode)
@@ -290,7 +297,7 @@ class RayBackend:
         lag = self._version - batch.version
         self._weights, self._version = weights, self._version + 1
         metrics["time/rollout_s"] = collected - began
-        metrics["time/transfer_s"] += max(s["fetch_s"] for s in stats.values())
+        metrics["time/transfer_s"] = max(time.perf_counter() - collected - metrics["time/update_s"], 0.0)
         metrics["parallel/policy_lag"] = float(lag)
         metrics["parallel/restarts"] = float(self.restarts)
         metrics["parallel/bytes_per_update"] = float(sum(s["weights_bytes"] + s["trajectory_bytes"]
@@ -313,6 +320,8 @@ class RayBackend:
 
     def close(self) -> None:
         """Stop the actors; shut Ray down only if this backend started (or joined) it."""
+        if self._pending is not None and ray.is_initialized():
+            _discard(_outstanding(self._pending), timeout=10)
         for actor in (*self.rollout_workers, self._learner):
             if actor is not None and ray.is_initialized():
                 ray.kill(actor, no_restart=True)

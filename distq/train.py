@@ -49,6 +49,7 @@ class InProcessBackend:
         collected = time.perf_counter()
         metrics = self.learner.update(batch)
         metrics["time/rollout_s"] = collected - began
+        metrics["time/transfer_s"] = 0.0
         return metrics
 
     def learner_state(self) -> dict[str, Any]:

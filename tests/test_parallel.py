@@ -1,0 +1,266 @@
+"""distq.parallel: synchronous updates equal to the in-process run for any worker count, async updates equal to
+Algorithm 1 with a one-update-stale policy, data put once, killed workers replaced without losing or repeating
+an episode, a two-node cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from distq import parallel, rundir  # noqa: E402
+from distq import train as train_module  # noqa: E402
+from distq.checkpoint import load_checkpoint  # noqa: E402
+from distq.cli import main  # noqa: E402
+from distq.components import build_learner, build_rollout  # noqa: E402
+from distq.config import config_from_dict  # noqa: E402
+from distq.data import load_dataset  # noqa: E402
+from distq.rewards import load_reward  # noqa: E402
+from distq.rollout import episode_chunks  # noqa: E402
+from distq.train import InProcessBackend, train  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+B, CHUNK, N = 32, 8, 64
+TINY = {"seed": 5, "data": {"source": "swiss_roll", "n_samples": N}, "reward": {"fn": "swiss_roll_rectangle"},
+        "sde": {"dt": 0.5}, "eval": {"n_samples": 32, "batches": 2}}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(workers=2, mode="sync", episodes=4, batch_size=B, chunk_size=CHUNK):
+    return config_from_dict({
+        **TINY,
+        "train": {"batch_size": batch_size, "chunk_size": chunk_size, "episodes": episodes, "beta": 1.0,
+                  "log_every": 1, "progress_seconds": 0},
+        # W = 2 workers and the learner fit in the session's 2 CPUs
+        "parallel": {"workers": workers, "mode": mode, "num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5},
+    })
+
+
+def _inputs(config):
+    dataset = load_dataset(config.data, config.seed)
+    return dataset, load_reward(config.reward, dataset.points[:8])
+
+
+def _run(backend, episodes):
+    """Step a backend through the episodes, close it; its learner state and the metrics of each step."""
+    try:
+        metrics = [backend.step(episode) for episode in range(1, episodes + 1)]
+        return backend.learner_state(), metrics
+    finally:
+        backend.close()
+
+
+def _assert_same_learner(state, reference):
+    for net in ("policy", "value"):
+        for name, tensor in reference[net].items():
+            assert torch.allclose(state[net][name], tensor, atol=1e-6), f"{net}.{name}"
+
+
+def test_sync_updates_are_the_same_for_any_worker_count_and_after_a_resume(ray_session):
+    config = _config(workers=0)
+    dataset, reward = _inputs(config)
+    in_process = InProcessBackend(config, dataset, reward)
+    in_process.step(1)
+    after_one = copy.deepcopy(in_process.learner_state())
+    in_process.step(2)
+    in_process.step(3)
+    reference = in_process.learner_state()
+    assert not torch.allclose(reference["policy"]["net.0.weight"], after_one["policy"]["net.0.weight"])
+    for workers in (1, 2):
+        backend = parallel.RayBackend(_config(workers), dataset, reward, None)
+        try:
+            metrics = [backend.step(episode) for episode in (1, 2, 3)]
+            _assert_same_learner(backend.learner_state(), reference)
+            assert all(m["parallel/policy_lag"] == 0 for m in metrics)
+            backend.load_learner_state(after_one)  # as on --resume: the workers must generate with these weights
+            backend.step(2)
+            backend.step(3)
+            _assert_same_learner(backend.learner_state(), reference)
+        finally:
+            backend.close()
+    assert ray.is_initialized()  # the session's Ray: joined, not stopped
+
+
+def _stale_policy_reference(config, dataset, reward, episodes):
+    """Algorithm 1 where batch e >= 2 is generated with the weights after update e - 2 (one update behind)."""
+    learner = build_learner(config, dataset.points, reward)
+    rollout = build_rollout(config, dataset.points, reward)
+    history = [copy.deepcopy(learner.policy_weights())]
+    for episode in range(1, episodes + 1):
+        rollout.set_weights(history[max(episode - 2, 0)])
+        learner.update(rollout.run(episode_chunks(config.seed, episode, config.train.batch_size,
+                                                  config.train.chunk_size)))
+        history.append(copy.deepcopy(learner.policy_weights()))
+    return learner.state_dict()
+
+
+def test_async_run_reports_policy_lag_and_moves_the_data_once(ray_session, monkeypatch):
+    config = _config(workers=2, mode="async", episodes=5)
+    dataset, reward = _inputs(config)
+    puts, real_put = [], ray.put
+
+    def spy(value, *args, **kwargs):
+        puts.append((value, real_put(value, *args, **kwargs)))
+        return puts[-1][1]
+
+    monkeypatch.setattr(parallel.ray, "put", spy)
+    backend = parallel.RayBackend(config, dataset, reward, None)
+    try:
+        metrics = [backend.step(episode) for episode in range(1, 6)]
+        held = [ray.get(worker.data_ref.remote())[0] for worker in backend.rollout_workers]
+        state, weights = backend.learner_state(), backend.policy_weights()
+    finally:
+        backend.close()
+    # batch e >= 2 is generated while update e - 1 runs, with the weights of update e - 2
+    assert [m["parallel/policy_lag"] for m in metrics] == [0, 1, 1, 1, 1]
+    _assert_same_learner(state, _stale_policy_reference(config, dataset, reward, 5))
+    for m in metrics:
+        assert min(m["time/rollout_s"], m["time/transfer_s"], m["time/update_s"]) >= 0
+        assert m["parallel/worker0_trajectories_per_s"] > 0 and m["parallel/worker1_trajectories_per_s"] > 0
+    # the data: one ray.put, and each actor holds that reference
+    assert len(puts) == 1 and puts[0][0] is dataset.points
+    assert all(isinstance(ref, ray.ObjectRef) and ref.hex() == puts[0][1].hex() for ref in held)
+    # per update: the weights to each worker, and back the batch's (K, B, d) states and actions, (K, B) running
+    # rewards, (B, d) final states and (B,) terminal rewards, all float32
+    K, d = config.sde.num_steps, dataset.dim
+    expected = 2 * sum(t.numel() * 4 for t in weights.values()) + 4 * (2 * K * B * d + K * B + B * d + B)
+    assert all(m["parallel/bytes_per_update"] == expected for m in metrics)
+
+
+@pytest.mark.parametrize("kill", ["process", "ray_kill"])
+def test_killed_worker_is_replaced_and_no_episode_is_lost(ray_session, monkeypatch, tmp_path, kill):
+    mode = "sync" if kill == "process" else "async"  # async: the next batch is in flight when the worker dies
+    config = _config(workers=2, mode=mode, episodes=5)
+    backends, make_backend = [], train_module.make_backend
+
+    def capture(*args):
+        backends.append(make_backend(*args))
+        return backends[-1]
+
+    def echo(line):
+        if line.startswith("episode 2/"):
+            worker = backends[0].rollout_workers[1]
+            if kill == "process":
+                pid = ray.get(worker.get_pid.remote())
+                if os.path.exists(f"/proc/{pid}/cmdline"):  # the title operators see in ps / ray list actors
+                    assert open(f"/proc/{pid}/cmdline").read().startswith("ray::RolloutWorker")
+                os.kill(pid, signal.SIGKILL)
+            else:
+                ray.kill(worker, no_restart=False)
+
+    monkeypatch.setattr(train_module, "make_backend", capture)
+    summary = train(config, tmp_path / "run", echo=echo)
+    assert summary["episodes"] == 5 and summary["workers"] == 2 and summary["worker_restarts"] >= 1
+    assert json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())["worker_restarts"] == summary["worker_restarts"]
+    state = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["learner"]
+    assert state["updates"] == 5
+    dataset, reward = _inputs(config)
+    if mode == "sync":  # the regenerated chunks are the lost ones: the run equals one without a failure
+        _assert_same_learner(state, _run(InProcessBackend(config, dataset, reward), 5)[0])
+    else:
+        _assert_same_learner(state, _stale_policy_reference(config, dataset, reward, 5))
+
+
+def _write_config(path, reward_fn):
+    values = {**TINY, "reward": {"fn": reward_fn},
+              "train": {"batch_size": B, "chunk_size": CHUNK, "episodes": 3, "beta": 1.0, "log_every": 1},
+              "parallel": {"num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5}}
+    path.write_text(json.dumps(values))  # JSON is YAML
+
+
+def test_cli_trains_with_two_workers_and_a_relative_reward_file(ray_session, monkeypatch, tmp_path, capsys):
+    # the actors' working directory is the session's, not this one: the relative path must be made absolute
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_reward.py").write_text("def h(x):\n    return (x[:, 1] > 0).float()\n")
+    _write_config(tmp_path / "config.yaml", "my_reward.py:h")
+    assert main(["train", "config.yaml", "--out", "run", "--set", "parallel.workers=2"]) == 0
+    summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())
+    assert summary["workers"] == 2 and summary["worker_restarts"] == 0 and summary["episodes"] == 3
+    assert "episode 3/3" in capsys.readouterr().out
+    assert ray.is_initialized()
+
+
+@pytest.mark.parametrize("bad_batch, workers", [(N, 1), (2 * CHUNK, 2)])
+def test_bad_reward_in_an_actor_is_a_one_line_error(ray_session, monkeypatch, tmp_path, capsys, bad_batch, workers):
+    # fine on the driver's 8-point probe; NaN on all N points (the Learner's value scale) or on one worker's
+    # 2 chunks (a RolloutWorker's batch; the in-process batch of B points would pass)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_reward.py").write_text(textwrap.dedent(f"""
+        def h(x):
+            out = x[:, 0].clone()
+            if x.shape[0] == {bad_batch}:
+                out[0] = float("nan")
+            return out
+    """))
+    _write_config(tmp_path / "config.yaml", "my_reward.py:h")
+    assert main(["train", "config.yaml", "--out", "run", "--set", f"parallel.workers={workers}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distq: error: reward.fn '")
+    assert f"returned 1 non-finite values (NaN or inf) in a batch of {bad_batch}" in err
+    assert ray.is_initialized()
+
+
+TWO_NODES = """
+import json, sys, time
+import ray
+from ray.cluster_utils import Cluster
+sys.path.insert(0, {tests!r})
+from test_parallel import _assert_same_learner, _config, _inputs, _stale_policy_reference
+from distq.parallel import RayBackend
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
+second = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    # chunks above Ray's 100 KB inline limit: a finished part lives in its node's object store
+    config = _config(workers=2, mode="async", episodes=6, batch_size=2800, chunk_size=1400)
+    dataset, reward = _inputs(config)
+    backend = RayBackend(config, dataset, reward, cluster.address)
+    try:
+        nodes = ray.get([worker.get_node_id.remote() for worker in backend.rollout_workers])
+        for episode in (1, 2, 3):
+            backend.step(episode)
+        time.sleep(2)  # let the next batch finish: its part on the second node is lost with it
+        cluster.remove_node(second)
+        for episode in (4, 5, 6):
+            backend.step(episode)
+        state, restarts = backend.learner_state(), backend.restarts
+    finally:
+        backend.close()
+    _assert_same_learner(state, _stale_policy_reference(config, dataset, reward, 6))
+    print(json.dumps({{"nodes": len(set(nodes)), "restarts": restarts, "updates": state["updates"]}}))
+finally:
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_node_cluster_survives_the_loss_of_a_node(tmp_path):
+    # its own Ray instances, in a process group of its own so that nothing outlives the test
+    script = TWO_NODES.format(tests=os.path.dirname(__file__))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=240)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"nodes": 2, "restarts": 1, "updates": 6}
