@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distq.config import Config
+from distq.config import Config, flatten
 from distq.errors import DistqError
 
 FORMAT = 1
@@ -58,17 +58,9 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
-
-
 def config_differences(saved: dict[str, Any], config: Config) -> list[str]:
     """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring RESUMABLE_CHANGES."""
-    old, new = _flatten(saved), _flatten(config.to_dict())
+    old, new = flatten(saved), flatten(config.to_dict())
     keys = sorted(set(old) | set(new))
     return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
 
@@ -77,7 +69,7 @@ def check_compatible(payload: dict[str, Any], config: Config, path: str | Path) 
     """DistqError naming the differing fields if the checkpoint was trained with another config."""
     diffs = config_differences(payload["config"], config)
     if diffs:
-        flat_old = _flatten(payload["config"])
+        flat_old = flatten(payload["config"])
         shown = ", ".join(f"{k} (checkpoint {flat_old.get(k)!r})" for k in diffs[:6])
         raise DistqError(f"checkpoint {path} was trained with a different config: {shown}; "
                          f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume")

@@ -41,7 +41,36 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating")
+    _add_tune(sub)
+    _add_calibrate(sub)
     return parser
+
+
+def _add_tune(sub) -> None:
+    tune = sub.add_parser("tune", help="run a Ray Tune sweep of training runs (see tuning/*.yaml)")
+    tune.add_argument("sweep", nargs="?", help="sweep YAML (default: tuning/smoke.yaml)")
+    tune.add_argument("--address", help="Ray cluster to join ('auto' or host:port; default: RAY_ADDRESS, else an "
+                                        "embedded local instance)")
+    tune.add_argument("--resume", action="store_true", help="continue the sweep from its experiment state and the "
+                                                            "trials' checkpoints")
+    tune.add_argument("--num-samples", type=int, help="override search.num_samples")
+    tune.add_argument("--storage", help="experiment root directory or URI (default: the sweep's `storage`, "
+                                        "runs/tune)")
+
+
+def _add_calibrate(sub) -> None:
+    calibrate = sub.add_parser("calibrate", help="find the beta whose trained model reaches a target mean reward")
+    calibrate.add_argument("config", help="YAML training config")
+    calibrate.add_argument("--target-reward", type=float, required=True, help="mean reward to reach")
+    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override a config value (repeatable)")
+    calibrate.add_argument("--out", help="directory for the probes' runs, calibrated.yaml and calibration.parquet/.md "
+                                         "(default: runs/calibrate-CONFIG_NAME)")
+    calibrate.add_argument("--tolerance", type=float, default=0.05, help="accepted |reward - target| (default 0.05)")
+    calibrate.add_argument("--max-probes", type=int, default=8, help="trainings at most (default 8)")
+    calibrate.add_argument("--beta-start", type=float, help="first beta to try (default: the config's beta if > 0, "
+                                                            "else 1)")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace a calibration already in --out")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -106,10 +135,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from distq.tuning import default_sweep, run_sweep
+
+    run_sweep(args.sweep or default_sweep(), address=args.address, resume=args.resume, num_samples=args.num_samples,
+              storage=args.storage)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from distq.calibrate import calibrate
+
+    out = args.out or str(Path("runs") / f"calibrate-{Path(args.config).stem}")
+    calibrate(load_config(args.config, args.overrides), args.target_reward, out, tolerance=args.tolerance,
+              max_probes=args.max_probes, beta_start=args.beta_start, overwrite=args.overwrite)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.command](args)
+        {"train": _train, "sample": _sample, "evaluate": _evaluate, "tune": _tune,
+         "calibrate": _calibrate}[args.command](args)
     except DistqError as err:
         print(f"distq: error: {err}", file=sys.stderr)
         return 2

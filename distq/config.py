@@ -280,6 +280,15 @@ def _yaml_number(text: str) -> Any:
     return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted path: value}."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check `value` against a field's type hint, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)

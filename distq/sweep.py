@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distq.config import Config, config_from_dict, read_yaml
+from distq.config import Config, config_from_dict, flatten, read_yaml
 from distq.errors import DistqError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -165,11 +165,18 @@ def _unknown(key: str, allowed: tuple[str, ...], where: str) -> DistqError:
     return DistqError(f"unknown {where} '{key}'{hint} (allowed: {', '.join(allowed)})")
 
 
-def _scalar(value: Any, hint: Any, name: str) -> Any:
+def _base_type(hint: Any) -> Any:
+    """Optional[X] -> X."""
     if typing.get_origin(hint) is typing.Union:
-        if value is None:
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _scalar(value: Any, hint: Any, name: str) -> Any:
+    """A sweep field's value checked against its type hint (ints become floats where a float is expected)."""
+    if value is None and typing.get_origin(hint) is typing.Union:
+        return None
+    hint = _base_type(hint)
     if hint is bool:
         _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
     elif hint is int:
@@ -201,15 +208,6 @@ def _section(cls: type, values: Any, prefix: str) -> Any:
         if key not in names:
             raise _unknown(f"{prefix}.{key}", tuple(f"{prefix}.{n}" for n in names), "sweep field")
     return cls(**{key: _scalar(value, hints[key], f"{prefix}.{key}") for key, value in values.items()})
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {dotted path: value}."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -248,12 +246,6 @@ def field_type(path: str) -> Any:
     return hint
 
 
-def _base_type(hint: Any) -> Any:
-    if typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def _check_value(base: dict[str, Any], path: str, value: Any, name: str) -> Any:
     """The value as the training config stores it, after building the config it gives (lists stay lists)."""
     try:
@@ -271,7 +263,8 @@ def _dimension(path: str, spec: Any, base: dict[str, Any]) -> Dimension:
     except DistqError as err:
         raise DistqError(f"sweep field '{name}': {err}") from None
     _require(isinstance(spec, dict) and len(spec) == 1, name,
-             f"must be a mapping with one distribution ({', '.join(DISTRIBUTIONS)}), e.g. {{grid: [0, 1]}}; got {spec!r}")
+             f"must be a mapping with one distribution ({', '.join(DISTRIBUTIONS)}), e.g. {{grid: [0, 1]}}; "
+             f"got {spec!r}")
     ((kind, values),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise _unknown(str(kind), DISTRIBUTIONS, f"distribution of sweep field '{name}':")

@@ -2,6 +2,7 @@
 
     python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads
     python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
+    python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -158,9 +159,81 @@ def bench_quality(episodes: int, betas: list[float]) -> dict:
             "runs": results}
 
 
+def _backend_rate(backend, episodes: int) -> tuple[float, list[dict]]:
+    """Episodes/s of a backend over episodes 2..episodes+1 (episode 1 warms up: actor start-up is not timed)."""
+    try:
+        backend.step(1)
+        began = time.perf_counter()
+        metrics = [backend.step(e) for e in range(2, episodes + 2)]
+        return episodes / (time.perf_counter() - began), metrics
+    finally:
+        backend.close()
+
+
+def bench_parallel(rounds: int, episodes: int) -> dict:
+    """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of the in-process loop and of Ray backends
+    (W = 1, 2 rollout actors; sync and async), the same episodes each, alternated in rounds in one local Ray
+    instance; the time split per episode and the bytes an update moves (computed from tensor sizes)."""
+    import logging
+
+    import ray
+
+    from distq.parallel import RayBackend
+    from distq.train import InProcessBackend
+
+    variants = {"in_process": (0, "sync"), "w1_sync": (1, "sync"), "w2_sync": (2, "sync"),
+                "w1_async": (1, "async"), "w2_async": (2, "async")}
+    # chunks of 150: with W = 2 each worker generates half of the B = 300 batch
+    train = {**PAPER_SCALE["train"], "chunk_size": 150, "episodes": episodes + 1}
+    configs = {name: config_from_dict({**PAPER_SCALE, "train": train, "parallel": {
+        "workers": workers, "mode": mode, "num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5}})
+        for name, (workers, mode) in variants.items()}
+    config = configs["in_process"]
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points[:8])
+    rates, metrics = {name: [] for name in variants}, {name: [] for name in variants}
+    load_before = os.getloadavg()
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    try:
+        for _ in range(rounds):
+            for name, cfg in configs.items():
+                backend = (InProcessBackend(cfg, dataset, reward) if cfg.parallel.workers == 0
+                           else RayBackend(cfg, dataset, reward, None))
+                rate, steps = _backend_rate(backend, episodes)
+                rates[name].append(rate)
+                metrics[name] += steps
+                print(f"{name}: {rate:.1f} episodes/s", flush=True)
+    finally:
+        ray.shutdown()
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    K, B, d = config.sde.num_steps, config.train.batch_size, dataset.dim
+    weights = sum(t.numel() * t.element_size() for t in build_learner(config, dataset.points, reward)
+                  .policy_weights().values())
+    trajectories = 4 * (2 * K * B * d + K * B + B * d + B)  # float32 states, actions, r_hat, Y_K, h(Y_K)
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(m[key] for m in metrics[name] if key in m) if key in metrics[name][0] else 0.0
+    return {
+        "setting": "swiss_roll N=300 d=2 B=300 K=20 sde, chunk_size 150, paper Table 1 networks; Ray actors with "
+                   "0.5 CPU each on one 2-core machine, one local Ray instance",
+        "episodes_per_variant_per_round": episodes, "rounds": rounds,
+        "episodes_per_s_median": median, "episodes_per_s_rounds": rates,
+        "ratio_vs_in_process": {name: median[name] / median["in_process"] for name in variants},
+        "time_split_ms_mean": {name: {key: 1e3 * mean(name, f"time/{key}_s") for key in ("rollout", "transfer", "update")}
+                               for name in variants},
+        "policy_lag_mean": {name: mean(name, "parallel/policy_lag") for name in variants},
+        "bytes_per_update": {
+            "weights_one_copy": weights, "trajectories": trajectories,
+            **{name: workers * weights + (trajectories if workers else 0) for name, (workers, _) in variants.items()},
+            "measured_by_backend": {name: mean(name, "parallel/bytes_per_update") for name in variants if name != "in_process"}},
+        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("core", "quality"), nargs="?", default="core")
+    parser.add_argument("what", choices=("core", "quality", "parallel"), nargs="?", default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
@@ -169,6 +242,8 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     if args.what == "core":
         result = bench_core(args.rounds, args.episodes or 100)
+    elif args.what == "parallel":
+        result = bench_parallel(args.rounds, args.episodes or 100)
     else:
         result = bench_quality(args.episodes or 50000, args.betas)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

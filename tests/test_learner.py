@@ -19,15 +19,6 @@ METRIC_KEYS = {"loss/td", "td/abs_mean", "reward/terminal_mean", "reward/running
                "grad_norm/value", "lr/policy", "time/update_s"}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(seed=3, episodes=100, lr_schedule="constant", grad_clip=None, sampler="sde"):
     return config_from_dict({
         "seed": seed,

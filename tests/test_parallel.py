@@ -32,13 +32,6 @@ TINY = {"seed": 5, "data": {"source": "swiss_roll", "n_samples": N}, "reward": {
         "sde": {"dt": 0.5}, "eval": {"n_samples": 32, "batches": 2}}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _config(workers=2, mode="sync", episodes=4, batch_size=B, chunk_size=CHUNK):
     return config_from_dict({

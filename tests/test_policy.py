@@ -14,14 +14,6 @@ T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _closed_form(schedule, t):
     """mu_t, sigma_t^2 of (E2) for the three schedules of algorithm.md section 1."""

@@ -8,14 +8,6 @@ import torch
 from distq.ratio import RatioEstimator, ratio_score, ratio_weights, running_reward
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ou(t):
     return math.exp(-t), 1 - math.exp(-2 * t)

@@ -16,15 +16,6 @@ T, DT, D = 5.0, 0.5, 2
 K = int(T / DT)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(sampler="sde", minibatch=None, eps=0.0, precondition="edm", batch_size=12, chunk_size=5):
     return config_from_dict({
         "seed": 3,

@@ -13,15 +13,6 @@ N_SAMPLES = 50000
 D = 2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hand_grid():
     """Two steps with made-up constants (not a real schedule), so every term of each formula is visible."""
     return TimeGrid(T=1.0, dt=0.5, tau=torch.tensor([0.0, 0.5]), t=torch.tensor([1.0, 0.5]),

@@ -15,14 +15,6 @@ BETA_MIN, BETA_MAX = 0.1, 20.0
 TAUS = [0.0, 0.123, 1.0, 2.5, 3.77, 4.75, 4.999]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors: OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _config(schedule="ou", theta=5.0, beta=0.0, seed=0):
     return config_from_dict({"seed": seed, "sde": {"schedule": schedule, "T": T, "dt": 0.25, "beta_min": BETA_MIN,

@@ -1,0 +1,238 @@
+"""distq.sweep and distq.tuning: sweep files checked before any trial, a smoke sweep end to end (results,
+best config, Pareto plot, offline W&B runs), and a sweep whose driver is killed, then resumed."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ray.tune.schedulers import ASHAScheduler
+
+from distq.cli import main
+from distq.config import load_config
+from distq.errors import DistqError
+from distq.sweep import PENALTY, load_sweep
+from distq.tuning import _report_points, _scheduler, _search_alg, best_row, pareto_front, param_space, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
+        "train.episodes": 40, "eval.n_samples": 50, "eval.batches": 2}
+
+
+def _sweep_file(tmp_path: Path, name: str = "tiny", **fields) -> Path:
+    values = {"name": name, "base": str(ROOT / "configs" / "swiss_roll.yaml"), "overrides": dict(TINY),
+              "search_space": {"train.beta": {"grid": [0.0, 1.0]}}, "search": {"algorithm": "grid"},
+              "report_every": 20, "tracking": {"wandb": False}, "storage": str(tmp_path / "runs")}
+    values.update(fields)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+# ---- sweep files ---------------------------------------------------------------------------------------------
+
+def test_shipped_sweeps_validate():
+    for path in sorted((ROOT / "tuning").glob("*.yaml")):
+        sweep = load_sweep(path)
+        assert sweep.search_space and sweep.name == path.stem
+    smoke = load_sweep(ROOT / "tuning" / "smoke.yaml")
+    assert smoke.scheduler.name == "asha" and smoke.tracking.wandb
+    paper = load_sweep(ROOT / "tuning" / "swiss_roll.yaml")
+    assert {d.path for d in paper.search_space} == {"train.beta", "train.temperature", "train.lr_policy",
+                                                    "train.lr_value"}
+    assert paper.search.algorithm == "optuna" and paper.search.reward_target == 0.8
+
+
+def test_base_is_relative_to_the_sweep_file_and_overrides_apply(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "b.yaml").write_text("train: {beta: 3.0}\n")
+    path = _sweep_file(tmp_path, base="configs/b.yaml")
+    sweep = load_sweep(path)
+    assert sweep.base["train.beta"] == 3.0 and sweep.base["train.episodes"] == 40 and sweep.base["sde.dt"] == 0.5
+    assert set(param_space(sweep)) == {"train.beta"}
+
+
+BAD = [
+    ({"search_space": {"train.betta": {"grid": [0, 1]}}}, ["search_space.train.betta", "did you mean 'train.beta'"]),
+    ({"search_space": {"train": {"grid": [0, 1]}}}, ["search_space.train", "names a section"]),
+    ({"search_space": {"train.lr_policy": {"uniform": [1.0e-3, 1.0e-3]}}}, ["search_space.train.lr_policy", "empty"]),
+    ({"search_space": {"train.beta": {"grid": []}}}, ["search_space.train.beta", "non-empty"]),
+    ({"search_space": {"train.beta": {"normal": [0, 1]}}}, ["search_space.train.beta", "'normal'"]),
+    ({"search_space": {"train.beta": {"grid": [0, -1]}}}, ["search_space.train.beta", "train.beta", "-1"]),
+    ({"search_space": {"train.lr_policy": {"loguniform": [0, 1]}}}, ["search_space.train.lr_policy", "low > 0"]),
+    ({"search_space": {"train.batch_size": {"uniform": [8, 64]}}}, ["search_space.train.batch_size", "int"]),
+    ({"serch": {"algorithm": "grid"}}, ["'serch'", "did you mean 'search'"]),
+    ({"search": {"algorithm": "bayes"}}, ["search.algorithm", "optuna"]),
+    ({"search": {"algorithm": "grid", "metrc": "kl_mean"}}, ["search.metrc", "did you mean 'search.metric'"]),
+    ({"search": {"algorithm": "optuna"}}, ["search_space.train.beta", "grid", "optuna"]),
+    ({"search": {"metric": "reward_mean", "reward_target": 0.8}}, ["search.reward_target", "kl_mean"]),
+    ({"overrides": {"train.epsiodes": 10}}, ["overrides.train.epsiodes", "did you mean 'train.episodes'"]),
+    ({"overrides": {"train.episodes": 0}}, ["overrides", "train.episodes"]),
+    ({"scheduler": {"name": "asha", "grace_period": 400}}, ["scheduler.grace_period", "train.episodes = 40"]),
+    ({"report_every": 0}, ["report_every", ">= 1"]),
+    ({"overrides": {**TINY, "train.lr_schedule": "cosine"}}, ["report_every", "cosine"]),
+    ({"tracking": {"wandb": "yes"}}, ["tracking.wandb", "true or false"]),
+]
+
+
+@pytest.mark.parametrize("fields, expected", BAD, ids=[e[0] for _, e in BAD])
+def test_bad_sweep_fails_before_any_trial_naming_the_field(tmp_path, fields, expected):
+    path = _sweep_file(tmp_path, **fields)
+    with pytest.raises(DistqError) as info:
+        run_sweep(path)  # would start Ray and write the experiment if the file got through
+    message = str(info.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_sweep_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    path = _sweep_file(tmp_path, search_space={"train.betta": {"grid": [0, 1]}})
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "search_space.train.betta" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- objective, Pareto front, report points --------------------------------------------------------------------
+
+def test_report_points_continue_from_a_checkpoint():
+    assert _report_points(0, 1000, 300) == [300, 600, 900, 1000]
+    assert _report_points(600, 1000, 300) == [900, 1000]
+    assert _report_points(0, 40, 20) == [20, 40]
+    assert _report_points(40, 40, 20) == [40]  # restored at the end: evaluate and report again, no training
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(1.0, 0.5), (0.5, 0.5), (0.8, 0.9), (2.0, 0.95), (0.9, 0.85), (0.5, 0.4)]
+    assert pareto_front(points) == [1, 2, 3]
+
+
+def _row(kl, reward, objective):
+    return {"status": "ok", "kl_mean": kl, "reward_mean": reward, "objective": objective}
+
+
+def test_constrained_objective_and_best_trial(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, search={"metric": "kl_mean", "mode": "min", "reward_target": 0.8}))
+    assert sweep.objective({"kl_mean": 0.3, "reward_mean": 0.9}) == 0.3
+    assert sweep.objective({"kl_mean": 0.3, "reward_mean": 0.7}) == pytest.approx(0.3 + PENALTY * 0.1)
+    rows = [_row(0.2, 0.79, 0.3), _row(0.5, 0.85, 0.5), _row(0.4, 0.81, 0.4), {"status": "error"}]
+    assert best_row(rows, sweep)["kl_mean"] == 0.4  # least KL among trials reaching the target
+    assert best_row([_row(0.2, 0.7, 1.2), _row(0.1, 0.5, 3.1)], sweep)["kl_mean"] == 0.2  # none does
+    maximise = load_sweep(_sweep_file(tmp_path, search={"metric": "reward_mean"}))
+    assert maximise.search.mode == "max"
+    assert best_row([_row(0.2, 0.7, 0.7), _row(0.9, 0.9, 0.9)], maximise)["reward_mean"] == 0.9
+
+
+def test_paper_sweep_proposes_with_tpe_over_its_ranges_and_stops_with_asha():
+    sweep = load_sweep(ROOT / "tuning" / "swiss_roll.yaml")
+    searcher = _search_alg(sweep)
+    assert searcher.set_search_properties("objective", "min", param_space(sweep))
+    assert type(searcher._ot_study.sampler).__name__ == "TPESampler"
+    proposal = searcher.suggest("trial-0")
+    assert 0.5 <= proposal["train.beta"] <= 4.0 and 1e-4 <= proposal["train.lr_value"] <= 3e-3
+    scheduler = _scheduler(sweep)
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._time_attr == "episode"
+
+
+# ---- Ray ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path, ray_session, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    path = _sweep_file(tmp_path, name="smoke", scheduler={"name": "asha", "grace_period": 20},
+                       search={"algorithm": "grid", "metric": "kl_mean", "mode": "min", "reward_target": 0.45},
+                       tracking={"wandb": True, "project": "distq-test"})
+    outputs = run_sweep(path, echo=lambda line: None)
+    experiment = tmp_path / "runs" / "smoke"
+    assert outputs["experiment"] == experiment
+
+    rows = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert sorted(r["config/train.beta"] for r in rows) == [0.0, 1.0]
+    for row in rows:
+        assert row["status"] == "ok" and row["episode"] in (20, 40)
+        assert {"reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "objective", "loss/td"} <= set(row)
+        assert row["config/sde.dt"] == 0.5 and row["config/train.episodes"] == 40
+
+    best = load_config(experiment / "best.yaml")  # a ready-to-run training config
+    assert best.train.beta == outputs["best"]["config/train.beta"] and best.train.episodes == 40
+    assert (experiment / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    runs = glob.glob(str(experiment / "*" / "wandb" / "offline-run-*"))
+    assert len(runs) == 2, runs  # one offline W&B run per trial, nothing sent anywhere
+    assert all(glob.glob(os.path.join(run, "*.wandb")) for run in runs)
+    assert glob.glob(str(experiment / "*" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "samples_*"))
+
+
+def _terminated(experiment: Path) -> list[str]:
+    """Trial ids the saved experiment state lists as finished."""
+    done = []
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):
+            continue  # caught mid-write
+        done += [t["trial_id"] for t in (json.loads(item[0]) for item in trials) if t["status"] == "TERMINATED"]
+    return done
+
+
+def _kill_orphans(driver_pid: int) -> None:
+    """Ray workers of the killed driver's instance that outlived it (they exit on their own within ~30 s): their
+    session directory ends with the driver's pid."""
+    marker = f"_{driver_pid}/sockets".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def _result_lines(experiment: Path) -> dict[str, list[str]]:
+    return {p.parent.name: p.read_text().splitlines() for p in experiment.glob("*/result.json")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_resumes_after_the_driver_is_killed(tmp_path, ray_session):
+    path = _sweep_file(tmp_path, name="resume", overrides={**TINY, "train.episodes": 60},
+                       search_space={"train.beta": {"grid": [0.0, 0.5, 1.0]}})
+    experiment = tmp_path / "runs" / "resume"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # an embedded Ray instance of its own
+    driver = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "tune.py"), str(path)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not _terminated(experiment):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        finished = _terminated(experiment)
+        before = _result_lines(experiment)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        driver.wait()
+        _kill_orphans(driver.pid)
+    assert not (experiment / "results.parquet").exists()
+    assert 1 <= len(set(finished)) < 3  # interrupted mid-sweep
+
+    outputs = run_sweep(path, resume=True, echo=lambda line: None)
+
+    rows = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert sorted(r["config/train.beta"] for r in rows) == [0.0, 0.5, 1.0]
+    assert all(r["status"] == "ok" and r["episode"] == 60 for r in rows)
+    after = _result_lines(experiment)
+    for trial in before:
+        if any(trial.startswith(f"run_trial_{trial_id}") for trial_id in finished):
+            assert after[trial] == before[trial]  # a finished trial is neither rerun nor reported again
+    assert outputs["best"] is not None and load_config(experiment / "best.yaml").train.episodes == 60
