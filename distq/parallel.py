@@ -25,6 +25,7 @@ from distq.config import Config, ParallelConfig
 from distq.errors import DistqError
 from distq.rewards import load_reward
 from distq.rollout import Chunk, Trajectories, episode_chunks
+from distq.runtime import configure_cpu
 
 if TYPE_CHECKING:  # actor processes import this module: keep distq.data (sklearn, pyarrow) out of them
     from distq.data import Dataset
@@ -41,7 +42,7 @@ class _Actor:
     """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
 
     def __init__(self, config: Config, data: list):
-        torch.set_num_threads(1)
+        configure_cpu(1)
         self.data, self.error = data[0], None
         try:
             points = ray.get(self.data)

@@ -22,6 +22,7 @@ from distq.learner import TrainingDiverged
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
+from distq.runtime import configure_cpu
 
 Echo = Callable[[str], None]
 
@@ -140,8 +141,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     `address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded instance).
     """
     run_dir = Path(run_dir)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    configure_cpu(config.train.threads)
     dataset, reward, payload = prepare(config, run_dir, resume, overwrite)
     start, rows = 0, []
     if payload is not None:

@@ -27,6 +27,7 @@ from distq.config import config_from_dict, load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.rollout import episode_chunks  # noqa: E402
+from distq.runtime import keep_freed_memory  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
 PAPER_SCALE = {"data": {"source": "swiss_roll", "n_samples": 300}, "reward": {"fn": "swiss_roll_rectangle"},
@@ -123,6 +124,7 @@ def _split(config, learner, rollout) -> dict[str, float]:
 def bench_core(rounds: int, episodes: int) -> dict:
     """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of distq and of the plain loop."""
     config, dataset, reward, learner, rollout = _setup()
+    keep_freed_memory()  # as distq.train does; the plain loop gets the same allocator
     variants = {"distq": distq_episode(config, learner, rollout), "plain_torch": plain_episode(config, dataset, reward)}
     rates = {f"{name}_threads{threads}": [] for name in variants for threads in (1, 2)}
     for r in range(rounds):
