@@ -196,6 +196,7 @@ def bench_parallel(rounds: int, episodes: int) -> dict:
     rates, metrics = {name: [] for name in variants}, {name: [] for name in variants}
     load_before = os.getloadavg()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as distq.train does; the actors do the same
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)
     try:
