@@ -94,7 +94,17 @@ class MetricsLog:
         total, rate = self.config.train.episodes, self.rate(episode)
         eta = (total - episode) / rate if rate > 0 else math.inf
         self.echo(f"episode {episode}/{total} | reward {metrics['reward/terminal_mean']:.4g} | "
-                  f"td loss {metrics['loss/td']:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}")
+                  f"td loss {metrics['loss/td']:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
+                  + _time_split(metrics))
+
+
+def _time_split(metrics: dict[str, float]) -> str:
+    """' | rollout/transfer/update ms | worker trajectories/s' from whatever of those the backend reported."""
+    parts = [f"{name} {metrics[f'time/{name}_s'] * 1e3:.1f}" for name in ("rollout", "transfer", "update")
+             if f"time/{name}_s" in metrics]
+    workers = [f"{value:.0f}" for key, value in sorted(metrics.items()) if key.startswith("parallel/worker")]
+    split = f" | ms: {', '.join(parts)}" if parts else ""
+    return split + (f" | worker trajectories/s: {' '.join(workers)}" if workers else "")
 
 
 def _duration(seconds: float) -> str:
