@@ -18,6 +18,7 @@ from distq.errors import DistqError
 FORMAT = 1
 # Fields that may change between a run and its resumption: how long and how it reports, not what it learns.
 RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
+                     "train.processes",
                      "train.threads", "eval.n_samples", "eval.batches", "eval.k", "parallel.workers",
                      "parallel.num_cpus_per_worker", "parallel.num_gpus_per_worker", "parallel.learner_num_cpus",
                      "parallel.learner_num_gpus", "parallel.ray_num_cpus")

@@ -157,6 +157,10 @@ class TrainConfig:
     threads: int = 1
     """torch CPU threads of the training process (0 = one per core). More than 1 pays only on an otherwise idle
     machine: OpenMP threads that share a core with another busy process slow training several-fold."""
+    processes: int = 1
+    """1: Algorithm 1 in the training process. 2: the critic (ratio-estimated running rewards and the value
+    network's forward, backward and Adam step) runs in a second process on another core, overlapping the rollout
+    and the policy update; the numbers are the same. Only with parallel.workers = 0."""
     lr_policy: float = 1e-3
     """Adam learning rate of the policy mean (psi)."""
     lr_value: float = 1e-3
@@ -179,6 +183,7 @@ class TrainConfig:
         _require(self.batch_size >= 2, "train.batch_size", f"must be >= 2, got {self.batch_size}")
         _require(self.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {self.chunk_size}")
         _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+        _require(self.processes in (1, 2), "train.processes", f"must be 1 or 2, got {self.processes}")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
@@ -254,6 +259,8 @@ class Config:
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
+        _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
+                 "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
         if self.reward.fn == "linear" and self.data.source == "gaussian":
             _require(len(self.reward.coef) == len(self.data.mean), "reward.coef",
                      f"has {len(self.reward.coef)} entries but data.mean has {len(self.data.mean)}")

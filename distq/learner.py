@@ -3,7 +3,8 @@
 Minimising L = 1/2 sum_k delta_k^2 (mean over the batch) with next-state values and actions detached gives exactly
 the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
 -dL/dpsi = dt sum_k delta_k grad q_psi(tau_k, Y_k, a_k) (the dt is absorbed in the learning rate).
-The learner returns metrics and never logs.
+Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
+processes (distq.split) on the same numbers. The learner returns metrics and never logs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from distq.policy import PolicyMean, q_value
 from distq.rollout import Trajectories
 from distq.schedules import TimeGrid
 from distq.value import ValueNet, td_errors
+
+NETWORKS = ("policy", "value")
 
 
 class TrainingDiverged(DistqError):
@@ -36,6 +39,7 @@ class Learner:
 
     def __init__(self, policy: PolicyMean, value: ValueNet, grid: TimeGrid, config: TrainConfig):
         self.policy, self.value, self.grid, self.config = policy, value, grid, config
+        self.networks = {"policy": policy, "value": value}
         self.optimizers = {
             # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
             "policy": torch.optim.Adam(policy.parameters(), lr=config.lr_policy, fused=True),
@@ -45,43 +49,61 @@ class Learner:
                            for name, opt in self.optimizers.items()}
         self.updates = 0
 
-    def loss(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    def q_values(self, batch: Trajectories) -> torch.Tensor:
+        """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph."""
+        means = self.policy(self.grid.tau.unsqueeze(1), batch.states)
+        return q_value(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature)
+
+    def values(self, batch: Trajectories) -> torch.Tensor:
+        """J_phi(tau_k, Y_k) of a batch, (K, B), with the value network's graph."""
+        return self.value(self.grid.tau.unsqueeze(1), batch.states)
+
+    def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15)."""
-        grid, theta = self.grid, self.config.temperature
-        tau = grid.tau.unsqueeze(1)
-        means = self.policy(tau, batch.states)
-        q = q_value(batch.actions, means, grid.g2.unsqueeze(1), theta)
-        values = self.value(tau, batch.states)
-        delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q, grid.dt)
-        return 0.5 * delta.square().sum(0).mean(), delta
+        delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q, self.grid.dt)
+        loss = 0.5 * delta.square().sum(0).mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
+                                   "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
+        return loss, delta
+
+    def loss(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+        """The TD loss with both networks' graphs, and delta (K, B)."""
+        return self.td_loss(self.values(batch), self.q_values(batch), batch)
+
+    def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS) -> dict[str, float]:
+        """Backpropagate `loss` and take one clipped Adam step on the networks `names`; returns their grad norms."""
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.grad_clip or math.inf
+        norms = {name: float(torch.nn.utils.clip_grad_norm_(self.networks[name].parameters(), clip, foreach=True))
+                 for name in names}
+        if not all(math.isfinite(n) for n in norms.values()):
+            raise TrainingDiverged(f"gradients became non-finite at update {self.updates + 1}; "
+                                   "try smaller learning rates or set train.grad_clip")
+        for name in names:
+            self.optimizers[name].step()
+            self.schedulers[name].step()
+        return norms
 
     def update(self, batch: Trajectories) -> dict[str, float]:
         """One semi-gradient step (E16) on a batch; returns namespaced metrics."""
         start = time.perf_counter()
         loss, delta = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
-                                   "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.config.grad_clip or math.inf
-        norms = {name: float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip, foreach=True))
-                 for name, net in (("policy", self.policy), ("value", self.value))}
-        if not all(math.isfinite(n) for n in norms.values()):
-            raise TrainingDiverged(f"gradients became non-finite at update {self.updates + 1}; "
-                                   "try smaller learning rates or set train.grad_clip")
-        for name in self.optimizers:
-            self.optimizers[name].step()
-            self.schedulers[name].step()
+        norms = self.descend(loss)
         self.updates += 1
+        return self.metrics(loss, delta, batch, norms, start)
+
+    def metrics(self, loss: torch.Tensor, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
+                start: float) -> dict[str, float]:
+        """The namespaced metrics of an update that began at perf_counter() = start."""
         return {
             "loss/td": float(loss.detach()),
             "td/abs_mean": float(delta.detach().abs().mean()),
             "reward/terminal_mean": float(batch.terminal_rewards.mean()),
             "reward/running_mean": float(batch.running_rewards.sum(0).mean()) * self.grid.dt,
-            "grad_norm/policy": norms["policy"],
-            "grad_norm/value": norms["value"],
+            **{f"grad_norm/{name}": norm for name, norm in norms.items()},
             "lr/policy": self.schedulers["policy"].get_last_lr()[0],
             "time/update_s": time.perf_counter() - start,
         }

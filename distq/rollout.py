@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from distq.policy import PolicyMean, action_std
+from distq.policy import PolicyMean, StepMeans, action_std
 from distq.ratio import RatioEstimator, running_reward
 from distq.samplers import SAMPLERS, is_stochastic
 from distq.schedules import TimeGrid
@@ -29,7 +29,7 @@ class Trajectories:
 
     states: torch.Tensor
     actions: torch.Tensor
-    running_rewards: torch.Tensor
+    running_rewards: Optional[torch.Tensor]
     final_states: torch.Tensor
     terminal_rewards: torch.Tensor
 
@@ -63,10 +63,10 @@ class Rollout:
         self.dim = ratio.data.shape[1]
         self._coefficients = self._step_coefficients(grid)
 
-    def _step_coefficients(self, grid: TimeGrid) -> list[dict[str, torch.Tensor]]:
-        """The preconditioner's coefficients at each grid step (they depend on tau only, not on the weights)."""
+    def _step_coefficients(self, grid: TimeGrid) -> dict[str, torch.Tensor]:
+        """The preconditioner's coefficients at the grid steps, (K, .) (they depend on tau only, not on the weights)."""
         with torch.inference_mode():
-            return [self.policy.pre.coefficients(grid.tau[k]) for k in range(grid.num_steps)]
+            return self.policy.pre.coefficients(grid.tau[: grid.num_steps])
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load the learner's policy-mean weights."""
@@ -90,7 +90,9 @@ class Rollout:
         noise["subsets"] = draws["subsets"]
         return noise
 
-    def _ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list) -> torch.Tensor:
+    def ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list) -> torch.Tensor:
+        """s_hat (E13) at the states y (B, d) of grid step k of the batch of `chunks`, with that batch's data
+        `subsets` (a list per chunk, [] without ratio.minibatch) -> (B, d)."""
         mu, sigma2 = float(self.grid.mu[k]), float(self.grid.sigma2[k])
         if not subsets:
             return self.ratio.score(y, mu, sigma2)
@@ -99,26 +101,44 @@ class Rollout:
                           for a, b, chunk_subsets in zip(rows[:-1], rows[1:], subsets)])
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[Chunk]) -> Trajectories:
-        """Algorithm 1 step 1 for the trajectories of `chunks`: a_k ~ pi_psi (E10), r_hat_k (E14), a step (E5)."""
+    def run(self, chunks: Sequence[Chunk], rewards: bool = True,
+            on_state: Optional[Callable[[int, torch.Tensor], None]] = None) -> Trajectories:
+        """Algorithm 1 step 1 for the trajectories of `chunks`: a_k ~ pi_psi (E10), a step (E5), and r_hat_k (E14)
+        unless `rewards` is False (then running_rewards is None, for another process to compute).
+        on_state(k, Y_k) sees each state as soon as it is drawn."""
         grid, K = self.grid, self.grid.num_steps
         noise = self._noise(chunks)
         y = noise["start"] * self.prior_std
         batch = y.shape[0]
         states = torch.empty(K, batch, self.dim)
         actions = torch.empty(K, batch, self.dim)
-        scores = torch.empty(K, batch, self.dim)
         stds = action_std(grid.g2, self.temperature).tolist()
         step = SAMPLERS[self.sampler]
+        mean = StepMeans(self.policy, self._coefficients)
         for k in range(K):
             states[k] = y
-            action = self.policy.mean(self._coefficients[k], y).add_(noise["action"][k], alpha=stds[k])
+            if on_state is not None:
+                on_state(k, y)
+            action = mean(k, y).add_(noise["action"][k], alpha=stds[k])
             actions[k] = action
-            scores[k] = self._ratio_score(y, k, chunks, noise["subsets"])
             y = step(grid, k, y, action, noise["step"][k] if "step" in noise else None)
-        # (E14) for all steps at once: one vectorised pass instead of K small ones
-        rewards = running_reward(scores, actions, grid.g2.unsqueeze(1))
-        return Trajectories(states, actions, rewards, y, self.terminal_reward(y))
+        running = self.running_rewards(states, actions, chunks, noise["subsets"]) if rewards else None
+        return Trajectories(states, actions, running, y, self.terminal_reward(y))
+
+    @torch.inference_mode()
+    def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
+                        subsets: list) -> torch.Tensor:
+        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` -> (K, B)."""
+        scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets) for k in range(self.grid.num_steps)])
+        return self.rewards_from_scores(scores, actions)
+
+    def rewards_from_scores(self, scores: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(E14) for all steps at once, scores and actions (K, B, d) -> (K, B): one pass instead of K small ones."""
+        return running_reward(scores, actions, self.grid.g2.unsqueeze(1))
+
+    def subsets(self, chunks: Sequence[Chunk]) -> list:
+        """The data subsets of the batch of `chunks` ([] without ratio.minibatch), as `run` draws them."""
+        return self._noise(chunks)["subsets"] if self.ratio.minibatch is not None else []
 
     @torch.inference_mode()
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
@@ -128,8 +148,9 @@ class Rollout:
         grid = grid or self.grid
         sampler = sampler or self.sampler
         step = SAMPLERS[sampler]
+        mean = StepMeans(self.policy, coefficients)
         y = torch.randn(n, self.dim, generator=generator) * self.prior_std
         for k in range(grid.num_steps):
             noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None
-            y = step(grid, k, y, self.policy.mean(coefficients[k], y), noise)
+            y = step(grid, k, y, mean(k, y), noise)
         return y

@@ -58,8 +58,9 @@ def write_json(path: Path, values: dict[str, Any]) -> None:
 
 
 def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Atomically write rows of scalars as Parquet."""
-    table = pa.Table.from_pylist(list(rows))
+    """Atomically write rows of scalars as Parquet; a key missing from some rows is null there."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = pa.table({key: [row.get(key) for row in rows] for key in columns})
     _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 

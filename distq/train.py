@@ -121,8 +121,13 @@ def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int
 
 
 def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None):
-    """In-process for parallel.workers = 0; Ray actors otherwise (the only path that imports ray)."""
+    """In-process for parallel.workers = 0 (with the critic in a child process for train.processes = 2);
+    Ray actors otherwise (the only path that imports ray)."""
     if config.parallel.workers == 0:
+        if config.train.processes == 2:
+            from distq.split import TwoProcessBackend
+
+            return TwoProcessBackend(config, dataset, reward)
         return InProcessBackend(config, dataset, reward)
     from distq.parallel import RayBackend
 

@@ -5,8 +5,9 @@ previous segment's checkpoint), evaluates at the end of each, and reports the ev
 their CIs, the objective) with the run directory as the Tune checkpoint. So ASHA stops trials on the real
 objective, and a resumed sweep continues every unfinished trial from its last report.
 
-Resources: a trial reserves `resources.cpu` / `resources.gpu`; with parallel.workers > 0 its placement group also
-holds one bundle for the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster.
+Resources: a trial reserves `resources.cpu` / `resources.gpu` (at least 2 CPUs with train.processes = 2, whose
+critic process has a core of its own); with parallel.workers > 0 its placement group also holds one bundle for
+the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGr
     """Placement group of a trial: its own process, then (parallel.workers > 0) the Learner and each RolloutWorker."""
     def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         config = {**sweep.base, **config}
-        bundles = [_bundle(sweep.resources.cpu, sweep.resources.gpu)]
+        bundles = [_bundle(max(sweep.resources.cpu, int(config["train.processes"])), sweep.resources.gpu)]
         workers = int(config["parallel.workers"])
         if workers:
             bundles.append(_bundle(config["parallel.learner_num_cpus"], config["parallel.learner_num_gpus"]))

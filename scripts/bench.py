@@ -1,6 +1,7 @@
 """Benchmarks, written as JSON under benchmarks/ and quoted by the README.
 
-    python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads
+    python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads,
+                                      # and distq with train.processes = 2
     python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
     python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distq.components import build_learner, build_rollout  # noqa: E402
 from distq.config import config_from_dict, load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
+from distq.policy import StepMeans  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.rollout import episode_chunks  # noqa: E402
 from distq.runtime import keep_freed_memory  # noqa: E402
@@ -107,8 +109,10 @@ def _split(config, learner, rollout) -> dict[str, float]:
     with torch.inference_mode():
         ratio = timed(lambda: [rollout.ratio.score(batch.states[k], float(grid.mu[k]), float(grid.sigma2[k]))
                                for k in range(grid.num_steps)])
-        policy = timed(lambda: [rollout.policy.mean(rollout._coefficients[k], batch.states[k])
-                                for k in range(grid.num_steps)])
+        def policy_means():
+            means = StepMeans(rollout.policy, rollout._coefficients)
+            return [means(k, batch.states[k]) for k in range(grid.num_steps)]
+        policy = timed(policy_means)
     def backward():
         for opt in learner.optimizers.values():
             opt.zero_grad()
@@ -122,17 +126,26 @@ def _split(config, learner, rollout) -> dict[str, float]:
 
 
 def bench_core(rounds: int, episodes: int) -> dict:
-    """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of distq and of the plain loop."""
+    """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of distq (one process with 1 or 2 torch
+    threads, or train.processes = 2 with 1 thread each) and of the plain loop (1 or 2 threads)."""
+    from distq.split import TwoProcessBackend
+
     config, dataset, reward, learner, rollout = _setup()
     keep_freed_memory()  # as distq.train does; the plain loop gets the same allocator
-    variants = {"distq": distq_episode(config, learner, rollout), "plain_torch": plain_episode(config, dataset, reward)}
-    rates = {f"{name}_threads{threads}": [] for name in variants for threads in (1, 2)}
-    for r in range(rounds):
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for name, run in variants.items():
-                run(0)
-                rates[f"{name}_threads{threads}"].append(_rate(run, r * episodes, episodes))
+    two = TwoProcessBackend(config_from_dict({**PAPER_SCALE, "train": {**PAPER_SCALE["train"], "processes": 2}}),
+                            dataset, reward)
+    distq, plain = distq_episode(config, learner, rollout), plain_episode(config, dataset, reward)
+    variants = {"distq_threads1": (distq, 1), "plain_torch_threads1": (plain, 1), "distq_processes2": (two.step, 1),
+                "distq_threads2": (distq, 2), "plain_torch_threads2": (plain, 2)}
+    rates = {name: [] for name in variants}
+    try:
+        for r in range(rounds):
+            for name, (run, threads) in variants.items():
+                torch.set_num_threads(threads)
+                run(1)
+                rates[name].append(_rate(run, r * episodes + 2, episodes))
+    finally:
+        two.close()
     torch.set_num_threads(1)
     median = {k: statistics.median(v) for k, v in rates.items()}
     return {
@@ -140,24 +153,27 @@ def bench_core(rounds: int, episodes: int) -> dict:
         "episodes_per_s_median": median, "episodes_per_s_rounds": rates,
         "speedup_vs_plain_threads1": median["distq_threads1"] / median["plain_torch_threads1"],
         "speedup_vs_plain_threads2": median["distq_threads2"] / median["plain_torch_threads2"],
-        "minutes_for_50000_episodes_threads1": 50000 / median["distq_threads1"] / 60,
-        "minutes_for_50000_episodes_threads2": 50000 / median["distq_threads2"] / 60,
+        "speedup_processes2_vs_plain_threads2": median["distq_processes2"] / median["plain_torch_threads2"],
+        **{f"minutes_for_50000_episodes_{name}": 50000 / median[f"distq_{name}"] / 60
+           for name in ("threads1", "threads2", "processes2")},
         "split_threads1_ms": _split(config, learner, rollout),
     }
 
 
-def bench_quality(episodes: int, betas: list[float]) -> dict:
-    """Paper-scale Swiss roll runs from configs/swiss_roll.yaml at several beta; summary of each."""
+def bench_quality(episodes: int, betas: list[float], overrides: list[str]) -> dict:
+    """Paper-scale Swiss roll runs from configs/swiss_roll.yaml (plus `overrides`) at several beta; summary of each."""
     from distq.train import train
     results = {}
+    suffix = "".join(f"_{o}" for o in overrides).replace("/", "-")
     for beta in betas:
-        config = load_config("configs/swiss_roll.yaml", [f"train.beta={beta}", f"train.episodes={episodes}",
+        config = load_config("configs/swiss_roll.yaml", [*overrides, f"train.beta={beta}", f"train.episodes={episodes}",
                                                          "train.progress_seconds=60"])
-        summary = train(config, f"runs/bench_quality_beta{beta:g}", overwrite=True)
+        summary = train(config, f"runs/bench_quality_beta{beta:g}{suffix}", overwrite=True)
         print(f"beta={beta:g}: {summary}", flush=True)
         results[f"beta={beta:g}"] = {k: summary[k] for k in ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95",
                                                             "kl_floor", "episodes", "episodes_per_s", "wall_s")}
-    return {"setting": f"configs/swiss_roll.yaml, {episodes} episodes, eval 20 batches of 300 vs fresh data",
+    return {"setting": f"configs/swiss_roll.yaml {' '.join(overrides)}, {episodes} episodes, eval 20 batches of 300 "
+                       "vs fresh data",
             "runs": results}
 
 
@@ -241,6 +257,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
     parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for quality runs, e.g. --set sde.dt=0.1 (repeatable)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if args.what == "core":
@@ -248,7 +266,7 @@ def main() -> None:
     elif args.what == "parallel":
         result = bench_parallel(args.rounds, args.episodes or 100)
     else:
-        result = bench_quality(args.episodes or 50000, args.betas)
+        result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                          "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
     path = OUT / (args.name or f"{args.what}.json")

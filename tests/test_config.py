@@ -158,6 +158,8 @@ def test_wrong_type_names_field(override, field):
     (["sde.beta_min=2.0", "sde.beta_max=1.0"], "sde.beta_max"),
     (["ratio.eps=-1.0"], "ratio.eps"),
     (["seed=-1"], "seed"),
+    (["train.processes=3"], "train.processes"),
+    (["train.processes=2", "parallel.workers=1"], "train.processes"),
 ])
 def test_out_of_range_names_field(overrides, field):
     assert f"'{field}'" in _error(*overrides)

@@ -8,7 +8,7 @@ import torch
 
 from distq.components import build_policy, data_statistics
 from distq.config import config_from_dict
-from distq.policy import action_std, policy_log_density, q_value
+from distq.policy import StepMeans, action_std, mlp, policy_log_density, q_value
 
 T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -161,3 +161,36 @@ def test_broadcast_over_steps_equals_per_step_calls(precondition):
         apart = torch.stack([policy(tau[k, 0], y[k]) for k in range(K)])
     assert together.shape == (K, B, 2)
     assert torch.allclose(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_equals_the_plain_tanh_network():
+    """The folded forward (sigmoid form of tanh) against torch's own Linear-Tanh-Linear-ReLU-Linear, value and grads."""
+    torch.manual_seed(3)
+    net = mlp(3, 16, 2, zero_last=False)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 2))
+    plain.load_state_dict(net.state_dict())
+    x = 2 * torch.randn(50, 3)
+    for model in (net, plain):
+        model(x).pow(3).sum().backward()
+    assert torch.allclose(net(x), plain(x), rtol=1e-5, atol=1e-6)
+    for folded, reference in zip(net.parameters(), plain.parameters()):
+        assert torch.allclose(folded.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precondition", ["edm", "none"])
+def test_step_means_equal_the_policy_mean_at_each_step(precondition):
+    """The rollout's folded per-step mean against PolicyMean.forward, with every layer randomised."""
+    points = _gaussian_points()
+    policy = build_policy(_config(precondition=precondition), points)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    tau = torch.arange(10) * 0.5
+    means = StepMeans(policy, policy.pre.coefficients(tau))
+    y = 2 * torch.randn(7, 2, generator=gen)
+    with torch.no_grad():
+        for k in range(10):
+            expected = policy(tau[k], y)
+            assert torch.allclose(means(k, y), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())

@@ -18,11 +18,12 @@ from distq.cli import main
 from distq.config import load_config
 from distq.errors import DistqError
 from distq.sweep import PENALTY, load_sweep
-from distq.tuning import _report_points, _scheduler, _search_alg, best_row, pareto_front, param_space, run_sweep
+from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, pareto_front, param_space, run_sweep,
+                          trial_resources)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
-        "train.episodes": 40, "eval.n_samples": 50, "eval.batches": 2}
+        "train.episodes": 40, "eval.n_samples": 50, "eval.batches": 2, "train.processes": 1}
 
 
 def _sweep_file(tmp_path: Path, name: str = "tiny", **fields) -> Path:
@@ -102,6 +103,13 @@ def test_bad_sweep_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 # ---- objective, Pareto front, report points --------------------------------------------------------------------
+
+def test_trial_reserves_a_core_for_the_critic_process(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path))
+    one = trial_resources(sweep)({"train.beta": 1.0}).bundles
+    two = trial_resources(sweep)({"train.beta": 1.0, "train.processes": 2}).bundles
+    assert one == [{"CPU": 1.0}] and two == [{"CPU": 2.0}]
+
 
 def test_report_points_continue_from_a_checkpoint():
     assert _report_points(0, 1000, 300) == [300, 600, 900, 1000]
