@@ -270,10 +270,8 @@ class RayBackend:
                 batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
 
     def _update(self, batch: _Batch, parts: list) -> tuple[dict[str, float], ray.ObjectRef]:
-        """One learner update on the gathered batch; in async mode the next batch starts during the update."""
+        """One learner update on the gathered batch."""
         metrics, weights = self._learner.update.remote(*parts)
-        if self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
-            self._pending = self._submit(batch.episode + 1)
         try:
             return _get(metrics, weights), weights
         except ray.exceptions.ObjectLostError:
@@ -285,20 +283,43 @@ class RayBackend:
             raise DistqError(f"the Learner actor died ({str(err).splitlines()[0]}); its state is lost: continue "
                              "from the last checkpoint with --resume RUN_DIR") from None
 
+    def _chained_update(self, batch: _Batch) -> tuple[dict[str, float], ray.ObjectRef, dict[int, dict]]:
+        """The update on the workers' results as they come (Ray hands them to the learner; the driver does not wait
+        in between). In async mode the next batch starts meanwhile. If a worker died, the update did not run (its
+        input failed): the batch is completed by replacement workers (`_gather`) and the update made then."""
+        parts = [batch.calls[slot][1] for slot in sorted(batch.calls)]
+        metrics, weights = self._learner.update.remote(*parts)
+        if self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
+            self._pending = self._submit(batch.episode + 1)
+        stats_refs = [batch.calls[slot][2] for slot in sorted(batch.calls)]
+        try:
+            values = ray.get([metrics, *stats_refs])
+            return values[0], weights, dict(zip(sorted(batch.calls), values[1:]))
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+            _discard([metrics, weights])
+        except ray.exceptions.RayTaskError as err:
+            _discard([weights, *stats_refs])
+            if isinstance(err.cause, DistqError):
+                raise err.cause from None
+            raise
+        parts, stats = self._gather(batch)
+        metrics, weights = self._update(batch, parts)
+        return metrics, weights, stats
+
     def step(self, episode: int) -> dict[str, float]:
         """One episode: the batch from the workers, one learner update; the learner's metrics plus time/rollout_s
-        (waiting for the batch: in async mode only what the previous update did not hide), time/transfer_s (the
-        update call beyond the learner's own time/update_s: batch in, weights out), policy lag and throughput."""
+        (the slowest worker's generation), time/transfer_s (the rest of the wall time beyond the update and, in
+        sync mode, the rollout: Ray's calls and transfers), policy lag and throughput."""
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         batch = pending if pending is not None and pending.episode == episode else self._submit(episode)
-        parts, stats = self._gather(batch)
-        collected = time.perf_counter()
-        metrics, weights = self._update(batch, parts)
+        metrics, weights, stats = self._chained_update(batch)
         lag = self._version - batch.version
         self._weights, self._version = weights, self._version + 1
-        metrics["time/rollout_s"] = collected - began
-        metrics["time/transfer_s"] = max(time.perf_counter() - collected - metrics["time/update_s"], 0.0)
+        rollout = max(s["generate_s"] for s in stats.values())
+        hidden = rollout if self.config.parallel.mode == "sync" else 0.0
+        metrics["time/rollout_s"] = rollout
+        metrics["time/transfer_s"] = max(time.perf_counter() - began - metrics["time/update_s"] - hidden, 0.0)
         metrics["parallel/policy_lag"] = float(lag)
         metrics["parallel/restarts"] = float(self.restarts)
         metrics["parallel/bytes_per_update"] = float(sum(s["weights_bytes"] + s["trajectory_bytes"]

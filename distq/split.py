@@ -7,9 +7,10 @@ through its own network only (E16), which is the single-process learner's gradie
 numbers are the same. What changes is the clock: the critic's forward overlaps the actor's, and its backward and
 Adam step overlap the actor's next rollout.
 
-Per episode: actor draws Y_k -> "state" (critic: s_hat at Y_k, during the rest of the rollout) -> "forward" (critic:
-r_hat, J while the actor computes q) -> the actor forms delta -> "backward" -> both descend.
-both descend. The critic clones its inputs, so the actor may overwrite the buffers once the critic has replied.
+Per episode: the actor draws Y_k and every few k sends "state" (the critic computes s_hat there, during the rest
+of the rollout) -> "forward" (the critic forms r_hat and J while the actor computes q) -> the actor forms delta ->
+"backward" -> both descend. The critic clones its inputs, so the actor may overwrite the buffers once the critic
+has replied.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from distq.runtime import configure_cpu
 
 _VALUE_STATE = ("value",)
 _NO_REPLY = ("state", "backward")
+_STATES_PER_MESSAGE = 4
+"""States per "state" message: fewer messages cost the actor less; the critic still keeps pace with the rollout."""
 
 
 def _no_reward(points: torch.Tensor) -> torch.Tensor:
@@ -58,12 +61,14 @@ class _Critic:
         self.value_norm: float | None = None
 
     def state(self, message: tuple) -> None:
-        """s_hat (E13) at state Y_k as soon as the actor has drawn it; message = (k, chunks of the batch)."""
-        k, chunks = message
-        if k == 0:
+        """s_hat (E13) at states Y_first..Y_last as soon as the actor has drawn them; message = (first, last,
+        chunks of the batch)."""
+        first, last, chunks = message
+        if first == 0:
             self.chunks, self.subsets = chunks, self.rollout.subsets(chunks)
             self.scores = torch.empty_like(self.buffers["actions"])
-        self.scores[k] = self.rollout.ratio_score(self.buffers["states"][k].clone(), k, self.chunks, self.subsets)
+        for k in range(first, last + 1):
+            self.scores[k] = self.rollout.ratio_score(self.buffers["states"][k].clone(), k, self.chunks, self.subsets)
 
     def forward(self, _) -> float | None:
         """r_hat and J of the batch in the buffers, written back; returns the previous update's value grad norm."""
@@ -182,9 +187,13 @@ class TwoProcessBackend:
         began = time.perf_counter()
         chunks = episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size)
 
+        last = self.config.sde.num_steps - 1
+
         def stream(k: int, y: torch.Tensor) -> None:
             b["states"][k].copy_(y)
-            self._send("state", (k, chunks if k == 0 else None))
+            if k % _STATES_PER_MESSAGE == _STATES_PER_MESSAGE - 1 or k == last:
+                first = k - k % _STATES_PER_MESSAGE
+                self._send("state", (first, k, chunks if first == 0 else None))
 
         batch = self.rollout.run(chunks, rewards=False, on_state=stream)
         collected = time.perf_counter()

@@ -188,6 +188,51 @@ def _backend_rate(backend, episodes: int) -> tuple[float, list[dict]]:
         backend.close()
 
 
+def _ray_floor(repeats: int = 200) -> dict[str, float]:
+    """Ray's own cost on this machine, with no work: an empty actor call's round trip, and the update's chain
+    (a worker returns a trajectory-sized tensor, the learner takes it by reference and returns weights-sized
+    tensors) as plain actor tasks and as a compiled graph (ray.dag); milliseconds, medians over `repeats`."""
+    import ray
+    from ray.dag import InputNode
+
+    @ray.remote(num_cpus=0.5)
+    class Worker:
+        def run(self, weights: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(30900)  # 123,600 bytes: a paper-scale batch
+
+        def noop(self) -> int:
+            return 0
+
+    @ray.remote(num_cpus=0.5)
+    class Learner:
+        def update(self, batch: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(4549)  # 18,196 bytes: the policy weights
+
+    def timed(fn) -> float:
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return 1e3 * statistics.median(times)
+
+    worker, learner = Worker.remote(), Learner.remote()
+    weights = torch.zeros(4549)
+    result = {"empty_call_round_trip_ms": timed(lambda: ray.get(worker.noop.remote())),
+              "update_chain_tasks_ms": timed(lambda: ray.get(learner.update.remote(worker.run.remote(weights))))}
+    with InputNode() as given:
+        graph = learner.update.bind(worker.run.bind(given)).experimental_compile()
+    try:
+        result["update_chain_compiled_graph_ms"] = timed(lambda: ray.get(graph.execute(weights)))
+    finally:
+        graph.teardown()
+        for actor in (worker, learner):
+            ray.kill(actor)
+    return result
+
+
 def bench_parallel(rounds: int, episodes: int) -> dict:
     """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of the in-process loop and of Ray backends
     (W = 1, 2 rollout actors; sync and async), the same episodes each, alternated in rounds in one local Ray
@@ -224,6 +269,7 @@ def bench_parallel(rounds: int, episodes: int) -> dict:
                 rates[name].append(rate)
                 metrics[name] += steps
                 print(f"{name}: {rate:.1f} episodes/s", flush=True)
+        floor = _ray_floor()
     finally:
         ray.shutdown()
     median = {name: statistics.median(r) for name, r in rates.items()}
@@ -246,6 +292,7 @@ def bench_parallel(rounds: int, episodes: int) -> dict:
             "weights_one_copy": weights, "trajectories": trajectories,
             **{name: workers * weights + (trajectories if workers else 0) for name, (workers, _) in variants.items()},
             "measured_by_backend": {name: mean(name, "parallel/bytes_per_update") for name in variants if name != "in_process"}},
+        "ray_floor_ms": floor,
         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
     }
 
