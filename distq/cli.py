@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory to create")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the outputs of a run already in --out")
+    train.add_argument("--init", metavar="RUN_DIR", help="start from the policy of a trained run (train.init)")
     train.add_argument("--address", help="Ray cluster to join with parallel.workers > 0 ('auto' or host:port; "
                                          "default: RAY_ADDRESS, else an embedded local instance)")
     sample = sub.add_parser("sample", help="generate samples from a trained run")
@@ -76,6 +77,8 @@ def _add_calibrate(sub) -> None:
 def _train(args: argparse.Namespace) -> None:
     from distq.train import train
 
+    if args.init:
+        args.overrides.append(f"train.init={args.init}")
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise DistqError(f"--out {args.out} and --resume {args.resume} name different run directories")

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distq.config import Config
+from distq.config import PRETRAINED_ALGORITHMS, Config
 from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
@@ -53,16 +53,31 @@ def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward) -
                     offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()))
 
 
+def build_reference(config: Config, points: torch.Tensor) -> Optional[PolicyMean]:
+    """The pretrained policy's placeholder (ct_finetune, dpok; its weights come from train.init), else None."""
+    return build_policy(config, points) if config.train.algorithm in PRETRAINED_ALGORITHMS else None
+
+
 def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
-                  policy: Optional[PolicyMean] = None) -> Rollout:
-    """A rollout over `points`; it shares `policy` (in-process) or builds its own copy (another process)."""
+                  policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None) -> Rollout:
+    """A rollout over `points`; it shares `policy` (in-process) or builds its own copy (another process), and for
+    ct_finetune the pretrained `reference` likewise."""
     policy = policy if policy is not None else build_policy(config, points)
+    algorithm = config.train.algorithm
+    if algorithm == "ct_finetune" and reference is None:
+        reference = build_reference(config, points)
     return Rollout(policy, make_grid(config), config.sde.sampler,
                    RatioEstimator(points, config.ratio.eps, config.ratio.minibatch), terminal_reward,
-                   config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T))
+                   config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
+                   running_rewards=algorithm in ("qlearning", "ct_finetune"),
+                   reference=reference if algorithm == "ct_finetune" else None)
 
 
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward) -> Learner:
-    """The central learner with fresh networks."""
-    return Learner(build_policy(config, points), build_value(config, points, terminal_reward), make_grid(config),
-                   config.train)
+    """The central learner with fresh networks: Algorithm 1's, or a baseline's (distq.baselines) by train.algorithm."""
+    policy, reference = build_policy(config, points), build_reference(config, points)
+    if config.train.algorithm not in ("qlearning", "ct_finetune"):
+        from distq.baselines import PolicyGradientLearner
+
+        return PolicyGradientLearner(policy, make_grid(config), config.train, reference)
+    return Learner(policy, build_value(config, points, terminal_reward), make_grid(config), config.train, reference)

@@ -23,6 +23,13 @@ SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
 PRECONDITIONS = ("edm", "none")
 LR_SCHEDULES = ("constant", "cosine")
+ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok")
+"""qlearning: Algorithm 1 (ours). The baselines of algorithm.md section 10: ct_finetune (Scores as Actions: Algorithm 1
+with the pretrained policy mean of train.init in place of the ratio-estimated score), and by policy gradient on
+the terminal reward alone (distq.baselines) ddpo_sf (score function), ddpo_is (clipped importance sampling) and
+dpok (ddpo_sf plus a per-step KL to the pretrained policy of train.init)."""
+PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
+"""The algorithms that need a pretrained run (train.init) as their reference."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -144,6 +151,10 @@ class ModelConfig:
 class TrainConfig:
     """Algorithm 1: reward weight, temperature, episodes and optimisation."""
 
+    algorithm: str = "qlearning"
+    """qlearning | ct_finetune | ddpo_sf | ddpo_is | dpok (see ALGORITHMS)."""
+    init: Optional[str] = None
+    """A run directory whose trained policy mean starts this run (and is ct_finetune's and dpok's reference)."""
     beta: float = 0.0
     """Weight of the terminal reward beta (E6); 0 = plain score matching."""
     temperature: float = 5.0
@@ -161,6 +172,12 @@ class TrainConfig:
     """1: Algorithm 1 in the training process. 2: the critic (ratio-estimated running rewards and the value
     network's forward, backward and Adam step) runs in a second process on another core, overlapping the rollout
     and the policy update; the numbers are the same. Only with parallel.workers = 0."""
+    kl_weight: float = 0.01
+    """dpok: weight of the per-step KL to the pretrained policy."""
+    is_clip: float = 1e-4
+    """ddpo_is: clip range of the importance ratio (DDPO's default 1e-4)."""
+    inner_steps: int = 1
+    """ddpo_is: gradient steps per batch (the first is exactly ddpo_sf's)."""
     lr_policy: float = 1e-3
     """Adam learning rate of the policy mean (psi)."""
     lr_value: float = 1e-3
@@ -184,6 +201,14 @@ class TrainConfig:
         _require(self.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {self.chunk_size}")
         _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
         _require(self.processes in (1, 2), "train.processes", f"must be 1 or 2, got {self.processes}")
+        _choice(self.algorithm, "train.algorithm", ALGORITHMS)
+        _require(self.algorithm not in PRETRAINED_ALGORITHMS or bool(self.init), "train.init",
+                 f"is required for train.algorithm={self.algorithm}: the pretrained run to fine-tune and stay near")
+        _require(self.kl_weight >= 0 and math.isfinite(self.kl_weight), "train.kl_weight", "must be >= 0")
+        _positive(self.is_clip, "train.is_clip")
+        _require(self.inner_steps >= 1, "train.inner_steps", f"must be >= 1, got {self.inner_steps}")
+        _require(self.processes == 1 or self.algorithm == "qlearning", "train.processes",
+                 "must be 1 for the baselines (the critic process computes the ratio-estimated rewards of qlearning)")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from distq.config import TrainConfig
 from distq.errors import DistqError
-from distq.policy import PolicyMean, q_value
+from distq.policy import REFERENCE, PolicyMean, q_value
 from distq.rollout import Trajectories
 from distq.schedules import TimeGrid
 from distq.value import ValueNet, td_errors
@@ -37,14 +37,18 @@ def _lr_lambda(schedule: str, total: int):
 class Learner:
     """The central learner: owns the policy-mean and value networks and their Adam optimisers."""
 
-    def __init__(self, policy: PolicyMean, value: ValueNet, grid: TimeGrid, config: TrainConfig):
+    def __init__(self, policy: PolicyMean, value: Optional[ValueNet], grid: TimeGrid, config: TrainConfig,
+                 reference: Optional[PolicyMean] = None):
+        """value None: a learner of the policy alone (the policy-gradient baselines, distq.baselines).
+        reference: a frozen pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and
+        broadcast with the weights."""
         self.policy, self.value, self.grid, self.config = policy, value, grid, config
-        self.networks = {"policy": policy, "value": value}
-        self.optimizers = {
-            # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
-            "policy": torch.optim.Adam(policy.parameters(), lr=config.lr_policy, fused=True),
-            "value": torch.optim.Adam(value.parameters(), lr=config.lr_value, fused=True),
-        }
+        self.reference = reference.requires_grad_(False) if reference is not None else None
+        self.networks = {"policy": policy, "value": value} if value is not None else {"policy": policy}
+        rates = {"policy": config.lr_policy, "value": config.lr_value}
+        # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
+        self.optimizers = {name: torch.optim.Adam(net.parameters(), lr=rates[name], fused=True)
+                           for name, net in self.networks.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.lr_schedule, config.episodes))
                            for name, opt in self.optimizers.items()}
         self.updates = 0
@@ -71,8 +75,9 @@ class Learner:
         """The TD loss with both networks' graphs, and delta (K, B)."""
         return self.td_loss(self.values(batch), self.q_values(batch), batch)
 
-    def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS) -> dict[str, float]:
-        """Backpropagate `loss` and take one clipped Adam step on the networks `names`; returns their grad norms."""
+    def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS, schedule: bool = True) -> dict[str, float]:
+        """Backpropagate `loss` and take one clipped Adam step on the networks `names` (and, with `schedule`, one
+        step of their learning-rate schedules); returns their grad norms."""
         for name in names:
             self.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
@@ -84,7 +89,8 @@ class Learner:
                                    "try smaller learning rates or set train.grad_clip")
         for name in names:
             self.optimizers[name].step()
-            self.schedulers[name].step()
+            if schedule:
+                self.schedulers[name].step()
         return norms
 
     def update(self, batch: Trajectories) -> dict[str, float]:
@@ -109,17 +115,25 @@ class Learner:
         }
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The policy-mean weights to broadcast to rollouts."""
-        return self.policy.state_dict()
+        """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any)."""
+        weights = self.policy.state_dict()
+        if self.reference is not None:
+            weights.update({REFERENCE + k: v for k, v in self.reference.state_dict().items()})
+        return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "value": self.value.state_dict(), "updates": self.updates,
-                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-                "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
+        state = {**{name: net.state_dict() for name, net in self.networks.items()}, "updates": self.updates,
+                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                 "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
+        for name, net in self.networks.items():
+            net.load_state_dict(state[name])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
         self.updates = state["updates"]
         for name in self.optimizers:
             self.optimizers[name].load_state_dict(state["optimizers"][name])

@@ -19,6 +19,10 @@ from torch import nn
 from distq.schedules import Schedule
 
 
+REFERENCE = "reference."
+"""Prefix of a pretrained reference policy's entries among broadcast policy weights (distq.learner)."""
+
+
 class Tanh(nn.Module):
     """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU sigmoid kernel is ~6x faster than its tanh."""
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from distq.policy import PolicyMean, StepMeans, action_std
+from distq.policy import REFERENCE, PolicyMean, StepMeans, action_std
 from distq.ratio import RatioEstimator, running_reward
 from distq.samplers import SAMPLERS, is_stochastic
 from distq.schedules import TimeGrid
@@ -42,9 +42,13 @@ class Trajectories:
         """Join batches along the batch dimension, in order."""
         if len(parts) == 1:
             return parts[0]
-        return Trajectories(*(torch.cat([getattr(p, name) for p in parts], dim)
-                              for name, dim in (("states", 1), ("actions", 1), ("running_rewards", 1),
-                                                ("final_states", 0), ("terminal_rewards", 0))))
+
+        def joined(name: str, dim: int) -> Optional[torch.Tensor]:
+            first = getattr(parts[0], name)
+            return None if first is None else torch.cat([getattr(p, name) for p in parts], dim)
+
+        return Trajectories(*(joined(name, dim) for name, dim in (("states", 1), ("actions", 1), ("running_rewards", 1),
+                                                                  ("final_states", 0), ("terminal_rewards", 0))))
 
 
 def episode_chunks(seed: int, episode: int, batch_size: int, chunk_size: int) -> list[Chunk]:
@@ -57,8 +61,13 @@ class Rollout:
     """Generates training trajectories (with exploration) and evaluation samples (mean actions)."""
 
     def __init__(self, policy: PolicyMean, grid: TimeGrid, sampler: str, ratio: RatioEstimator,
-                 terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float):
+                 terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float,
+                 running_rewards: bool = True, reference: Optional[PolicyMean] = None):
+        """running_rewards: whether `run` computes r_hat (E14) by default (the policy-gradient baselines use h(Y_K)
+        alone). reference: a pretrained policy mean whose output replaces the ratio-estimated score in r_hat
+        (ct_finetune, Scores as Actions)."""
         self.policy, self.grid, self.sampler, self.ratio = policy, grid, sampler, ratio
+        self.with_running_rewards, self.reference = running_rewards, reference
         self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
         self.dim = ratio.data.shape[1]
         self._coefficients = self._step_coefficients(grid)
@@ -69,8 +78,11 @@ class Rollout:
             return self.policy.pre.coefficients(grid.tau[: grid.num_steps])
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load the learner's policy-mean weights."""
-        self.policy.load_state_dict(weights)
+        """Load the learner's policy-mean weights (Learner.policy_weights; the reference's too, if broadcast)."""
+        own = {k: v for k, v in weights.items() if not k.startswith(REFERENCE)}
+        if self.reference is not None and len(own) < len(weights):
+            self.reference.load_state_dict({k[len(REFERENCE):]: v for k, v in weights.items() if k.startswith(REFERENCE)})
+        self.policy.load_state_dict(own)
         self._coefficients = self._step_coefficients(self.grid)
 
     def _noise(self, chunks: Sequence[Chunk]) -> dict[str, torch.Tensor]:
@@ -101,10 +113,11 @@ class Rollout:
                           for a, b, chunk_subsets in zip(rows[:-1], rows[1:], subsets)])
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[Chunk], rewards: bool = True,
+    def run(self, chunks: Sequence[Chunk], rewards: Optional[bool] = None,
             on_state: Optional[Callable[[int, torch.Tensor], None]] = None) -> Trajectories:
         """Algorithm 1 step 1 for the trajectories of `chunks`: a_k ~ pi_psi (E10), a step (E5), and r_hat_k (E14)
-        unless `rewards` is False (then running_rewards is None, for another process to compute).
+        if `rewards` (default: as built) is True, else running_rewards is None (another process computes them, or
+        the algorithm needs none).
         on_state(k, Y_k) sees each state as soon as it is drawn."""
         grid, K = self.grid, self.grid.num_steps
         noise = self._noise(chunks)
@@ -122,14 +135,21 @@ class Rollout:
             action = mean(k, y).add_(noise["action"][k], alpha=stds[k])
             actions[k] = action
             y = step(grid, k, y, action, noise["step"][k] if "step" in noise else None)
+        if rewards is None:
+            rewards = self.with_running_rewards
         running = self.running_rewards(states, actions, chunks, noise["subsets"]) if rewards else None
         return Trajectories(states, actions, running, y, self.terminal_reward(y))
 
     @torch.inference_mode()
     def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
                         subsets: list) -> torch.Tensor:
-        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` -> (K, B)."""
-        scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets) for k in range(self.grid.num_steps)])
+        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` -> (K, B); with a
+        pretrained reference, its mean stands for the score."""
+        if self.reference is not None:
+            means = StepMeans(self.reference, self.reference.pre.coefficients(self.grid.tau))
+            scores = torch.stack([means(k, states[k]) for k in range(self.grid.num_steps)])
+        else:
+            scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets) for k in range(self.grid.num_steps)])
         return self.rewards_from_scores(scores, actions)
 
     def rewards_from_scores(self, scores: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from distq import rundir
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout
-from distq.config import Config, save_config
+from distq.config import Config, flatten, save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy
@@ -93,9 +93,13 @@ class MetricsLog:
         self.last_print = time.perf_counter()
         total, rate = self.config.train.episodes, self.rate(episode)
         eta = (total - episode) / rate if rate > 0 else math.inf
+        loss = next(key for key in metrics if key.startswith("loss/"))
         self.echo(f"episode {episode}/{total} | reward {metrics['reward/terminal_mean']:.4g} | "
-                  f"td loss {metrics['loss/td']:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
+                  f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
                   + _time_split(metrics))
+
+
+_LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss"}
 
 
 def _time_split(metrics: dict[str, float]) -> str:
@@ -134,10 +138,26 @@ def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str
     return RayBackend(config, dataset, reward, address)
 
 
+def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
+    """The policy-mean weights of the run in train.init, checked to fit this run's networks."""
+    path = Path(config.train.init) / rundir.CHECKPOINT
+    if not path.is_file():
+        raise DistqError(f"train.init: no checkpoint at {path}; name the directory of a finished distq run")
+    payload = load_checkpoint(path)
+    theirs = flatten(payload["config"])
+    for key, ours in (("model.hidden", config.model.hidden), ("model.precondition", config.model.precondition),
+                      ("data dimension", dataset.dim)):
+        other = len(payload["columns"]) if key == "data dimension" else theirs.get(key)
+        if other != ours:
+            raise DistqError(f"train.init: the run in {config.train.init} has {key} {other!r}, this run {ours!r}")
+    return payload["learner"]["policy"]
+
+
 def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
-    """Check every input before anything is written: data, reward, run directory, checkpoint."""
+    """Check every input before anything is written: data, reward, run directory, checkpoint, initial run."""
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points[:8])
+    init = initial_policy(config, dataset) if config.train.init and not resume else None
     rundir.check_run_dir(run_dir, resume, overwrite)
     payload = None
     if resume:
@@ -146,7 +166,7 @@ def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
         if config.train.episodes < payload["episode"]:
             raise DistqError(f"train.episodes={config.train.episodes} is below the {payload['episode']} episodes "
                              f"already trained in {run_dir}; resume to at least that many")
-    return dataset, reward, payload
+    return dataset, reward, payload, init
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, echo: Echo = print,
@@ -157,7 +177,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """
     run_dir = Path(run_dir)
     configure_cpu(config.train.threads)
-    dataset, reward, payload = prepare(config, run_dir, resume, overwrite)
+    dataset, reward, payload, init = prepare(config, run_dir, resume, overwrite)
     start, rows = 0, []
     if payload is not None:
         start = payload["episode"]
@@ -170,6 +190,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     try:
         if payload is not None:
             backend.load_learner_state(payload["learner"])
+        elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
+            state = backend.learner_state()
+            state.update({name: init for name in ("policy", "reference") if name in state})
+            backend.load_learner_state(state)
         log = MetricsLog(config, rows, start, echo)
         began = time.perf_counter()
         _loop(config, run_dir, backend, dataset, log, start)
@@ -197,7 +221,8 @@ def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: Metrics
         if episode % config.train.checkpoint_every == 0:
             _save(run_dir, config, backend, dataset, episode, log.rows)
     if log.rows and log.rows[-1]["episode"] == config.train.episodes and config.train.episodes > start:
-        log.progress(config.train.episodes, {k: log.rows[-1][k] for k in ("reward/terminal_mean", "loss/td")})
+        log.progress(config.train.episodes, {k: v for k, v in log.rows[-1].items()
+                                             if k == "reward/terminal_mean" or k.startswith("loss/")})
     _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
 
 
