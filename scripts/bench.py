@@ -4,6 +4,7 @@
                                       # and distq with train.processes = 2
     python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
     python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
+    python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -297,11 +298,53 @@ def bench_parallel(rounds: int, episodes: int) -> dict:
     }
 
 
+def bench_rllib(rounds: int, timesteps: int) -> dict:
+    """Environment steps per second at paper scale: distq's batched rollout (B = 300 trajectories of K = 20 steps,
+    policy forward, exploration noise and ratio rewards included) against the same MDP (distq.rllib_env) stepped
+    by RLlib's SingleAgentEnvRunner with random actions (no policy at all), 1 and 8 env copies per runner."""
+    import logging
+
+    import ray
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from distq.rllib_env import register
+
+    config, _, _, _, rollout = _setup()
+    name = register()
+    rates: dict[str, list[float]] = {"distq_rollout": [], "rllib_env_runner_1_env": [], "rllib_env_runner_8_envs": []}
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    try:
+        runners = {key: SingleAgentEnvRunner(config=PPOConfig().environment(name, env_config=PAPER_SCALE)
+                                             .env_runners(num_envs_per_env_runner=envs))
+                   for key, envs in (("rllib_env_runner_1_env", 1), ("rllib_env_runner_8_envs", 8))}
+        batch_steps = config.train.batch_size * config.sde.num_steps
+        for r in range(rounds):
+            began, episodes = time.perf_counter(), max(1, timesteps // batch_steps)
+            for e in range(episodes):
+                rollout.run(episode_chunks(config.seed, r * episodes + e, config.train.batch_size,
+                                           config.train.chunk_size))
+            rates["distq_rollout"].append(episodes * batch_steps / (time.perf_counter() - began))
+            for key, runner in runners.items():
+                began = time.perf_counter()
+                runner.sample(num_timesteps=timesteps, random_actions=True)
+                rates[key].append(timesteps / (time.perf_counter() - began))
+        for runner in runners.values():
+            runner.stop()
+    finally:
+        ray.shutdown()
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    return {"setting": "swiss_roll N=300 d=2, K=20 sde steps per episode; distq B=300 per batch, one thread",
+            "env_steps_per_s_median": median, "env_steps_per_s_rounds": rates,
+            "distq_vs_rllib": {k: median["distq_rollout"] / v for k, v in median.items() if k.startswith("rllib")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("core", "quality", "parallel"), nargs="?", default="core")
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib"), nargs="?", default="core")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--episodes", type=int, default=None)
+    parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
     parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -312,6 +355,8 @@ def main() -> None:
         result = bench_core(args.rounds, args.episodes or 100)
     elif args.what == "parallel":
         result = bench_parallel(args.rounds, args.episodes or 100)
+    elif args.what == "rllib":
+        result = bench_rllib(args.rounds, args.episodes or 4000)
     else:
         result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
