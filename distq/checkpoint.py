@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distq.config import Config, flatten
+from distq.config import Config, config_from_dict, flatten
 from distq.errors import DistqError
 
 FORMAT = 1
@@ -60,7 +60,12 @@ def _reason(err: Exception) -> str:
 
 
 def config_differences(saved: dict[str, Any], config: Config) -> list[str]:
-    """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring RESUMABLE_CHANGES."""
+    """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring RESUMABLE_CHANGES.
+    Keys that an older distq did not write take their defaults (they did what the default does)."""
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except DistqError:
+        pass  # compared as written: every differing key is named
     old, new = flatten(saved), flatten(config.to_dict())
     keys = sorted(set(old) | set(new))
     return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]

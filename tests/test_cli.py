@@ -514,3 +514,17 @@ def test_huge_learning_rate_stops_with_a_message(tmp_path):
                            "--out", run)
     assert_refused(code, err, "train.lr_policy")
     assert load_checkpoint(run / "checkpoint.pt")["episode"] >= 1
+
+
+def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path):
+    """A config written before keys existed (e.g. train.algorithm) compares as their defaults, so it resumes."""
+    from distq.checkpoint import config_differences
+    from distq.config import config_from_dict
+
+    config = config_from_dict({"train": {"episodes": 5}})
+    saved = config.to_dict()
+    for key in ("algorithm", "init", "processes", "kl_weight"):
+        del saved["train"][key]
+    assert config_differences(saved, config) == []
+    saved["train"]["beta"] = 2.0
+    assert config_differences(saved, config) == ["train.beta"]
