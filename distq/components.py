@@ -67,7 +67,7 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
     if algorithm == "ct_finetune" and reference is None:
         reference = build_reference(config, points)
     return Rollout(policy, make_grid(config), config.sde.sampler,
-                   RatioEstimator(points, config.ratio.eps, config.ratio.minibatch), terminal_reward,
+                   RatioEstimator.from_config(points, config.ratio), terminal_reward,
                    config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                    running_rewards=algorithm in ("qlearning", "ct_finetune"),
                    reference=reference if algorithm == "ct_finetune" else None)

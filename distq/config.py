@@ -23,6 +23,7 @@ SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
 PRECONDITIONS = ("edm", "none")
 LR_SCHEDULES = ("constant", "cosine")
+RATIO_METHODS = ("auto", "exact", "minibatch", "knn")
 ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok")
 """qlearning: Algorithm 1 (ours). The baselines of algorithm.md section 10: ct_finetune (Scores as Actions: Algorithm 1
 with the pretrained policy mean of train.init in place of the ratio-estimated score), and by policy gradient on
@@ -123,14 +124,24 @@ class SDEConfig:
 class RatioConfig:
     """Ratio estimator of the score (E13)."""
 
+    method: str = "auto"
+    """exact (all N points) | minibatch (a fresh random subset of ratio.minibatch points per step) | knn (the
+    ratio.knn nearest points of each query) | auto (distq.ratio.choose_method: minibatch if ratio.minibatch is set,
+    else exact up to N = 4096 or from d = 16 on, else minibatch of 1024)."""
     eps: float = 0.0
     """The paper's lower bound: weights divide by max(sum_j p_j, N eps). 0 = plain softmax (log-sum-exp)."""
     minibatch: Optional[int] = None
-    """Use a fresh random subset of this many data points per step (None = all N)."""
+    """Subset size m of the minibatch method (None: 1024 when the method is minibatch)."""
+    knn: int = 64
+    """Neighbours k of the knn method."""
 
     def __post_init__(self) -> None:
+        _choice(self.method, "ratio.method", RATIO_METHODS)
         _require(self.eps >= 0 and math.isfinite(self.eps), "ratio.eps", f"must be >= 0, got {self.eps}")
         _require(self.minibatch is None or self.minibatch >= 1, "ratio.minibatch", f"must be >= 1, got {self.minibatch}")
+        _require(self.knn >= 1, "ratio.knn", f"must be >= 1, got {self.knn}")
+        _require(self.method != "knn" or self.eps == 0, "ratio.method",
+                 "knn keeps only the nearest points, so it needs ratio.eps = 0 (the floor is over all N)")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ weighted average of the data with weights w_i(x) proportional to N(x; mu_t x0_i,
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from distq.config import RatioConfig
 
 
 def ratio_weights(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float, eps: float = 0.0,
@@ -44,14 +47,61 @@ def running_reward(score: torch.Tensor, action: torch.Tensor, g2) -> torch.Tenso
     return (score - action).pow(2).sum(-1).mul(-0.5 * g2)
 
 
-class RatioEstimator:
-    """(E13) over a fixed data set, with optional random data minibatches of size `minibatch` per call."""
+def knn_ratio_score(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float, k: int,
+                    data_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(E13) with the weights restricted to the k data points nearest to x / mu_t (the k largest kernels) and
+    renormalised over them; x: (B, d), data: (N, d) -> (B, d). Exact when k >= N; otherwise it drops the weight
+    of the other N - k points, a bias that is small once they carry little mass (small t, or high d)."""
+    if data_sq is None:
+        data_sq = data.pow(2).sum(-1)
+    if k >= data.shape[0]:
+        return ratio_score(x, data, mu, sigma2, 0.0, data_sq)
+    logits = torch.addmm(data_sq.mul(-0.5 * mu * mu / sigma2).unsqueeze(0), x, data.T, alpha=mu / sigma2)
+    top, index = logits.topk(k, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    posterior = torch.einsum("bk,bkd->bd", weights, data[index])
+    return (posterior * mu - x) / sigma2
 
-    def __init__(self, data: torch.Tensor, eps: float = 0.0, minibatch: Optional[int] = None):
+
+AUTO_EXACT_MAX_N = 4096
+"""auto: up to this many data points the exact estimator is cheap enough (B N d per step)."""
+AUTO_EXACT_MIN_DIM = 16
+"""auto: from this dimension on exact at any N: a minibatch's running reward is badly biased at small t there
+(benchmarks/ratio.json: -1.2 relative at m = 1024, t = 0.1, d = 16), and knn, as accurate, costs more than exact."""
+DEFAULT_MINIBATCH = 1024
+
+
+def choose_method(method: str, n: int, dim: int, minibatch: Optional[int]) -> str:
+    """The ratio.method rule for `auto` (see config.RatioConfig); other methods are returned as given.
+
+    Measured (scripts/bench.py ratio): minibatch is 5-15x cheaper than exact at N = 10,000 with small bias in low d;
+    knn is exact's cost plus a top-k (no cheaper on CPU) and accurate only once k covers the kernel's mass (high
+    d or small t), so auto never picks it."""
+    if method != "auto":
+        return method
+    if minibatch is not None:
+        return "minibatch"
+    return "exact" if n <= AUTO_EXACT_MAX_N or dim >= AUTO_EXACT_MIN_DIM else "minibatch"
+
+
+class RatioEstimator:
+    """(E13) over a fixed data set, with all N points, random data minibatches of size `minibatch` per call, or
+    each query's `knn` nearest points."""
+
+    def __init__(self, data: torch.Tensor, eps: float = 0.0, minibatch: Optional[int] = None,
+                 knn: Optional[int] = None):
         self.data = data
         self.data_sq = data.pow(2).sum(-1)
         self.eps = eps
         self.minibatch = minibatch if minibatch is not None and minibatch < data.shape[0] else None
+        self.knn = knn if knn is not None and knn < data.shape[0] else None
+
+    @classmethod
+    def from_config(cls, data: torch.Tensor, config: "RatioConfig") -> "RatioEstimator":
+        """The estimator of a RatioConfig (`ratio.method` resolved by choose_method)."""
+        method = choose_method(config.method, data.shape[0], data.shape[1], config.minibatch)
+        return cls(data, config.eps, minibatch=(config.minibatch or DEFAULT_MINIBATCH) if method == "minibatch"
+                   else None, knn=config.knn if method == "knn" else None)
 
     def subset(self, generator: torch.Generator) -> Optional[torch.Tensor]:
         """Indices of a fresh random minibatch (m,), or None when all data are used."""
@@ -62,5 +112,7 @@ class RatioEstimator:
     def score(self, x: torch.Tensor, mu: float, sigma2: float, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s_hat(t, x) for x: (B, d) using all data or the rows `subset`; -> (B, d)."""
         if subset is None:
+            if self.knn is not None:
+                return knn_ratio_score(x, self.data, mu, sigma2, self.knn, self.data_sq)
             return ratio_score(x, self.data, mu, sigma2, self.eps, self.data_sq)
         return ratio_score(x, self.data[subset], mu, sigma2, self.eps, self.data_sq[subset])

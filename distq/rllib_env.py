@@ -33,7 +33,7 @@ class ReverseDiffusionEnv(gymnasium.Env):
         config: Config = config_from_dict(dict(env_config or {}))
         dataset = load_dataset(config.data, config.seed)
         self.terminal_reward = load_reward(config.reward, dataset.points[:8])
-        self.ratio = RatioEstimator(dataset.points, config.ratio.eps, config.ratio.minibatch)
+        self.ratio = RatioEstimator.from_config(dataset.points, config.ratio)
         self.grid, self.beta, self.T = make_grid(config), config.train.beta, config.sde.T
         self.step_fn, self.stochastic = SAMPLERS[config.sde.sampler], is_stochastic(config.sde.sampler)
         self.prior_std, self.dim = prior_std(make_schedule(config.sde), config.sde.T), dataset.dim

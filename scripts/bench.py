@@ -5,6 +5,7 @@
     python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
     python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
     python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
+    python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -340,9 +341,47 @@ def bench_rllib(rounds: int, timesteps: int) -> dict:
             "distq_vs_rllib": {k: median["distq_rollout"] / v for k, v in median.items() if k.startswith("rllib")}}
 
 
+def bench_ratio(repeats: int) -> dict:
+    """Bias and variance of the running reward (E14) under each ratio.method, against the all-points estimator:
+    Gaussian data N(0.5, I) of N = 10,000 points in d = 2 and 16, 300 queries from the noised law at t = 0.1, 0.5,
+    1 (ou); the action is the all-points score, so the exact estimator's reward is 0 and the method's is
+    -(g^2 / 2)|s_method - s_all|^2. Bias: its mean; variance: its variance over `repeats` minibatch draws (knn is
+    deterministic), averaged over the queries; both relative to g^2/2 |s_all|^2. Also ms per call for B = 300."""
+    from distq.ratio import knn_ratio_score, ratio_score
+
+    n, batch, results = 10_000, 300, []
+    for dim in (2, 16):
+        gen = torch.Generator().manual_seed(dim)
+        data = 0.5 + torch.randn(n, dim, generator=gen)
+        for t in (0.1, 0.5, 1.0):
+            mu, sigma2 = math.exp(-t), 1 - math.exp(-2 * t)
+            x = mu * 0.5 + math.sqrt(mu**2 + sigma2) * torch.randn(batch, dim, generator=gen)
+            exact = ratio_score(x, data, mu, sigma2)
+            scale = float(exact.pow(2).sum(-1).mean())
+            began = time.perf_counter()
+            ratio_score(x, data, mu, sigma2)
+            row = {"dim": dim, "t": t, "exact_ms": 1e3 * (time.perf_counter() - began)}
+            for m in (64, 256, 1024, 4096):
+                began = time.perf_counter()
+                draws = torch.stack([-(ratio_score(x, data[torch.randperm(n, generator=gen)[:m]], mu, sigma2) - exact)
+                                     .pow(2).sum(-1) for _ in range(repeats)])
+                row[f"minibatch_m{m}"] = {"bias": float(draws.mean()) / scale, "variance": float(draws.var(0).mean())
+                                          / scale**2, "ms": 1e3 * (time.perf_counter() - began) / repeats}
+            for k in (16, 64, 256, 1024):
+                began = time.perf_counter()
+                error = -(knn_ratio_score(x, data, mu, sigma2, k) - exact).pow(2).sum(-1)
+                row[f"knn_k{k}"] = {"bias": float(error.mean()) / scale, "variance": 0.0,
+                                    "ms": 1e3 * (time.perf_counter() - began)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return {"setting": f"N(0.5, I) data, N={n}, {batch} queries from the noised law (ou), {repeats} minibatch draws; "
+                       "bias and variance of r_hat relative to g^2/2 |s_all|^2 (the factor g^2/2 cancels)",
+            "rows": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib"), nargs="?", default="core")
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio"), nargs="?", default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
@@ -357,6 +396,8 @@ def main() -> None:
         result = bench_parallel(args.rounds, args.episodes or 100)
     elif args.what == "rllib":
         result = bench_rllib(args.rounds, args.episodes or 4000)
+    elif args.what == "ratio":
+        result = bench_ratio(args.rounds)
     else:
         result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
