@@ -18,7 +18,7 @@ import yaml
 
 from distq.errors import DistqError
 
-SOURCES = ("gmm1d", "swiss_roll", "gaussian", "file")
+SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
 PRECONDITIONS = ("edm", "none")
@@ -51,9 +51,10 @@ class DataConfig:
     """Training data: a built-in generator or a user file (section 12 for the built-ins)."""
 
     source: str = "swiss_roll"
-    """gmm1d | swiss_roll | gaussian | file."""
+    """gmm1d | swiss_roll | gaussian | gmm (data.components Gaussians in data.dim dimensions) | digits (sklearn's
+    8x8 digits, d = 64, N = 1,797) | file."""
     n_samples: int = 300
-    """Number of data points N drawn from a built-in source (ignored for `file`)."""
+    """Number of data points N drawn from a built-in source (ignored for `digits` and `file`)."""
     path: Optional[str] = None
     """Parquet, CSV or .npy file of numeric rows (source `file`)."""
     columns: Optional[tuple[str, ...]] = None
@@ -61,7 +62,11 @@ class DataConfig:
     mean: tuple[float, ...] = (0.0, 0.0)
     """Mean of the `gaussian` source; its length is the dimension d."""
     std: float = 1.0
-    """Per-coordinate standard deviation of the `gaussian` source."""
+    """Per-coordinate standard deviation of the `gaussian` source and of each `gmm` component."""
+    components: int = 8
+    """`gmm`: number of equally weighted components, means drawn from N(0, 9 I) with the seed."""
+    dim: int = 16
+    """`gmm`: dimension d."""
 
     def __post_init__(self) -> None:
         _choice(self.source, "data.source", SOURCES)
@@ -70,6 +75,8 @@ class DataConfig:
         _require(len(self.mean) >= 1, "data.mean", "must have at least one coordinate")
         _positive(self.std, "data.std")
         _require(self.columns is None or len(self.columns) > 0, "data.columns", "must list at least one column")
+        _require(self.components >= 1, "data.components", f"must be >= 1, got {self.components}")
+        _require(self.dim >= 1, "data.dim", f"must be >= 1, got {self.dim}")
 
 
 @dataclass(frozen=True)
@@ -297,9 +304,11 @@ class Config:
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
         _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
                  "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
-        if self.reward.fn == "linear" and self.data.source == "gaussian":
-            _require(len(self.reward.coef) == len(self.data.mean), "reward.coef",
-                     f"has {len(self.reward.coef)} entries but data.mean has {len(self.data.mean)}")
+        dims = {"gaussian": (len(self.data.mean), "data.mean has"), "gmm": (self.data.dim, "data.dim is"),
+                "digits": (64, "digits have"), "swiss_roll": (2, "swiss_roll has"), "gmm1d": (1, "gmm1d has")}
+        if self.reward.fn == "linear" and self.data.source in dims:
+            dim, what = dims[self.data.source]
+            _require(len(self.reward.coef) == dim, "reward.coef", f"has {len(self.reward.coef)} entries but {what} {dim}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists instead of tuples), ready for YAML."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -97,10 +97,47 @@ def _gaussian_sampler(mean: tuple[float, ...], std: float) -> Sampler:
     return sample
 
 
+def gmm_means(components: int, dim: int, seed: int) -> torch.Tensor:
+    """(components, dim) means of the `gmm` source, drawn from N(0, 9 I) with the run's seed."""
+    return 3.0 * torch.randn(components, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def gmm_sampler(means: torch.Tensor, std: float, weights: Optional[torch.Tensor] = None) -> Sampler:
+    """Draws from sum_j w_j N(means_j, std^2 I) (equal weights by default)."""
+    weights = torch.full((means.shape[0],), 1.0 / means.shape[0]) if weights is None else weights
+
+    def sample(n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, d) mixture draws."""
+        which = torch.multinomial(weights, n, replacement=True, generator=generator)
+        return means[which] + std * torch.randn(n, means.shape[1], generator=generator)
+
+    return sample
+
+
+def tilted_gmm(means: torch.Tensor, std: float, beta: float, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closed-form exponential tilt (E7) of an equal-weight Gaussian mixture by exp(beta coef . x): again a
+    mixture, component j moved to m_j + beta s^2 c and reweighted by exp(beta c . m_j) (normalised).
+    Returns (means (J, d), weights (J,))."""
+    logits = beta * means @ coef
+    return means + beta * std**2 * coef, torch.softmax(logits, 0)
+
+
+def _digits() -> torch.Tensor:
+    """sklearn's 8x8 digits as (1797, 64) float32 pixel intensities 0..16, shipped with sklearn (no download)."""
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().data.astype(np.float32))
+
+
 def _builtin(cfg: DataConfig, seed: int) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
     if cfg.source == "swiss_roll":
         points, fresh = swiss_roll_sample(cfg.n_samples, seed), _fresh_swiss_roll
+    elif cfg.source == "digits":
+        points, fresh = _digits(), None
+    elif cfg.source == "gmm":
+        fresh = gmm_sampler(gmm_means(cfg.components, cfg.dim, seed), cfg.std)
+        points = fresh(cfg.n_samples, generator)
     else:
         fresh = gmm1d_sample if cfg.source == "gmm1d" else _gaussian_sampler(cfg.mean, cfg.std)
         points = fresh(cfg.n_samples, generator)
@@ -111,12 +148,58 @@ def _fail(path: Path, message: str) -> DistqError:
     return DistqError(f"data file '{path}' (data.path): {message}")
 
 
-def _read_table(path: Path) -> pa.Table:
-    """Parquet or CSV -> arrow table; unreadable files become DistqError."""
+PARQUET_BATCH_ROWS = 16384
+"""Rows per record batch when reading Parquet: a large file is converted batch by batch into one float32 array."""
+
+Batches = tuple[list[str], int, Iterator[np.ndarray]]
+"""Column names, number of rows, and (rows, d) float64 blocks in row order."""
+
+
+def _check_numeric(schema: pa.Schema, names: list[str], path: Path) -> None:
+    for name in names:
+        kind = schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+            raise _fail(path, f"column '{name}' is not numeric (arrow type {kind})")
+
+
+def _columns_of(batch, names: list[str]) -> np.ndarray:
+    """(rows, d) float64 of an arrow table or record batch; nulls become NaN (reported by the finiteness check)."""
+    if not names:
+        return np.zeros((batch.num_rows, 0))
+    return np.column_stack([batch.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names])
+
+
+def _parquet_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+    """A Parquet file read in record batches of PARQUET_BATCH_ROWS (never whole, never as Python objects)."""
     try:
-        return pq.read_table(path) if path.suffix == ".parquet" else pa_csv.read_csv(path)
+        parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise _fail(path, f"could not be read as {path.suffix[1:]}: {err}") from None
+        raise _fail(path, f"could not be read as parquet: {err}") from None
+    names = _select(parquet.schema_arrow.names, wanted, path)
+    rows = parquet.metadata.num_rows
+    if rows:
+        _check_numeric(parquet.schema_arrow, names, path)
+
+    def blocks() -> Iterator[np.ndarray]:
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=names):
+                yield _columns_of(batch, names)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise _fail(path, f"could not be read as parquet: {err}") from None
+
+    return names, rows, blocks()
+
+
+def _csv_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+    """A CSV file as one block."""
+    try:
+        table = pa_csv.read_csv(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _fail(path, f"could not be read as csv: {err}") from None
+    names = _select(table.column_names, wanted, path)
+    if table.num_rows:  # a header-only CSV has untyped (null) columns
+        _check_numeric(table.schema, names, path)
+    return names, table.num_rows, iter([_columns_of(table, names)])
 
 
 def _select(available: list[str], wanted: Optional[tuple[str, ...]], path: Path) -> list[str]:
@@ -130,26 +213,8 @@ def _select(available: list[str], wanted: Optional[tuple[str, ...]], path: Path)
     return list(wanted)
 
 
-def _table_values(path: Path, wanted: Optional[tuple[str, ...]]) -> tuple[np.ndarray, list[str]]:
-    """(N, d) float64 values and column names of a parquet/CSV file."""
-    table = _read_table(path)
-    names = _select(table.column_names, wanted, path)
-    if table.num_rows == 0:
-        # Checked before the types: a header-only CSV has untyped (null) columns.
-        return np.zeros((0, len(names))), names
-    for name in names:
-        kind = table.schema.field(name).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-            raise _fail(path, f"column '{name}' is not numeric (arrow type {kind})")
-    if not names:
-        return np.zeros((table.num_rows, 0)), names
-    # Nulls become NaN here and are reported by the finiteness check.
-    columns = [table.column(n).to_numpy().astype(np.float64) for n in names]
-    return np.column_stack(columns), names
-
-
-def _npy_values(path: Path, wanted: Optional[tuple[str, ...]]) -> tuple[np.ndarray, list[str]]:
-    """(N, d) values and column names 'x0', ... of a 1-D or 2-D numeric .npy file."""
+def _npy_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+    """A 1-D or 2-D numeric .npy file as one block, columns named 'x0', ...."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -162,16 +227,17 @@ def _npy_values(path: Path, wanted: Optional[tuple[str, ...]]) -> tuple[np.ndarr
         array = array[:, None]
     available = list(_default_columns(array.shape[1]))
     names = _select(available, wanted, path)
-    return array[:, [available.index(n) for n in names]], names
+    return names, array.shape[0], iter([array[:, [available.index(n) for n in names]]])
 
 
-def _check_finite(points: np.ndarray, values: np.ndarray, names: list[str], path: Path) -> None:
-    """Name the first (row, column) where the float32 `points` are not finite, quoting the file's `values`."""
+def _check_finite(points: np.ndarray, values: np.ndarray, names: list[str], path: Path, offset: int) -> None:
+    """Name the first (row, column) where the float32 `points` are not finite, quoting the file's `values`;
+    the block starts at row `offset` of the file."""
     bad = ~np.isfinite(points)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise _fail(path, f"column '{names[col]}' has a value that is not a finite float32 "
-                          f"({values[row, col]}) at row {row}")
+                          f"({values[row, col]}) at row {offset + row}")
 
 
 def _from_file(cfg: DataConfig) -> Dataset:
@@ -182,15 +248,19 @@ def _from_file(cfg: DataConfig) -> Dataset:
         raise _fail(path, f"unsupported extension '{path.suffix}'; use one of {', '.join(FILE_FORMATS)}")
     if path.stat().st_size == 0:
         raise _fail(path, "file is empty")
-    read = _npy_values if path.suffix == ".npy" else _table_values
-    values, names = read(path, cfg.columns)
-    if values.shape[1] == 0:
+    read = {".parquet": _parquet_batches, ".csv": _csv_batches, ".npy": _npy_batches}[path.suffix]
+    names, rows, blocks = read(path, cfg.columns)
+    if not names:
         raise _fail(path, "file has no columns")
-    if values.shape[0] < 2:
-        raise _fail(path, f"file has {values.shape[0]} rows; at least 2 are needed")
-    with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported just below
-        points = values.astype(np.float32)
-    _check_finite(points, values, names, path)
+    if rows < 2:
+        raise _fail(path, f"file has {rows} rows; at least 2 are needed")
+    points, offset = np.empty((rows, len(names)), dtype=np.float32), 0
+    for values in blocks:
+        with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported just below
+            block = values.astype(np.float32)
+        _check_finite(block, values, names, path, offset)
+        points[offset:offset + len(block)] = block
+        offset += len(block)
     return Dataset(torch.from_numpy(points), tuple(names), str(cfg.path), None)
 
 

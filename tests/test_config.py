@@ -159,6 +159,8 @@ def test_wrong_type_names_field(override, field):
     (["ratio.eps=-1.0"], "ratio.eps"),
     (["seed=-1"], "seed"),
     (["train.processes=3"], "train.processes"),
+    (["data.source=gmm", "data.dim=3", "reward.fn=linear", "reward.coef=[1, 2]"], "reward.coef"),
+    (["data.source=gmm", "data.components=0"], "data.components"),
     (["train.processes=2", "parallel.workers=1"], "train.processes"),
 ])
 def test_out_of_range_names_field(overrides, field):

@@ -214,3 +214,59 @@ def test_non_finite_npy(tmp_path):
 
 def test_npy_wrong_rank(tmp_path):
     assert "(2, 2, 2)" in _message(_write_npy(tmp_path, np.zeros((2, 2, 2))))
+
+
+# ---- larger and higher-dimensional sources ----------------------------------------------------------------------
+
+def test_digits_are_sklearns_8x8_images():
+    from sklearn.datasets import load_digits
+
+    dataset = load_dataset(DataConfig(source="digits"), seed=0)
+    assert dataset.points.shape == (1797, 64) and dataset.fresh is None
+    assert np.array_equal(dataset.points.numpy(), load_digits().data.astype(np.float32))
+
+
+def test_gmm_tilt_is_the_closed_form_of_importance_weighting():
+    """(E7) for a mixture: exp(beta c . x) p(x) normalised. The closed form's mean and component weights against
+    self-normalised importance weights of 400,000 draws."""
+    from distq.data import gmm_means, gmm_sampler, tilted_gmm
+
+    means, std, beta = gmm_means(4, 3, seed=1), 0.8, 0.3
+    coef = torch.tensor([1.0, -0.5, 0.25])
+    draws = gmm_sampler(means, std)(400_000, torch.Generator().manual_seed(2)).double()
+    weights = torch.softmax(beta * draws @ coef.double(), 0)
+    tilted_means, tilted_weights = tilted_gmm(means, std, beta, coef)
+    expected = (tilted_weights[:, None] * tilted_means).sum(0).double()
+    assert torch.allclose((weights[:, None] * draws).sum(0), expected, atol=0.05)
+    tilted = gmm_sampler(tilted_means, std, tilted_weights)(400_000, torch.Generator().manual_seed(3))
+    assert torch.allclose(tilted.mean(0).double(), expected, atol=0.05)
+
+
+def test_gmm_source_has_its_dimension_and_seeded_means():
+    first = load_dataset(DataConfig(source="gmm", n_samples=1000, dim=5, components=3), seed=4)
+    again = load_dataset(DataConfig(source="gmm", n_samples=1000, dim=5, components=3), seed=4)
+    assert first.points.shape == (1000, 5) and torch.equal(first.points, again.points)
+
+
+def test_large_parquet_is_read_in_batches_and_bad_rows_are_named(tmp_path):
+    """10^5 rows x 16 columns: read batch by batch into one float32 array (peak traced allocations stay a few times
+    the array, far below the ~50 MB Python floats would take), and a NaN deep in the file is named by its row."""
+    import tracemalloc
+
+    rows = 100_000
+    values = np.random.default_rng(0).normal(size=(rows, 16))
+    table = pa.table({f"c{i}": values[:, i] for i in range(16)})
+    good = tmp_path / "big.parquet"
+    pq.write_table(table, good, row_group_size=20_000)
+    tracemalloc.start()
+    dataset = load_dataset(DataConfig(source="file", path=str(good)), seed=0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert dataset.points.shape == (rows, 16) and dataset.columns[0] == "c0"
+    assert np.allclose(dataset.points.numpy(), values.astype(np.float32))
+    assert peak < 4 * dataset.points.numpy().nbytes, peak
+    values[76_543, 9] = np.nan
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({f"c{i}": values[:, i] for i in range(16)}), bad, row_group_size=20_000)
+    with pytest.raises(DistqError, match="column 'c9' .* at row 76543"):
+        load_dataset(DataConfig(source="file", path=str(bad)), seed=0)
