@@ -50,7 +50,7 @@ class PolicyGradientLearner(Learner):
 
     def log_densities(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_psi(a_k | tau_k, Y_k) (K, B) with the policy's graph, and the means (K, B, d)."""
-        means = self.policy(self.grid.tau.unsqueeze(1), batch.states)
+        means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
         return policy_log_density(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature), means
 
     def update(self, batch: Trajectories) -> dict[str, float]:
@@ -61,7 +61,7 @@ class PolicyGradientLearner(Learner):
         if config.algorithm == "dpok":
             log_density, means = self.log_densities(batch)
             with torch.no_grad():
-                reference = self.reference(self.grid.tau.unsqueeze(1), batch.states)
+                reference = self.reference(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
             kl = policy_kl(means, reference, self.grid.g2.unsqueeze(1), config.temperature).sum(0).mean()
             loss = -(log_density.sum(0) * (rewards - rewards.mean())).mean() + config.kl_weight * kl
             metrics["kl/reference"] = float(kl.detach())

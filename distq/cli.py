@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the run's)")
     sample.add_argument("--steps", type=int, help="number of steps over [0, T] (default: the run's)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--condition", help="generate for this condition value only (conditional runs; default: "
+                                            "conditions in the training data's shares)")
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating")
@@ -111,14 +113,25 @@ def _sample(args: argparse.Namespace) -> None:
         raise DistqError(f"--out {out} is a directory; name a .parquet file")
     rundir.check_writable_dir(out.parent, "--out")
     config, payload = _load_run(args.run_dir)
-    columns = payload["columns"]
+    columns, known = payload["columns"], payload.get("conditions")
+    if args.condition is not None and known is None:
+        raise DistqError(f"--condition: the run in {args.run_dir} is not conditional (no data.condition)")
+    generator = torch.Generator().manual_seed(args.seed)
+    conditions, condition_column = None, None
+    if known is not None:
+        values = [str(v) for v in known["values"]]
+        if args.condition is not None and args.condition not in values:
+            raise DistqError(f"--condition {args.condition!r} is not one of the run's conditions: {', '.join(values)}")
+        conditions = (torch.full((args.n,), values.index(args.condition)) if args.condition is not None else
+                      torch.multinomial(torch.tensor(known["probabilities"]), args.n, True, generator=generator))
+        condition_column = (config.data.condition, [known["values"][int(c)] for c in conditions])
     # Generation needs only the policy: a placeholder stands in for the data and the reward.
-    rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None)
+    rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None,
+                            classes=len(known["values"]) if known else 0)
     rollout.set_weights(payload["learner"]["policy"])
-    samples = rollout.generate(args.n, torch.Generator().manual_seed(args.seed), make_grid(config, args.steps),
-                               args.sampler)
+    samples = rollout.generate(args.n, generator, make_grid(config, args.steps), args.sampler, conditions)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_samples(out, samples, columns)
+    rundir.write_samples(out, samples, columns, condition_column)
     print(f"wrote {args.n} samples ({args.sampler or config.sde.sampler}, "
           f"{args.steps or config.sde.num_steps} steps) to {out}")
 
@@ -131,9 +144,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate_given(rundir.read_samples(Path(args.samples), payload["columns"]), dataset, reward, config)
         metrics["samples"] = str(args.samples)
     else:
-        rollout = build_rollout(config, dataset.points, reward)
+        rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
         rollout.set_weights(payload["learner"]["policy"])
-        metrics, _ = evaluate_policy(rollout, dataset, reward, config)
+        metrics = evaluate_policy(rollout, dataset, reward, config)[0]
     rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
     print(json.dumps(metrics, indent=2))
 

@@ -38,46 +38,50 @@ def _preconditioner(config: Config, points: torch.Tensor) -> Preconditioner:
                           enabled=config.model.precondition == "edm")
 
 
-def build_policy(config: Config, points: torch.Tensor) -> PolicyMean:
-    """A fresh policy-mean network mu_psi (E10), seeded by config.seed."""
+def build_policy(config: Config, points: torch.Tensor, classes: int = 0) -> PolicyMean:
+    """A fresh policy-mean network mu_psi (E10), seeded by config.seed; conditional on C = classes > 0 conditions."""
     torch.manual_seed(config.seed)
-    return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points))
+    return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points), classes)
 
 
-def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward) -> ValueNet:
+def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> ValueNet:
     """A fresh value network J_phi (E12) whose output is put at the scale of beta h on the data."""
     torch.manual_seed(config.seed + 1)
     beta = config.train.beta
     rewards = terminal_reward(points)
     return ValueNet(points.shape[1], config.model.hidden, _preconditioner(config, points), config.train.temperature,
-                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()))
+                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()), classes=classes)
 
 
-def build_reference(config: Config, points: torch.Tensor) -> Optional[PolicyMean]:
+def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> Optional[PolicyMean]:
     """The pretrained policy's placeholder (ct_finetune, dpok; its weights come from train.init), else None."""
-    return build_policy(config, points) if config.train.algorithm in PRETRAINED_ALGORITHMS else None
+    return build_policy(config, points, classes) if config.train.algorithm in PRETRAINED_ALGORITHMS else None
 
 
 def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
-                  policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None) -> Rollout:
+                  policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None,
+                  labels: Optional[torch.Tensor] = None, classes: int = 0) -> Rollout:
     """A rollout over `points`; it shares `policy` (in-process) or builds its own copy (another process), and for
-    ct_finetune the pretrained `reference` likewise."""
-    policy = policy if policy is not None else build_policy(config, points)
+    ct_finetune the pretrained `reference` likewise. Conditional runs give the points' condition `labels` (or,
+    to generate only, the number of `classes`)."""
+    classes = classes or (int(labels.max()) + 1 if labels is not None else 0)
+    policy = policy if policy is not None else build_policy(config, points, classes)
     algorithm = config.train.algorithm
     if algorithm == "ct_finetune" and reference is None:
-        reference = build_reference(config, points)
+        reference = build_reference(config, points, classes)
     return Rollout(policy, make_grid(config), config.sde.sampler,
                    RatioEstimator.from_config(points, config.ratio), terminal_reward,
                    config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                    running_rewards=algorithm in ("qlearning", "ct_finetune"),
-                   reference=reference if algorithm == "ct_finetune" else None)
+                   reference=reference if algorithm == "ct_finetune" else None, labels=labels)
 
 
-def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward) -> Learner:
+def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> Learner:
     """The central learner with fresh networks: Algorithm 1's, or a baseline's (distq.baselines) by train.algorithm."""
-    policy, reference = build_policy(config, points), build_reference(config, points)
+    policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
     if config.train.algorithm not in ("qlearning", "ct_finetune"):
         from distq.baselines import PolicyGradientLearner
 
         return PolicyGradientLearner(policy, make_grid(config), config.train, reference)
-    return Learner(policy, build_value(config, points, terminal_reward), make_grid(config), config.train, reference)
+    return Learner(policy, build_value(config, points, terminal_reward, classes), make_grid(config), config.train,
+                   reference)

@@ -65,6 +65,12 @@ class DataConfig:
     """Per-coordinate standard deviation of the `gaussian` source and of each `gmm` component."""
     components: int = 8
     """`gmm`: number of equally weighted components, means drawn from N(0, 9 I) with the seed."""
+    condition: Optional[str] = None
+    """Conditional generation (Algorithm 2): `label` for a built-in's own labels (gmm1d and gmm: the component,
+    swiss_roll: one of data.classes segments along the roll, digits: the digit), or for a file the name of its
+    integer label column (not a data column). None: unconditional."""
+    classes: int = 3
+    """swiss_roll with data.condition = label: number of equal segments of the roll's parameter."""
     dim: int = 16
     """`gmm`: dimension d."""
 
@@ -76,6 +82,14 @@ class DataConfig:
         _positive(self.std, "data.std")
         _require(self.columns is None or len(self.columns) > 0, "data.columns", "must list at least one column")
         _require(self.components >= 1, "data.components", f"must be >= 1, got {self.components}")
+        _require(self.classes >= 1, "data.classes", f"must be >= 1, got {self.classes}")
+        _require(self.condition is None or self.source == "file" or self.condition == "label", "data.condition",
+                 f"must be 'label' for the built-in source {self.source!r} (or a column name for files), "
+                 f"got {self.condition!r}")
+        _require(self.condition is None or self.source != "gaussian", "data.condition",
+                 "the gaussian source has no labels; use gmm, gmm1d, swiss_roll, digits or a file's label column")
+        _require(self.condition is None or self.columns is None or self.condition not in self.columns,
+                 "data.condition", "names a column also listed in data.columns")
         _require(self.dim >= 1, "data.dim", f"must be >= 1, got {self.dim}")
 
 
@@ -302,6 +316,13 @@ class Config:
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
+        if self.data.condition is not None:
+            _require(self.parallel.workers == 0, "data.condition", "conditional runs are in-process for now "
+                     "(parallel.workers = 0)")
+            _require(self.train.processes == 1, "data.condition", "conditional runs need train.processes = 1 for now")
+            _require(self.ratio.method in ("auto", "exact") and self.ratio.minibatch is None, "data.condition",
+                     "conditional runs use the exact ratio estimator per condition (ratio.method exact or auto, "
+                     "no ratio.minibatch)")
         _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
                  "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
         dims = {"gaussian": (len(self.data.mean), "data.mean has"), "gmm": (self.data.dim, "data.dim is"),

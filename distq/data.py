@@ -5,6 +5,7 @@ Every bad file raises DistqError naming the file, the config field and what is w
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -22,6 +23,7 @@ from distq.errors import DistqError
 FILE_FORMATS = (".parquet", ".csv", ".npy")
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
+LabelledSampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +38,21 @@ class Dataset:
     """'swiss_roll', 'gmm1d', 'gaussian', or the file path."""
     fresh: Optional[Sampler]
     """(n, generator) -> (n, d) float32 fresh draws from the true law; None for files."""
+    labels: Optional[torch.Tensor] = None
+    """(N,) long condition index of each point (data.condition), or None."""
+    condition_values: tuple = ()
+    """The condition's values; labels index them (a file's own label values, 0..C-1 for built-ins)."""
+    fresh_labelled: Optional[LabelledSampler] = None
+    """(n, generator) -> fresh draws and their condition indices, when the law is known."""
+
+    @property
+    def classes(self) -> int:
+        """Number of conditions C (0: unconditional)."""
+        return len(self.condition_values)
+
+    def class_probabilities(self) -> torch.Tensor:
+        """(C,) share of each condition among the training points."""
+        return torch.bincount(self.labels, minlength=self.classes).float() / self.n
 
     @property
     def dim(self) -> int:
@@ -45,46 +62,83 @@ class Dataset:
     def n(self) -> int:
         return self.points.shape[0]
 
-    def reference_pair(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_pair(self, n: int, generator: torch.Generator,
+                       condition: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independent reference batches for the KL estimator's floor: fresh draws, or for files two disjoint
-        random subsets of min(n, N // 2) points (overlapping subsets would share points at distance 0)."""
-        if self.fresh is not None:
-            return self.fresh(n, generator), self.fresh(n, generator)
-        size = min(n, self.n // 2)
-        order = torch.randperm(self.n, generator=generator)
-        return self.points[order[:size]], self.points[order[size:2 * size]]
+        random subsets of min(n, N // 2) points (overlapping subsets would share points at distance 0); of one
+        condition's law or points if `condition` is given."""
+        if self._fresh_for(condition) is not None:
+            return self.reference(n, generator, condition), self.reference(n, generator, condition)
+        points = self._points_of(condition)
+        size = min(n, points.shape[0] // 2)
+        order = torch.randperm(points.shape[0], generator=generator)
+        return points[order[:size]], points[order[size:2 * size]]
 
-    def reference(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, d) samples to compare generated ones against (only N rows if a file holds N < n points).
+    def reference(self, n: int, generator: torch.Generator, condition: Optional[int] = None) -> torch.Tensor:
+        """(n, d) samples to compare generated ones against (only N rows if a file holds N < n points), of one
+        condition if given.
 
         Fresh draws when the law is known; else a random subset of the points without replacement (all if n >= N).
         """
-        if self.fresh is not None:
+        if condition is not None and self.fresh_labelled is not None:
+            kept, have = [], 0
+            while have < n:  # rejection: fresh labelled draws of that condition
+                points, labels = self.fresh_labelled(2 * n, generator)
+                kept.append(points[labels == condition])
+                have += kept[-1].shape[0]
+            return torch.cat(kept)[:n]
+        if condition is None and self.fresh is not None:
             return self.fresh(n, generator)
-        if n >= self.n:
-            return self.points
-        return self.points[torch.randperm(self.n, generator=generator)[:n]]
+        points = self._points_of(condition)
+        if n >= points.shape[0]:
+            return points
+        return points[torch.randperm(points.shape[0], generator=generator)[:n]]
+
+    def _fresh_for(self, condition: Optional[int]):
+        return self.fresh if condition is None else self.fresh_labelled
+
+    def _points_of(self, condition: Optional[int]) -> torch.Tensor:
+        return self.points if condition is None else self.points[self.labels == condition]
 
 
 def _default_columns(d: int) -> tuple[str, ...]:
     return tuple(f"x{i}" for i in range(d))
 
 
+def gmm1d_labelled(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 1) draws from 0.5 N(-2, 1) + 0.5 N(2, 1) and their components (n,) (0: the left one)."""
+    components = torch.randint(0, 2, (n, 1), generator=generator)
+    return 4.0 * components.float() - 2.0 + torch.randn(n, 1, generator=generator), components[:, 0]
+
+
 def gmm1d_sample(n: int, generator: torch.Generator) -> torch.Tensor:
     """(n, 1) draws from 0.5 N(-2, 1) + 0.5 N(2, 1)."""
-    centres = 4.0 * torch.randint(0, 2, (n, 1), generator=generator).float() - 2.0
-    return centres + torch.randn(n, 1, generator=generator)
+    return gmm1d_labelled(n, generator)[0]
+
+
+_ROLL_START, _ROLL_SPAN = 1.5 * np.pi, 3.0 * np.pi  # make_swiss_roll's parameter t is uniform on [1.5 pi, 4.5 pi]
+
+
+def swiss_roll_labelled(n: int, random_state: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2) sklearn make_swiss_roll(n, noise=0.5) columns (0, 2), unscaled, and the segment (n,) of each point:
+    `classes` equal pieces of the roll's parameter t, from its inner end."""
+    x, t = make_swiss_roll(n, noise=0.5, random_state=random_state)
+    segments = np.clip(((t - _ROLL_START) / _ROLL_SPAN * classes).astype(np.int64), 0, classes - 1)
+    return torch.from_numpy(x[:, [0, 2]].astype(np.float32)), torch.from_numpy(segments)
 
 
 def swiss_roll_sample(n: int, random_state: int) -> torch.Tensor:
     """(n, 2) sklearn make_swiss_roll(n, noise=0.5) columns (0, 2), unscaled."""
-    x, _ = make_swiss_roll(n, noise=0.5, random_state=random_state)
-    return torch.from_numpy(x[:, [0, 2]].astype(np.float32))
+    return swiss_roll_labelled(n, random_state, 1)[0]
+
+
+def _numpy_seed(generator: torch.Generator) -> int:
+    # sklearn takes a numpy seed: derive one from the torch generator so repeated calls draw new points.
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
 def _fresh_swiss_roll(n: int, generator: torch.Generator) -> torch.Tensor:
-    # sklearn takes a numpy seed: derive one from the torch generator so repeated calls draw new points.
-    return swiss_roll_sample(n, int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    return swiss_roll_sample(n, _numpy_seed(generator))
 
 
 def _gaussian_sampler(mean: tuple[float, ...], std: float) -> Sampler:
@@ -102,16 +156,22 @@ def gmm_means(components: int, dim: int, seed: int) -> torch.Tensor:
     return 3.0 * torch.randn(components, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def gmm_sampler(means: torch.Tensor, std: float, weights: Optional[torch.Tensor] = None) -> Sampler:
-    """Draws from sum_j w_j N(means_j, std^2 I) (equal weights by default)."""
+def gmm_labelled_sampler(means: torch.Tensor, std: float, weights: Optional[torch.Tensor] = None) -> LabelledSampler:
+    """Draws from sum_j w_j N(means_j, std^2 I) (equal weights by default) with their components."""
     weights = torch.full((means.shape[0],), 1.0 / means.shape[0]) if weights is None else weights
 
-    def sample(n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, d) mixture draws."""
+    def sample(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) mixture draws and their components (n,)."""
         which = torch.multinomial(weights, n, replacement=True, generator=generator)
-        return means[which] + std * torch.randn(n, means.shape[1], generator=generator)
+        return means[which] + std * torch.randn(n, means.shape[1], generator=generator), which
 
     return sample
+
+
+def gmm_sampler(means: torch.Tensor, std: float, weights: Optional[torch.Tensor] = None) -> Sampler:
+    """Draws (n, d) from sum_j w_j N(means_j, std^2 I) (equal weights by default)."""
+    labelled = gmm_labelled_sampler(means, std, weights)
+    return lambda n, generator: labelled(n, generator)[0]
 
 
 def tilted_gmm(means: torch.Tensor, std: float, beta: float, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,26 +182,48 @@ def tilted_gmm(means: torch.Tensor, std: float, beta: float, coef: torch.Tensor)
     return means + beta * std**2 * coef, torch.softmax(logits, 0)
 
 
-def _digits() -> torch.Tensor:
-    """sklearn's 8x8 digits as (1797, 64) float32 pixel intensities 0..16, shipped with sklearn (no download)."""
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 digits as (1797, 64) float32 pixel intensities 0..16 and their digits (1797,), shipped with
+    sklearn (no download)."""
     from sklearn.datasets import load_digits
 
-    return torch.from_numpy(load_digits().data.astype(np.float32))
+    digits = load_digits()
+    return torch.from_numpy(digits.data.astype(np.float32)), torch.from_numpy(digits.target.astype(np.int64))
 
 
 def _builtin(cfg: DataConfig, seed: int) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
+    labelled, classes = None, 0
     if cfg.source == "swiss_roll":
-        points, fresh = swiss_roll_sample(cfg.n_samples, seed), _fresh_swiss_roll
+        classes = cfg.classes
+        points, labels = swiss_roll_labelled(cfg.n_samples, seed, classes)
+        fresh = _fresh_swiss_roll
+        labelled = lambda n, g: swiss_roll_labelled(n, _numpy_seed(g), classes)  # noqa: E731
     elif cfg.source == "digits":
-        points, fresh = _digits(), None
-    elif cfg.source == "gmm":
-        fresh = gmm_sampler(gmm_means(cfg.components, cfg.dim, seed), cfg.std)
-        points = fresh(cfg.n_samples, generator)
+        (points, labels), fresh, classes = _digits(), None, 10
+    elif cfg.source == "gaussian":
+        fresh = _gaussian_sampler(cfg.mean, cfg.std)
+        points, labels = fresh(cfg.n_samples, generator), None
     else:
-        fresh = gmm1d_sample if cfg.source == "gmm1d" else _gaussian_sampler(cfg.mean, cfg.std)
-        points = fresh(cfg.n_samples, generator)
-    return Dataset(points, _default_columns(points.shape[1]), cfg.source, fresh)
+        labelled = (gmm1d_labelled if cfg.source == "gmm1d"
+                    else gmm_labelled_sampler(gmm_means(cfg.components, cfg.dim, seed), cfg.std))
+        classes = 2 if cfg.source == "gmm1d" else cfg.components
+        fresh = lambda n, g: labelled(n, g)[0]  # noqa: E731
+        points, labels = labelled(cfg.n_samples, generator)
+    dataset = Dataset(points, _default_columns(points.shape[1]), cfg.source, fresh)
+    if cfg.condition is None:
+        return dataset
+    return _conditioned(dataset, labels, tuple(range(classes)), labelled)
+
+
+def _conditioned(dataset: Dataset, labels: torch.Tensor, values: tuple, labelled) -> Dataset:
+    """The dataset with condition labels; every condition must have at least 2 points."""
+    counts = torch.bincount(labels, minlength=len(values))
+    if int(counts.min()) < 2:
+        empty = values[int(counts.argmin())]
+        raise DistqError(f"data.condition: condition {empty!r} has {int(counts.min())} of the {dataset.n} points; "
+                         "each needs at least 2 (more data, or fewer data.classes)")
+    return dataclasses.replace(dataset, labels=labels, condition_values=values, fresh_labelled=labelled)
 
 
 def _fail(path: Path, message: str) -> DistqError:
@@ -169,13 +251,13 @@ def _columns_of(batch, names: list[str]) -> np.ndarray:
     return np.column_stack([batch.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names])
 
 
-def _parquet_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+def _parquet_batches(path: Path, wanted: Optional[tuple[str, ...]], skip: Optional[str]) -> Batches:
     """A Parquet file read in record batches of PARQUET_BATCH_ROWS (never whole, never as Python objects)."""
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise _fail(path, f"could not be read as parquet: {err}") from None
-    names = _select(parquet.schema_arrow.names, wanted, path)
+    names = _select(parquet.schema_arrow.names, wanted, path, skip)
     rows = parquet.metadata.num_rows
     if rows:
         _check_numeric(parquet.schema_arrow, names, path)
@@ -190,22 +272,22 @@ def _parquet_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
     return names, rows, blocks()
 
 
-def _csv_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+def _csv_batches(path: Path, wanted: Optional[tuple[str, ...]], skip: Optional[str]) -> Batches:
     """A CSV file as one block."""
     try:
         table = pa_csv.read_csv(path)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise _fail(path, f"could not be read as csv: {err}") from None
-    names = _select(table.column_names, wanted, path)
+    names = _select(table.column_names, wanted, path, skip)
     if table.num_rows:  # a header-only CSV has untyped (null) columns
         _check_numeric(table.schema, names, path)
     return names, table.num_rows, iter([_columns_of(table, names)])
 
 
-def _select(available: list[str], wanted: Optional[tuple[str, ...]], path: Path) -> list[str]:
-    """The requested column names (all if None), checked against the file's."""
+def _select(available: list[str], wanted: Optional[tuple[str, ...]], path: Path, skip: Optional[str] = None) -> list[str]:
+    """The requested column names (all but `skip`, the condition column, if None), checked against the file's."""
     if wanted is None:
-        return available
+        return [c for c in available if c != skip]
     missing = [c for c in wanted if c not in available]
     if missing:
         raise _fail(path, f"data.columns lists {', '.join(map(repr, missing))}, which the file does not have; "
@@ -213,7 +295,7 @@ def _select(available: list[str], wanted: Optional[tuple[str, ...]], path: Path)
     return list(wanted)
 
 
-def _npy_batches(path: Path, wanted: Optional[tuple[str, ...]]) -> Batches:
+def _npy_batches(path: Path, wanted: Optional[tuple[str, ...]], skip: Optional[str]) -> Batches:
     """A 1-D or 2-D numeric .npy file as one block, columns named 'x0', ...."""
     try:
         array = np.load(path, allow_pickle=False)
@@ -249,7 +331,9 @@ def _from_file(cfg: DataConfig) -> Dataset:
     if path.stat().st_size == 0:
         raise _fail(path, "file is empty")
     read = {".parquet": _parquet_batches, ".csv": _csv_batches, ".npy": _npy_batches}[path.suffix]
-    names, rows, blocks = read(path, cfg.columns)
+    if cfg.condition is not None and path.suffix == ".npy":
+        raise _fail(path, "data.condition needs a Parquet or CSV file with a label column (.npy has no names)")
+    names, rows, blocks = read(path, cfg.columns, cfg.condition)
     if not names:
         raise _fail(path, "file has no columns")
     if rows < 2:
@@ -261,7 +345,30 @@ def _from_file(cfg: DataConfig) -> Dataset:
         _check_finite(block, values, names, path, offset)
         points[offset:offset + len(block)] = block
         offset += len(block)
-    return Dataset(torch.from_numpy(points), tuple(names), str(cfg.path), None)
+    dataset = Dataset(torch.from_numpy(points), tuple(names), str(cfg.path), None)
+    if cfg.condition is None:
+        return dataset
+    labels, values = _file_labels(path, cfg.condition)
+    return _conditioned(dataset, labels, values, None)
+
+
+def _file_labels(path: Path, column: str) -> tuple[torch.Tensor, tuple]:
+    """The condition column of a Parquet/CSV file: whole-number values, mapped to indices of their sorted values."""
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path, columns=[column])
+        else:
+            table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=[column]))
+    except (pa.ArrowException, OSError, ValueError, KeyError) as err:
+        raise _fail(path, f"data.condition column '{column}' could not be read: {err}") from None
+    if column not in table.column_names:
+        raise _fail(path, f"data.condition names column '{column}', which the file does not have")
+    values = table.column(column).to_numpy(zero_copy_only=False)
+    if values.dtype.kind not in "iuf" or (values.dtype.kind == "f" and not np.all(np.isfinite(values)
+                                                                                  & (values == np.round(values)))):
+        raise _fail(path, f"data.condition column '{column}' must hold whole-number labels (got {values.dtype})")
+    unique, labels = np.unique(values.astype(np.int64), return_inverse=True)
+    return torch.from_numpy(labels.astype(np.int64)), tuple(int(v) for v in unique)
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:

@@ -1,7 +1,7 @@
 """Evaluation of a trained policy or of a file of samples (section 11), against fresh data."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -20,11 +20,35 @@ def _generator(config: Config) -> torch.Generator:
 
 
 def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, grid: Optional[TimeGrid] = None,
-                    sampler: Optional[str] = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Reward and kNN KL of eval.batches batches of eval.n_samples mean-action samples; -> (metrics, samples (n, d))."""
-    ev = config.eval
-    return evaluate_samples(lambda n, g: rollout.generate(n, g, grid, sampler), dataset.reference, reward,
-                            ev.n_samples, ev.batches, ev.k, _generator(config), dataset.reference_pair)
+                    sampler: Optional[str] = None) -> tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]:
+    """Reward and kNN KL of eval.batches batches of eval.n_samples mean-action samples; -> (metrics, samples (n, d),
+    their condition indices (n,) or None).
+
+    Conditional runs (Algorithm 2): the headline metrics compare samples with conditions in the data's shares to
+    the data; metrics["per_condition"][value] compares each condition's samples with that condition's data."""
+    ev, generator = config.eval, _generator(config)
+    drawn: list[torch.Tensor] = []
+
+    def generate(n: int, g: torch.Generator, condition: Optional[int] = None) -> torch.Tensor:
+        if not dataset.classes:
+            return rollout.generate(n, g, grid, sampler)
+        conditions = rollout.draw_conditions(n, g) if condition is None else torch.full((n,), condition)
+        if condition is None:
+            drawn.append(conditions)
+        return rollout.generate(n, g, grid, sampler, conditions)
+
+    metrics, samples = evaluate_samples(generate, dataset.reference, reward, ev.n_samples, ev.batches, ev.k,
+                                        generator, dataset.reference_pair)
+    if not dataset.classes:
+        return metrics, samples, None
+    metrics["per_condition"] = {}
+    for index, value in enumerate(dataset.condition_values):
+        own, _ = evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
+                                  reward, ev.n_samples, ev.batches, ev.k, generator,
+                                  lambda n, g: dataset.reference_pair(n, g, index))
+        metrics["per_condition"][str(value)] = {k: own[k] for k in ("reward_mean", "reward_ci95", "kl_mean",
+                                                                     "kl_ci95", "kl_floor")}
+    return metrics, samples, torch.cat(drawn)
 
 
 def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Config) -> dict[str, float]:

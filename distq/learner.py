@@ -55,12 +55,12 @@ class Learner:
 
     def q_values(self, batch: Trajectories) -> torch.Tensor:
         """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph."""
-        means = self.policy(self.grid.tau.unsqueeze(1), batch.states)
+        means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
         return q_value(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature)
 
     def values(self, batch: Trajectories) -> torch.Tensor:
         """J_phi(tau_k, Y_k) of a batch, (K, B), with the value network's graph."""
-        return self.value(self.grid.tau.unsqueeze(1), batch.states)
+        return self.value(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
 
     def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15)."""

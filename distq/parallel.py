@@ -298,7 +298,7 @@ class RayBackend:
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
             _discard([metrics, weights])
         except ray.exceptions.RayTaskError as err:
-            _discard([weights, *stats_refs])
+            _discard([weights, *parts, *stats_refs])  # read every failed result, else Ray reports it as unhandled
             if isinstance(err.cause, DistqError):
                 raise err.cause from None
             raise

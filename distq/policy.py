@@ -12,6 +12,7 @@ N(m, s^2 I) data, so training starts from a sensible policy; the family (E10) is
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -83,26 +84,33 @@ class Preconditioner(nn.Module):
         return {"time": time, "in_scale": c_in, "in_shift": -mu * c_in * m, "out_y": (mu * c_skip - 1) / sigma2,
                 "out_net": mu * c_out / sigma2, "out_shift": mu * (1 - mu * c_skip) * m / sigma2}
 
-    def features(self, coef: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Network input (..., d + 1): the normalised state and tau / T."""
+    def features(self, coef: dict[str, torch.Tensor], y: torch.Tensor,
+                 condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Network input (..., d + 1 [+ C]): the normalised state, tau / T, and the condition's one-hot code
+        (condition: (B,) one-hot rows (B, C) broadcast over the leading dimensions of y (..., B, d))."""
         normalised = torch.addcmul(coef["in_shift"], y, coef["in_scale"])
-        return torch.cat([normalised, coef["time"].expand(*y.shape[:-1], 1)], -1)
+        parts = [normalised, coef["time"].expand(*y.shape[:-1], 1)]
+        if condition is not None:
+            parts.append(condition.expand(*y.shape[:-1], condition.shape[-1]))
+        return torch.cat(parts, -1)
 
 
 class PolicyMean(nn.Module):
     """mu_psi(tau, y), the mean of the Gaussian policy (E10); tau broadcastable to y.shape[:-1], y: (..., d)."""
 
-    def __init__(self, dim: int, hidden: int, preconditioner: Preconditioner):
+    def __init__(self, dim: int, hidden: int, preconditioner: Preconditioner, classes: int = 0):
+        """classes C > 0: conditional (Algorithm 2), the condition enters as a one-hot input."""
         super().__init__()
-        self.pre = preconditioner
-        self.net = mlp(dim + 1, hidden, dim, zero_last=preconditioner.enabled)
+        self.pre, self.classes = preconditioner, classes
+        self.net = mlp(dim + 1 + classes, hidden, dim, zero_last=preconditioner.enabled)
 
-    def forward(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.mean(self.pre.coefficients(tau), y)
+    def forward(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """condition: (B,) condition indices of the B trajectories (conditional networks only)."""
+        return self.mean(self.pre.coefficients(tau), y, one_hot(condition, self.classes))
 
-    def mean(self, coef: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """mu_psi from precomputed Preconditioner.coefficients; y: (..., d) -> (..., d)."""
-        out = self.net(self.pre.features(coef, y))
+    def mean(self, coef: dict[str, torch.Tensor], y: torch.Tensor, code: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mu_psi from precomputed Preconditioner.coefficients; y: (..., d), code: one-hot (B, C) -> (..., d)."""
+        out = self.net(self.pre.features(coef, y, code))
         return torch.addcmul(coef["out_shift"], y, coef["out_y"]).addcmul_(out, coef["out_net"])
 
 
@@ -116,11 +124,14 @@ class StepMeans:
     plus out_y y. Built from the current weights (no autograd); rebuild after every update.
     """
 
-    def __init__(self, policy: "PolicyMean", coef: dict[str, torch.Tensor]):
-        """coef: Preconditioner.coefficients of the K grid taus (K,) -> entries (K, 1) or (K, d)."""
+    def __init__(self, policy: "PolicyMean", coef: dict[str, torch.Tensor], condition: Optional[torch.Tensor] = None):
+        """coef: Preconditioner.coefficients of the K grid taus (K,) -> entries (K, 1) or (K, d); condition: (B,)
+        indices of a conditional policy's trajectories (their one-hot inputs become a per-row bias of layer 1)."""
         first, _, second, _, last = policy.net
         dim = last.out_features
         w1_state, w1_time = first.weight[:, :dim], first.weight[:, dim]
+        code = one_hot(condition, policy.classes)
+        self.condition_bias = None if code is None else 2 * code @ first.weight[:, dim + 1:].T  # (B, H)
         in_shift = coef["in_shift"].expand(-1, dim)
         self.weight1 = (2 * coef["in_scale"].unsqueeze(-1) * w1_state.T).contiguous()  # (K, d, H)
         self.bias1 = 2 * (in_shift @ w1_state.T + coef["time"] * w1_time + first.bias)  # (K, H)
@@ -132,9 +143,19 @@ class StepMeans:
 
     def __call__(self, k: int, y: torch.Tensor) -> torch.Tensor:
         """mu_psi(tau_k, y) for y (B, d) -> (B, d)."""
-        hidden = torch.sigmoid_(torch.addmm(self.bias1[k], y, self.weight1[k]))
+        bias = self.bias1[k] if self.condition_bias is None else self.condition_bias + self.bias1[k]
+        hidden = torch.sigmoid_(torch.addmm(bias, y, self.weight1[k]))
         hidden = torch.relu_(torch.addmm(self.bias2, hidden, self.weight2))
         return torch.addmm(self.bias3[k], hidden, self.weight3[k]).add_(y, alpha=self.out_y[k])
+
+
+def one_hot(condition: Optional[torch.Tensor], classes: int) -> Optional[torch.Tensor]:
+    """(B,) condition indices -> (B, C) float one-hot rows; None for unconditional networks (classes = 0)."""
+    if classes == 0:
+        return None
+    if condition is None:
+        raise ValueError("a conditional network needs the trajectories' conditions")
+    return torch.nn.functional.one_hot(condition, classes).float()
 
 
 def action_std(g2: torch.Tensor, temperature: float) -> torch.Tensor:

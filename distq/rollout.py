@@ -25,13 +25,15 @@ Chunk = tuple[int, int]
 @dataclass
 class Trajectories:
     """A batch of B trajectories of K steps: states Y_k and actions a_k (K, B, d), running rewards r_hat_k (K, B)
-    (E14), final states Y_K (B, d) and unweighted terminal rewards h(Y_K) (B,)."""
+    (E14), final states Y_K (B, d), unweighted terminal rewards h(Y_K) (B,) and, in conditional runs, each
+    trajectory's condition index (B,)."""
 
     states: torch.Tensor
     actions: torch.Tensor
     running_rewards: Optional[torch.Tensor]
     final_states: torch.Tensor
     terminal_rewards: torch.Tensor
+    conditions: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -48,7 +50,8 @@ class Trajectories:
             return None if first is None else torch.cat([getattr(p, name) for p in parts], dim)
 
         return Trajectories(*(joined(name, dim) for name, dim in (("states", 1), ("actions", 1), ("running_rewards", 1),
-                                                                  ("final_states", 0), ("terminal_rewards", 0))))
+                                                                  ("final_states", 0), ("terminal_rewards", 0),
+                                                                  ("conditions", 0))))
 
 
 def episode_chunks(seed: int, episode: int, batch_size: int, chunk_size: int) -> list[Chunk]:
@@ -62,12 +65,19 @@ class Rollout:
 
     def __init__(self, policy: PolicyMean, grid: TimeGrid, sampler: str, ratio: RatioEstimator,
                  terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float,
-                 running_rewards: bool = True, reference: Optional[PolicyMean] = None):
+                 running_rewards: bool = True, reference: Optional[PolicyMean] = None,
+                 labels: Optional[torch.Tensor] = None):
         """running_rewards: whether `run` computes r_hat (E14) by default (the policy-gradient baselines use h(Y_K)
         alone). reference: a pretrained policy mean whose output replaces the ratio-estimated score in r_hat
-        (ct_finetune, Scores as Actions)."""
+        (ct_finetune, Scores as Actions). labels: the data's condition indices (N,) of a conditional run
+        (Algorithm 2): each trajectory draws its condition from their shares, and its ratio score (E13) uses only
+        the data of that condition."""
         self.policy, self.grid, self.sampler, self.ratio = policy, grid, sampler, ratio
         self.with_running_rewards, self.reference = running_rewards, reference
+        self.class_ratios, self.class_probs = None, None
+        if labels is not None:
+            self.class_ratios = [RatioEstimator(ratio.data[labels == c], ratio.eps) for c in range(policy.classes)]
+            self.class_probs = torch.bincount(labels, minlength=policy.classes).float() / labels.shape[0]
         self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
         self.dim = ratio.data.shape[1]
         self._coefficients = self._step_coefficients(grid)
@@ -97,15 +107,32 @@ class Rollout:
                 draws["step"].append(torch.randn(K, size, d, generator=gen))
             if self.ratio.minibatch is not None:
                 draws["subsets"].append([self.ratio.subset(gen) for _ in range(K)])
+            if self.class_probs is not None:  # drawn last: unconditional runs keep their streams
+                draws.setdefault("conditions", []).append(self.draw_conditions(size, gen))
         noise = {key: torch.cat(draws[key], dim=0 if key == "start" else 1) for key in ("start", "action", "step")
                  if draws[key]}
         noise["subsets"] = draws["subsets"]
+        noise["conditions"] = torch.cat(draws["conditions"]) if "conditions" in draws else None
         return noise
 
-    def ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list) -> torch.Tensor:
+    def draw_conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n condition indices (n,) in the data's proportions (Algorithm 2's episode conditions)."""
+        if self.class_probs is None:
+            raise ValueError("this rollout has no condition labels: give the conditions")
+        return torch.multinomial(self.class_probs, n, replacement=True, generator=generator)
+
+    def ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list,
+                    conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s_hat (E13) at the states y (B, d) of grid step k of the batch of `chunks`, with that batch's data
-        `subsets` (a list per chunk, [] without ratio.minibatch) -> (B, d)."""
+        `subsets` (a list per chunk, [] without ratio.minibatch), or per condition (B,) with its own data -> (B, d)."""
         mu, sigma2 = float(self.grid.mu[k]), float(self.grid.sigma2[k])
+        if conditions is not None:
+            score = torch.empty_like(y)
+            for c, estimator in enumerate(self.class_ratios):
+                rows = conditions == c
+                if rows.any():
+                    score[rows] = estimator.score(y[rows], mu, sigma2)
+            return score
         if not subsets:
             return self.ratio.score(y, mu, sigma2)
         rows = np.cumsum([0] + [size for _, size in chunks])
@@ -127,7 +154,8 @@ class Rollout:
         actions = torch.empty(K, batch, self.dim)
         stds = action_std(grid.g2, self.temperature).tolist()
         step = SAMPLERS[self.sampler]
-        mean = StepMeans(self.policy, self._coefficients)
+        conditions = noise["conditions"]
+        mean = StepMeans(self.policy, self._coefficients, conditions)
         for k in range(K):
             states[k] = y
             if on_state is not None:
@@ -137,19 +165,20 @@ class Rollout:
             y = step(grid, k, y, action, noise["step"][k] if "step" in noise else None)
         if rewards is None:
             rewards = self.with_running_rewards
-        running = self.running_rewards(states, actions, chunks, noise["subsets"]) if rewards else None
-        return Trajectories(states, actions, running, y, self.terminal_reward(y))
+        running = self.running_rewards(states, actions, chunks, noise["subsets"], conditions) if rewards else None
+        return Trajectories(states, actions, running, y, self.terminal_reward(y), conditions)
 
     @torch.inference_mode()
     def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
-                        subsets: list) -> torch.Tensor:
-        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` -> (K, B); with a
-        pretrained reference, its mean stands for the score."""
+                        subsets: list, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` (and conditions)
+        -> (K, B); with a pretrained reference, its mean stands for the score."""
+        steps = range(self.grid.num_steps)
         if self.reference is not None:
-            means = StepMeans(self.reference, self.reference.pre.coefficients(self.grid.tau))
-            scores = torch.stack([means(k, states[k]) for k in range(self.grid.num_steps)])
+            means = StepMeans(self.reference, self.reference.pre.coefficients(self.grid.tau), conditions)
+            scores = torch.stack([means(k, states[k]) for k in steps])
         else:
-            scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets) for k in range(self.grid.num_steps)])
+            scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets, conditions) for k in steps])
         return self.rewards_from_scores(scores, actions)
 
     def rewards_from_scores(self, scores: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -162,13 +191,16 @@ class Rollout:
 
     @torch.inference_mode()
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
-                 sampler: Optional[str] = None) -> torch.Tensor:
-        """n samples (n, d) from the reverse process driven by the mean action mu_psi (section 5)."""
+                 sampler: Optional[str] = None, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """n samples (n, d) from the reverse process driven by the mean action mu_psi (section 5); a conditional
+        policy needs the samples' condition indices (n,) (draw_conditions draws them in the data's shares)."""
         coefficients = self._coefficients if grid is None else self._step_coefficients(grid)
         grid = grid or self.grid
         sampler = sampler or self.sampler
         step = SAMPLERS[sampler]
-        mean = StepMeans(self.policy, coefficients)
+        if self.policy.classes and conditions is None:
+            conditions = self.draw_conditions(n, generator)
+        mean = StepMeans(self.policy, coefficients, conditions)
         y = torch.randn(n, self.dim, generator=generator) * self.prior_std
         for k in range(grid.num_steps):
             noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,10 +69,13 @@ def read_table_rows(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if path.is_file() else []
 
 
-def write_samples(path: Path, samples: torch.Tensor, columns: Sequence[str]) -> None:
-    """Atomically write samples (n, d) as Parquet with one float column per data column."""
+def write_samples(path: Path, samples: torch.Tensor, columns: Sequence[str],
+                  condition: Optional[tuple[str, list]] = None) -> None:
+    """Atomically write samples (n, d) as Parquet with one float column per data column, and the (name, values)
+    of their condition column in conditional runs."""
     values = samples.detach().cpu().numpy().astype(np.float32)
-    table = pa.table({name: values[:, i] for i, name in enumerate(columns)})
+    table = pa.table({**{name: values[:, i] for i, name in enumerate(columns)},
+                      **({condition[0]: condition[1]} if condition else {})})
     _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 

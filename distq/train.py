@@ -39,8 +39,9 @@ class InProcessBackend:
 
     def __init__(self, config: Config, dataset: Dataset, reward):
         self.config = config
-        self.learner = build_learner(config, dataset.points, reward)
-        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy)
+        self.learner = build_learner(config, dataset.points, reward, dataset.classes)
+        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy,
+                                     reference=self.learner.reference, labels=dataset.labels)
 
     def step(self, episode: int) -> dict[str, float]:
         """Collect the episode's batch with the current policy (E10) and apply one update (E15-E16)."""
@@ -118,9 +119,20 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _condition_column(config: Config, dataset: Dataset, conditions) -> Optional[tuple[str, list]]:
+    """(name, values) of the samples' condition column in conditional runs, else None."""
+    if conditions is None:
+        return None
+    return config.data.condition, [dataset.condition_values[int(c)] for c in conditions]
+
+
 def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
-    save_checkpoint(run_dir / rundir.CHECKPOINT, {"config": config.to_dict(), "episode": episode,
-                                                  "learner": backend.learner_state(), "columns": list(dataset.columns)})
+    payload = {"config": config.to_dict(), "episode": episode, "learner": backend.learner_state(),
+               "columns": list(dataset.columns)}
+    if dataset.classes:  # what `distq sample` needs to generate by condition without the data
+        payload["conditions"] = {"values": list(dataset.condition_values),
+                                 "probabilities": dataset.class_probabilities().tolist()}
+    save_checkpoint(run_dir / rundir.CHECKPOINT, payload)
     rundir.write_table(run_dir / rundir.METRICS, rows)
 
 
@@ -202,7 +214,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         workers, restarts = backend.workers, backend.restarts
     finally:
         backend.close()
-    rollout = build_rollout(config, dataset.points, reward)
+    rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
     rollout.set_weights(weights)
     extra = {"workers": workers, "worker_restarts": restarts}
     return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo, extra)
@@ -229,8 +241,9 @@ def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: Metrics
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog, start: int,
            wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate, write samples, plots and summary.json, and print the headline metrics."""
-    metrics, samples = evaluate_policy(rollout, dataset, reward, config)
-    rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns)
+    metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
+    rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns,
+                         _condition_column(config, dataset, conditions))
     plot_samples(samples, dataset.points, dataset.columns, run_dir / rundir.PLOT,
                  title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}")
     if log.rows:

@@ -270,3 +270,43 @@ def test_large_parquet_is_read_in_batches_and_bad_rows_are_named(tmp_path):
     pq.write_table(pa.table({f"c{i}": values[:, i] for i in range(16)}), bad, row_group_size=20_000)
     with pytest.raises(DistqError, match="column 'c9' .* at row 76543"):
         load_dataset(DataConfig(source="file", path=str(bad)), seed=0)
+
+
+# ---- conditions (data.condition, Algorithm 2) ---------------------------------------------------------------------
+
+def test_builtin_labels_are_the_natural_ones():
+    gmm1d = load_dataset(DataConfig(source="gmm1d", n_samples=2000, condition="label"), seed=0)
+    assert gmm1d.condition_values == (0, 1)
+    assert gmm1d.points[gmm1d.labels == 0].mean() < -1.5 and gmm1d.points[gmm1d.labels == 1].mean() > 1.5
+    roll = load_dataset(DataConfig(source="swiss_roll", n_samples=3000, condition="label", classes=3), seed=0)
+    radius = roll.points.norm(dim=1)  # the roll's radius grows with its parameter: segments are nested rings
+    means = [float(radius[roll.labels == c].mean()) for c in range(3)]
+    assert means[0] < means[1] < means[2]
+    digits = load_dataset(DataConfig(source="digits", condition="label"), seed=0)
+    assert digits.classes == 10 and torch.bincount(digits.labels).min() > 150
+    plain = load_dataset(DataConfig(source="gmm1d", n_samples=2000), seed=0)
+    assert torch.equal(plain.points, gmm1d.points) and plain.labels is None
+
+
+def test_conditional_reference_draws_only_that_condition():
+    gmm1d = load_dataset(DataConfig(source="gmm1d", n_samples=200, condition="label"), seed=0)
+    fresh = gmm1d.reference(4000, torch.Generator().manual_seed(1), condition=1)
+    assert fresh.shape == (4000, 1) and abs(float(fresh.mean()) - 2.0) < 0.1
+
+
+def test_file_label_column(tmp_path):
+    path = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"a": [0.0, 1.0, 2.0, 3.0], "b": [1.0, 1.0, 2.0, 2.0], "kind": [7, 3, 7, 3]}), path)
+    dataset = load_dataset(DataConfig(source="file", path=str(path), condition="kind"), seed=0)
+    assert dataset.columns == ("a", "b") and dataset.condition_values == (3, 7)
+    assert dataset.labels.tolist() == [1, 0, 1, 0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,kind\n1.0,0.5\n2.0,1\n")
+    with pytest.raises(DistqError, match="whole-number labels"):
+        load_dataset(DataConfig(source="file", path=str(bad), condition="kind"), seed=0)
+    with pytest.raises(DistqError, match="'nope'"):
+        load_dataset(DataConfig(source="file", path=str(path), condition="nope"), seed=0)
+    lonely = tmp_path / "lonely.parquet"
+    pq.write_table(pa.table({"a": [0.0, 1.0, 2.0], "kind": [0, 0, 1]}), lonely)
+    with pytest.raises(DistqError, match="condition 1 has 1 of the 3 points"):
+        load_dataset(DataConfig(source="file", path=str(lonely), condition="kind"), seed=0)

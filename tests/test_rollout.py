@@ -214,3 +214,24 @@ def test_generate_with_fresh_edm_policy_recovers_gaussian_data():
     mc_mean = 4 * math.sqrt(s2_hat / 20000)
     assert errors[200][0] < mc_mean + T / 200 and errors[200][1] < 0.06
     assert errors[200][1] < 0.5 * errors[50][1]
+
+
+def test_conditional_rollout_uses_each_condition_data_and_shares():
+    """Algorithm 2: trajectories draw conditions in the data's shares, and each running reward (E14) uses the ratio
+    score (E13) of its own condition's points only."""
+    config = _config(batch_size=400, chunk_size=100)
+    points = _points(90)
+    labels = torch.tensor([0] * 30 + [1] * 60)
+    rollout = build_rollout(config, points, _reward, labels=labels)
+    with torch.no_grad():
+        rollout.policy.net[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    batch = rollout.run(episode_chunks(config.seed, 1, 400, 100))
+    assert abs(float((batch.conditions == 1).float().mean()) - 2 / 3) < 0.08
+    grid, k = rollout.grid, 4
+    for condition, own in ((0, points[:30]), (1, points[30:])):
+        rows = batch.conditions == condition
+        score = ratio_score(batch.states[k][rows], own, float(grid.mu[k]), float(grid.sigma2[k]))
+        expected = running_reward(score, batch.actions[k][rows], float(grid.g2[k]))
+        assert torch.allclose(batch.running_rewards[k][rows], expected, rtol=1e-5, atol=1e-5)
+    again = rollout.run(episode_chunks(config.seed, 1, 400, 100))
+    assert torch.equal(again.conditions, batch.conditions) and torch.equal(again.states, batch.states)
