@@ -98,13 +98,18 @@ class RewardConfig:
     """Terminal reward h (E6): a built-in name or `path/to/file.py:function` / `package.module:function`."""
 
     fn: str = "swiss_roll_rectangle"
-    """gmm1d_right | swiss_roll_rectangle | linear | a user function reference."""
+    """gmm1d_right | swiss_roll_rectangle | linear | digit (probability that an 8x8 image shows reward.target, by a
+    logistic regression fitted on sklearn's digits) | brightness (mean coordinate, for digits / 16) | a user
+    function reference."""
     coef: Optional[tuple[float, ...]] = None
     """Coefficient vector c of the `linear` reward h(x) = c . x."""
+    target: int = 3
+    """The digit of the `digit` reward."""
 
     def __post_init__(self) -> None:
         _require(bool(self.fn), "reward.fn", "must name a reward")
         _require(self.fn != "linear" or self.coef is not None, "reward.coef", "is required by reward.fn 'linear'")
+        _require(0 <= self.target <= 9, "reward.target", f"must be a digit 0..9, got {self.target}")
 
 
 @dataclass(frozen=True)
@@ -261,11 +266,15 @@ class EvalConfig:
     """Number of batches for the 95% confidence intervals (the paper uses 100)."""
     k: int = 1
     """Neighbour index of the kNN KL estimator."""
+    pca: int = 0
+    """> 0: estimate the KL in the span of this many principal components of the training data (for high d,
+    where kNN distances concentrate); 0: in the data's own coordinates."""
 
     def __post_init__(self) -> None:
         _require(self.n_samples >= 3, "eval.n_samples", f"must be >= 3, got {self.n_samples}")
         _require(self.batches >= 2, "eval.batches", f"must be >= 2, got {self.batches}")
         _require(1 <= self.k < self.n_samples - 1, "eval.k", f"must be in [1, eval.n_samples - 2], got {self.k}")
+        _require(self.pca >= 0, "eval.pca", f"must be >= 0, got {self.pca}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 
 from distq.config import Config
 from distq.data import Dataset
-from distq.metrics import evaluate_samples
+from distq.metrics import evaluate_samples, principal_projection
 from distq.rollout import Rollout
 from distq.schedules import TimeGrid
 
@@ -37,15 +37,16 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
             drawn.append(conditions)
         return rollout.generate(n, g, grid, sampler, conditions)
 
+    project = principal_projection(dataset.points, ev.pca) if ev.pca else None
     metrics, samples = evaluate_samples(generate, dataset.reference, reward, ev.n_samples, ev.batches, ev.k,
-                                        generator, dataset.reference_pair)
+                                        generator, dataset.reference_pair, project)
     if not dataset.classes:
         return metrics, samples, None
     metrics["per_condition"] = {}
     for index, value in enumerate(dataset.condition_values):
         own, _ = evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
                                   reward, ev.n_samples, ev.batches, ev.k, generator,
-                                  lambda n, g: dataset.reference_pair(n, g, index))
+                                  lambda n, g: dataset.reference_pair(n, g, index), project)
         metrics["per_condition"][str(value)] = {k: own[k] for k in ("reward_mean", "reward_ci95", "kl_mean",
                                                                      "kl_ci95", "kl_floor")}
     return metrics, samples, torch.cat(drawn)
@@ -61,6 +62,7 @@ def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Conf
         start = next(cursor)
         return samples[start:start + size]
 
+    project = principal_projection(dataset.points, config.eval.pca) if config.eval.pca else None
     metrics, _ = evaluate_samples(next_batch, dataset.reference, reward, n, batches, config.eval.k, _generator(config),
-                                  dataset.reference_pair)
+                                  dataset.reference_pair, project)
     return metrics

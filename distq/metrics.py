@@ -91,12 +91,14 @@ def evaluate_samples(
     k: int,
     generator: torch.Generator,
     reference_pair: Optional[Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]] = None,
+    project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Reward and kNN KL of `batches` generated batches of n, with the estimator's floor (section 11).
 
     generate(n, generator) -> (n, d) samples; reference(n, generator) -> (n, d) fresh data; reward_fn (B, d) -> (B,).
     Each batch gives one KL (generated vs a fresh data batch) and one floor value (a fresh data batch vs
-    another, same n and m; `reference_pair(n, generator)` supplies the two when they must be drawn jointly). Returns the metrics (reward_mean, reward_ci95 over all generated samples; kl_mean,
+    another, same n and m; `reference_pair(n, generator)` supplies the two when they must be drawn jointly);
+    `project` maps points to the space the KL is estimated in (e.g. principal components). Returns the metrics (reward_mean, reward_ci95 over all generated samples; kl_mean,
     kl_ci95, kl_floor, kl_floor_ci95 over batches; n_samples = n * batches) and the generated samples (n * batches, d).
     """
     if n < k + 1 or batches < 1:
@@ -105,8 +107,9 @@ def evaluate_samples(
     with torch.no_grad():
         for _ in range(batches):
             x = generate(n, generator)
-            kls.append(knn_kl(x, reference(n, generator), k))
-            floors.append(knn_kl(*(reference_pair or (lambda m, g: (reference(m, g), reference(m, g))))(n, generator), k))
+            kl = lambda a, b: knn_kl(project(a), project(b), k) if project is not None else knn_kl(a, b, k)  # noqa: E731
+            kls.append(kl(x, reference(n, generator)))
+            floors.append(kl(*(reference_pair or (lambda m, g: (reference(m, g), reference(m, g))))(n, generator)))
             rewards.append(reward_fn(x).reshape(-1))
             generated.append(x.detach())
     reward_mean, reward_ci95 = mean_ci95(torch.cat(rewards))
@@ -122,3 +125,11 @@ def evaluate_samples(
         "n_samples": float(n * batches),
     }
     return metrics, torch.cat(generated)
+
+
+def principal_projection(points: torch.Tensor, components: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> (x - mean) V_p: coordinates in the span of the top `components` principal directions of points (N, d)."""
+    mean = points.mean(0)
+    _, _, vh = torch.linalg.svd(points - mean, full_matrices=False)
+    basis = vh[:components].T
+    return lambda x: (x - mean) @ basis

@@ -74,7 +74,8 @@ def plot_samples(
     path,
     title: str = "",
 ) -> None:
-    """PNG of generated (n, d) vs data (m, d): density histograms when d == 1, else a scatter of columns 0 and 1.
+    """PNG of generated (n, d) vs data (m, d): density histograms when d == 1, image grids when d is a square >= 16
+    (8x8 digits), else a scatter of columns 0 and 1.
 
     `columns` names the d coordinates (axis labels); `title` is shown as given.
     """
@@ -85,6 +86,10 @@ def plot_samples(
             f"plot_samples needs generated, data and columns of the same dimension; "
             f"got {generated.shape[1]}, {d} and {len(columns)} ({', '.join(columns)})"
         )
+    side = math.isqrt(d)
+    if d >= 16 and side * side == d:
+        _image_grids(generated, data, side, path, title)
+        return
     fig = Figure(figsize=(6, 5), layout="constrained")
     ax = fig.add_subplot()
     if d == 1:
@@ -93,6 +98,22 @@ def plot_samples(
         _scatter(ax, generated, data, columns)
     ax.legend(loc="best")
     ax.set_title(title)
+    _save_atomically(fig, path)
+
+
+def _image_grids(generated: np.ndarray, data: np.ndarray, side: int, path, title: str, rows: int = 8) -> None:
+    """Two grids of rows x rows images (side x side pixels, grey scale shared by both): generated, then data."""
+    fig = Figure(figsize=(10, 5.4), layout="constrained")
+    low, high = float(data.min()), float(data.max())
+    for panel, (name, points) in enumerate((("generated", generated), ("data", data))):
+        count = min(rows * rows, points.shape[0])
+        tiles = np.full((rows * rows, side, side), low)
+        tiles[:count] = points[:count].reshape(count, side, side)
+        grid = tiles.reshape(rows, rows, side, side).transpose(0, 2, 1, 3).reshape(rows * side, rows * side)
+        ax = fig.add_subplot(1, 2, panel + 1)
+        ax.imshow(grid, cmap="gray_r", vmin=low, vmax=high)
+        ax.set_title(f"{name}" + (f": {title}" if title and panel == 0 else ""), fontsize=9)
+        ax.axis("off")
     _save_atomically(fig, path)
 
 

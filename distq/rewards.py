@@ -43,7 +43,30 @@ class LinearReward:
         return x @ self.coef.to(x)
 
 
-BUILTINS = ("gmm1d_right", "swiss_roll_rectangle", "linear")
+class DigitReward:
+    """h(x) = P(digit = target | x) under a multinomial logistic regression fitted on sklearn's 8x8 digits (shipped
+    with scikit-learn; fitted once, deterministically, when the reward is loaded); x: (B, 64) pixel intensities."""
+
+    def __init__(self, target: int):
+        from sklearn.datasets import load_digits
+        from sklearn.linear_model import LogisticRegression
+
+        digits = load_digits()
+        model = LogisticRegression(max_iter=2000).fit(digits.data / 16.0, digits.target)
+        self.weight = torch.tensor(model.coef_.T / 16.0, dtype=torch.float32)  # on raw intensities 0..16
+        self.bias = torch.tensor(model.intercept_, dtype=torch.float32)
+        self.target = target
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.addmm(self.bias.to(x), x, self.weight.to(x)), -1)[:, self.target]
+
+
+def brightness(x: torch.Tensor) -> torch.Tensor:
+    """Mean coordinate of each point (mean pixel intensity for images)."""
+    return x.mean(-1)
+
+
+BUILTINS = ("gmm1d_right", "swiss_roll_rectangle", "linear", "digit", "brightness")
 
 
 def _where(err: BaseException) -> str:
@@ -108,7 +131,11 @@ def _builtin(cfg: RewardConfig, dim: int) -> RewardFn:
         return LinearReward(cfg.coef)
     if cfg.fn == "swiss_roll_rectangle" and dim < 2:
         raise DistqError(f"reward.fn 'swiss_roll_rectangle' needs points of dimension >= 2, got d = {dim}")
-    return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle}[cfg.fn]
+    if cfg.fn == "digit":
+        if dim != 64:
+            raise DistqError(f"reward.fn 'digit' scores 8x8 images (d = 64), but the data have dimension d = {dim}")
+        return DigitReward(cfg.target)
+    return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle, "brightness": brightness}[cfg.fn]
 
 
 def _load_file_module(ref: str, target: str) -> object:

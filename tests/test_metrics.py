@@ -149,3 +149,17 @@ def test_evaluate_samples_reward_and_shapes():
 
 def test_evaluate_samples_is_deterministic_under_a_seed():
     assert evaluate(gaussian_source(0.5), seed=3)[0] == evaluate(gaussian_source(0.5), seed=3)[0]
+
+
+def test_principal_projection_keeps_distances_within_the_data_span():
+    """Data in a 2-D plane of R^5: projecting on 2 principal components is an isometry on that plane (up to the
+    mean), so the kNN KL there equals the KL of the planar coordinates."""
+    from distq.metrics import principal_projection
+
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(5, 2, generator=gen, dtype=torch.float64))[0]
+    plane = torch.randn(500, 2, generator=gen, dtype=torch.float64) * torch.tensor([3.0, 1.0], dtype=torch.float64)
+    points = plane @ basis.T + 1.5
+    project = principal_projection(points, 2)
+    a, b = points[:10], points[10:20]
+    assert torch.allclose(torch.cdist(project(a), project(b)), torch.cdist(a, b), atol=1e-9)

@@ -70,3 +70,9 @@ def test_plot_training_curves_needs_the_x_column(tmp_path):
         plot_training_curves(training_metrics(), tmp_path / "curves.png", x="step")
     with pytest.raises(DistqError, match="mismatched: loss/td"):
         plot_training_curves({"episode": [0, 1, 2], "loss/td": [1.0, 2.0]}, tmp_path / "curves.png")
+
+
+def test_square_dimensions_are_drawn_as_image_grids(tmp_path):
+    generated, data = torch.rand(70, 64), torch.rand(90, 64)
+    plot_samples(generated, data, tuple(f"x{i}" for i in range(64)), tmp_path / "grid.png", title="digits")
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -163,3 +163,22 @@ def test_every_call_is_checked(user_file):
     h = _reward(f"{user_file}:nan_on_big_batches")
     with pytest.raises(DistqError, match="5 non-finite"):
         h(torch.zeros(5, 2))
+
+
+def test_digit_reward_recognises_sklearns_digits():
+    """The classifier-probability reward on the digits themselves: high on images of the target, low elsewhere."""
+    from sklearn.datasets import load_digits
+
+    from distq.config import RewardConfig
+    from distq.rewards import load_reward
+
+    digits = load_digits()
+    images = torch.tensor(digits.data, dtype=torch.float32)
+    reward = load_reward(RewardConfig(fn="digit", target=3), images[:8])
+    probability = reward(images)
+    assert float(probability[digits.target == 3].mean()) > 0.8
+    assert float(probability[digits.target != 3].mean()) < 0.05
+    with pytest.raises(DistqError, match="d = 64"):
+        load_reward(RewardConfig(fn="digit"), torch.zeros(8, 2))
+    brightness = load_reward(RewardConfig(fn="brightness"), images[:8])
+    assert torch.allclose(brightness(images[:5]), images[:5].mean(1))
