@@ -6,6 +6,7 @@
     python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
     python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
     python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
+    python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -20,7 +21,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -379,9 +382,74 @@ def bench_ratio(repeats: int) -> dict:
             "rows": results}
 
 
+def _scale_cell(cell: dict) -> dict:
+    """One scale measurement, run in its own process so that its peak resident memory is its own: episodes/s of
+    the in-process loop (after one warm-up episode) and the process's peak RSS (MB), for data of N points in d."""
+    import resource
+
+    from distq.train import InProcessBackend
+
+    config = config_from_dict({
+        "data": ({"source": "digits"} if cell["data"] == "digits" else
+                 {"source": "gmm", "n_samples": cell["n"], "dim": cell["d"], "components": 8}),
+        "reward": {"fn": "brightness"}, "ratio": {"method": cell["method"]},
+        "model": {"hidden": cell.get("hidden", 64)}, "sde": {"T": 5.0, "dt": 0.25},
+        "train": {"batch_size": cell["b"], "chunk_size": cell["b"], "beta": 1.0, "episodes": 10**6}})
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    dataset = load_dataset(config.data, config.seed)
+    backend = InProcessBackend(config, dataset, load_reward(config.reward, dataset.points[:8]))
+    backend.step(1)
+    began, episodes = time.perf_counter(), 0
+    while episodes < 3 or time.perf_counter() - began < cell.get("seconds", 3.0):
+        episodes += 1
+        backend.step(episodes + 1)
+    rate = episodes / (time.perf_counter() - began)
+    return {**cell, "episodes_per_s": rate, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "data_mb": dataset.points.numel() * 4 / 2**20}
+
+
+def bench_scale() -> dict:
+    """Episodes/s and peak memory as N (10^2..10^5, d = 2, B = 300), d (2..64, N = 2000, B = 300) and B (100..3000,
+    N = 300, d = 2) grow, for each ratio method, each cell in a fresh process; the log-log slope of the time per
+    episode against the grown quantity (the growth exponent); and the digits case (N = 1797, d = 64, B = 256)."""
+    import subprocess
+
+    def run(cell: dict) -> dict:
+        out = subprocess.run([sys.executable, __file__, "_scale_cell", json.dumps(cell)], capture_output=True,
+                             text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(result), flush=True)
+        return result
+
+    methods = ("exact", "minibatch", "knn")
+    sweeps = {"n": [dict(data="gmm", n=n, d=2, b=300) for n in (100, 1000, 10_000, 100_000)],
+              "d": [dict(data="gmm", n=2000, d=d, b=300) for d in (2, 8, 16, 64)],
+              "b": [dict(data="gmm", n=300, d=2, b=b) for b in (100, 300, 1000, 3000)]}
+    results: dict[str, Any] = {"cells": {}, "growth_exponent": {}}
+    for name, cells in sweeps.items():
+        for method in methods:
+            rows = [run({**cell, "method": method}) for cell in cells]
+            results["cells"][f"{name}_{method}"] = rows
+            x = np.log([row[name] for row in rows])
+            y = np.log([1.0 / row["episodes_per_s"] for row in rows])
+            results["growth_exponent"][f"{name}_{method}"] = float(np.polyfit(x, y, 1)[0])
+    results["digits_auto"] = run(dict(data="digits", n=1797, d=64, b=256, method="auto", hidden=128))
+    small, large = (run(dict(data="gmm", n=n, d=2, b=300, method="auto")) for n in (300, 100_000))
+    results["auto_n300_vs_n1e5"] = {"n300": small, "n1e5": large,
+                                    "time_ratio": small["episodes_per_s"] / large["episodes_per_s"]}
+    results["setting"] = ("gmm data (8 components), brightness reward, K = 20 sde steps, paper networks (digits: "
+                          "hidden 128), in-process, 1 thread; each cell >= 3 s after a warm-up episode")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio"), nargs="?", default="core")
+    if len(sys.argv) == 3 and sys.argv[1] == "_scale_cell":  # one cell of `scale`, in its own process
+        print(json.dumps(_scale_cell(json.loads(sys.argv[2]))))
+        return
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale"), nargs="?",
+                        default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
@@ -398,6 +466,8 @@ def main() -> None:
         result = bench_rllib(args.rounds, args.episodes or 4000)
     elif args.what == "ratio":
         result = bench_ratio(args.rounds)
+    elif args.what == "scale":
+        result = bench_scale()
     else:
         result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
