@@ -6,7 +6,7 @@
     python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
     python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
     python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
-    python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method
+    python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method (+ scale.png)
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -443,12 +443,36 @@ def bench_scale() -> dict:
     return results
 
 
+def plot_scale(result: dict, path: Path) -> None:
+    """benchmarks/scale.png: time per episode against N, d and B (log-log), one line per ratio method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    for panel, (name, label) in enumerate((("n", "data points N"), ("d", "dimension d"), ("b", "batch B"))):
+        ax = fig.add_subplot(1, 3, panel + 1)
+        for method in ("exact", "minibatch", "knn"):
+            rows = result["cells"][f"{name}_{method}"]
+            slope = result["growth_exponent"][f"{name}_{method}"]
+            ax.loglog([r[name] for r in rows], [1e3 / r["episodes_per_s"] for r in rows], marker="o",
+                      label=f"{method} (slope {slope:.2f})")
+        values = [r[name] for r in result["cells"][f"{name}_exact"]]
+        ax.set_xticks(values, [f"{v:,}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per episode")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if len(sys.argv) == 3 and sys.argv[1] == "_scale_cell":  # one cell of `scale`, in its own process
         print(json.dumps(_scale_cell(json.loads(sys.argv[2]))))
         return
-    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale"), nargs="?",
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale", "scale-plot"), nargs="?",
                         default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
@@ -466,8 +490,13 @@ def main() -> None:
         result = bench_rllib(args.rounds, args.episodes or 4000)
     elif args.what == "ratio":
         result = bench_ratio(args.rounds)
+    elif args.what == "scale-plot":  # re-plot benchmarks/scale.json
+        plot_scale(json.loads((OUT / "scale.json").read_text()), OUT / "scale.png")
+        print(f"wrote {OUT / 'scale.png'}")
+        return
     elif args.what == "scale":
         result = bench_scale()
+        plot_scale(result, OUT / "scale.png")
     else:
         result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
