@@ -74,7 +74,7 @@ DEFAULT_MINIBATCH = 1024
 def choose_method(method: str, n: int, dim: int, minibatch: Optional[int]) -> str:
     """The ratio.method rule for `auto` (see config.RatioConfig); other methods are returned as given.
 
-    Measured (scripts/bench.py ratio): minibatch is 5-15x cheaper than exact at N = 10,000 with small bias in low d;
+    Measured (scripts/bench.py ratio): minibatch (m = 1024) is 8-20x cheaper than exact at N = 10,000 with small bias in low d;
     knn is exact's cost plus a top-k (no cheaper on CPU) and accurate only once k covers the kernel's mass (high
     d or small t), so auto never picks it."""
     if method != "auto":

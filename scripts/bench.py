@@ -350,7 +350,7 @@ def bench_ratio(repeats: int) -> dict:
     1 (ou); the action is the all-points score, so the exact estimator's reward is 0 and the method's is
     -(g^2 / 2)|s_method - s_all|^2. Bias: its mean; variance: its variance over `repeats` minibatch draws (knn is
     deterministic), averaged over the queries; both relative to g^2/2 |s_all|^2. Also ms per call for B = 300."""
-    from distq.ratio import knn_ratio_score, ratio_score
+    from distq.ratio import RatioEstimator, knn_ratio_score, ratio_score
 
     n, batch, results = 10_000, 300, []
     for dim in (2, 16):
@@ -365,9 +365,10 @@ def bench_ratio(repeats: int) -> dict:
             ratio_score(x, data, mu, sigma2)
             row = {"dim": dim, "t": t, "exact_ms": 1e3 * (time.perf_counter() - began)}
             for m in (64, 256, 1024, 4096):
+                estimator = RatioEstimator(data, minibatch=m)
                 began = time.perf_counter()
-                draws = torch.stack([-(ratio_score(x, data[torch.randperm(n, generator=gen)[:m]], mu, sigma2) - exact)
-                                     .pow(2).sum(-1) for _ in range(repeats)])
+                draws = torch.stack([-(estimator.score(x, mu, sigma2, estimator.subset(gen)) - exact).pow(2).sum(-1)
+                                     for _ in range(repeats)])
                 row[f"minibatch_m{m}"] = {"bias": float(draws.mean()) / scale, "variance": float(draws.var(0).mean())
                                           / scale**2, "ms": 1e3 * (time.perf_counter() - began) / repeats}
             for k in (16, 64, 256, 1024):
