@@ -28,14 +28,14 @@ def data_statistics(points: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def make_grid(config: Config, num_steps: Optional[int] = None) -> TimeGrid:
-    """The uniform time grid of the run (or of `num_steps` steps over the same horizon, for sampling)."""
-    return time_grid(make_schedule(config.sde), config.sde.T, num_steps or config.sde.num_steps)
+    """The time grid of the run (or of `num_steps` steps of the same shape over the same horizon, for sampling)."""
+    return time_grid(make_schedule(config.sde), config.sde.T, num_steps or config.sde.num_steps, config.sde.grid_power)
 
 
 def _preconditioner(config: Config, points: torch.Tensor) -> Preconditioner:
     mean, scale = data_statistics(points)
     return Preconditioner(make_schedule(config.sde), config.sde.T, mean, scale,
-                          enabled=config.model.precondition == "edm")
+                          enabled=config.model.precondition == "edm", bandwidth=config.ratio.bandwidth)
 
 
 def build_policy(config: Config, points: torch.Tensor, classes: int = 0) -> PolicyMean:

@@ -121,7 +121,10 @@ class SDEConfig:
     T: float = 5.0
     """Horizon of the forward process."""
     dt: float = 0.25
-    """Step of the uniform time grid; T / dt must be a whole number K."""
+    """T / dt must be a whole number K, the number of steps; with grid_power 1 every step has length dt."""
+    grid_power: float = 1.0
+    """Forward times t_k = T ((K - k) / K)^grid_power: 1 = the paper's uniform grid; > 1 = shorter steps near the
+    data (t = 0), longer near the prior (distq.schedules.grid_times)."""
     sampler: str = "sde"
     """sde | ode_euler | ddim."""
     beta_min: float = 0.1
@@ -137,6 +140,7 @@ class SDEConfig:
         ratio = self.T / self.dt
         _require(abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1, "sde.dt",
                  f"must divide sde.T={self.T} into a whole number of steps; got dt={self.dt} (T/dt = {ratio:g})")
+        _positive(self.grid_power, "sde.grid_power")
         _positive(self.beta_min, "sde.beta_min")
         _require(self.beta_max >= self.beta_min, "sde.beta_max", f"must be >= sde.beta_min={self.beta_min}")
 
@@ -160,12 +164,17 @@ class RatioConfig:
     """Subset size m of the minibatch method (None: 1024 when the method is minibatch)."""
     knn: int = 64
     """Neighbours k of the knn method."""
+    bandwidth: float = 0.0
+    """h >= 0: score of the data smoothed by N(0, h^2 I) (a kernel density estimate): kernel variance
+    sigma_t^2 + mu_t^2 h^2 in (E13). 0 = the paper's estimator of the empirical law's score."""
 
     def __post_init__(self) -> None:
         _choice(self.method, "ratio.method", RATIO_METHODS)
         _require(self.eps >= 0 and math.isfinite(self.eps), "ratio.eps", f"must be >= 0, got {self.eps}")
         _require(self.minibatch is None or self.minibatch >= 1, "ratio.minibatch", f"must be >= 1, got {self.minibatch}")
         _require(self.knn >= 1, "ratio.knn", f"must be >= 1, got {self.knn}")
+        _require(self.bandwidth >= 0 and math.isfinite(self.bandwidth), "ratio.bandwidth",
+                 f"must be >= 0, got {self.bandwidth}")
         _require(self.method != "knn" or self.eps == 0, "ratio.method",
                  "knn keeps only the nearest points, so it needs ratio.eps = 0 (the floor is over all N)")
 

@@ -2,7 +2,7 @@
 
 Minimising L = 1/2 sum_k delta_k^2 (mean over the batch) with next-state values and actions detached gives exactly
 the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
--dL/dpsi = dt sum_k delta_k grad q_psi(tau_k, Y_k, a_k) (the dt is absorbed in the learning rate).
+-dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
 Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
 processes (distq.split) on the same numbers. The learner returns metrics and never logs.
 """
@@ -64,7 +64,8 @@ class Learner:
 
     def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15)."""
-        delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q, self.grid.dt)
+        delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
+                          self.grid.dt.unsqueeze(1))
         loss = 0.5 * delta.square().sum(0).mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
@@ -108,7 +109,7 @@ class Learner:
             "loss/td": float(loss.detach()),
             "td/abs_mean": float(delta.detach().abs().mean()),
             "reward/terminal_mean": float(batch.terminal_rewards.mean()),
-            "reward/running_mean": float(batch.running_rewards.sum(0).mean()) * self.grid.dt,
+            "reward/running_mean": float((batch.running_rewards * self.grid.dt.unsqueeze(1)).sum(0).mean()),
             **{f"grad_norm/{name}": norm for name, norm in norms.items()},
             "lr/policy": self.schedulers["policy"].get_last_lr()[0],
             "time/update_s": time.perf_counter() - start,

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distq.ratio import smoothed_variance
 from distq.schedules import Schedule
 
 
@@ -58,9 +59,12 @@ class Preconditioner(nn.Module):
     The coefficients depend on tau only, so a rollout computes them once per grid step.
     """
 
-    def __init__(self, schedule: Schedule, T: float, data_mean: torch.Tensor, data_scale: float, enabled: bool):
+    def __init__(self, schedule: Schedule, T: float, data_mean: torch.Tensor, data_scale: float, enabled: bool,
+                 bandwidth: float = 0.0):
+        """bandwidth h > 0 (ratio.bandwidth): sigma_t^2 + mu_t^2 h^2 stands for sigma_t^2, as in the score of the
+        smoothed data that the ratio estimator then targets (distq.ratio.smoothed_variance)."""
         super().__init__()
-        self.schedule, self.T, self.enabled = schedule, T, enabled
+        self.schedule, self.T, self.enabled, self.bandwidth = schedule, T, enabled, bandwidth
         self.register_buffer("data_mean", data_mean.float().clone())
         self.register_buffer("data_scale", torch.tensor(float(data_scale)))
 
@@ -73,7 +77,8 @@ class Preconditioner(nn.Module):
             return {"time": time, "in_scale": torch.ones_like(tau), "in_shift": zero, "out_y": zero,
                     "out_net": torch.ones_like(tau), "out_shift": zero}
         t = self.T - tau
-        mu, sigma2, s2, m = self.schedule.mu(t), self.schedule.sigma2(t), self.data_scale.square(), self.data_mean
+        mu, s2, m = self.schedule.mu(t), self.data_scale.square(), self.data_mean
+        sigma2 = smoothed_variance(mu, self.schedule.sigma2(t), self.bandwidth)
         var = mu.square() * s2 + sigma2
         c_in, c_skip, c_out = var.rsqrt(), mu * s2 / var, (s2 * sigma2 / var).sqrt()
         return {"time": time, "in_scale": c_in, "in_shift": -mu * c_in * m, "out_y": (mu * c_skip - 1) / sigma2,

@@ -41,6 +41,23 @@ def ratio_score(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float, e
     return torch.addmm(x, weights, data, beta=-1.0, alpha=mu).div_(sigma2)
 
 
+def smoothed_variance(mu: float, sigma2: float, bandwidth: float) -> float:
+    """Kernel variance sigma_t^2 + mu_t^2 h^2 of (E13) for the data smoothed by N(0, h^2 I): then (E13) is the exact
+    score of the forward marginal of that kernel density estimate, and h floors the kernels' width at small t,
+    where the plain estimator collapses onto the N training points (algorithm.md section 13)."""
+    return sigma2 + mu * mu * bandwidth * bandwidth
+
+
+def tilted_ratio_score(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float,
+                       log_weights: torch.Tensor) -> torch.Tensor:
+    """(E13) for the reweighted empirical law sum_i pi_i delta_{x0_i}, log pi_i = log_weights (N,) up to a constant;
+    x: (B, d), data: (N, d) -> (B, d). With log_weights = beta h(x0_i) it is the exact score of the data's tilt (E7),
+    the action of a perfect learner of Algorithm 1 (its value gradient included), a floor for any learned policy."""
+    logits = torch.addmm((data.pow(2).sum(-1).mul(-0.5 * mu * mu / sigma2) + log_weights).unsqueeze(0), x, data.T,
+                         alpha=mu / sigma2)
+    return torch.addmm(x, torch.softmax(logits, dim=-1), data, beta=-1.0, alpha=mu).div_(sigma2)
+
+
 def running_reward(score: torch.Tensor, action: torch.Tensor, g2) -> torch.Tensor:
     """r_hat = -(g^2 / 2) |s_hat - a|^2 (E14, paper (19)); score, action: (..., d) -> (...); g2 a float or
     a tensor broadcastable to (...)."""
@@ -86,13 +103,13 @@ def choose_method(method: str, n: int, dim: int, minibatch: Optional[int]) -> st
 
 class RatioEstimator:
     """(E13) over a fixed data set, with all N points, random data minibatches of size `minibatch` per call, or
-    each query's `knn` nearest points."""
+    each query's `knn` nearest points; of the data smoothed by N(0, bandwidth^2 I) if bandwidth > 0."""
 
     def __init__(self, data: torch.Tensor, eps: float = 0.0, minibatch: Optional[int] = None,
-                 knn: Optional[int] = None):
+                 knn: Optional[int] = None, bandwidth: float = 0.0):
         self.data = data
         self.data_sq = data.pow(2).sum(-1)
-        self.eps = eps
+        self.eps, self.bandwidth = eps, bandwidth
         self.minibatch = minibatch if minibatch is not None and minibatch < data.shape[0] else None
         self.knn = knn if knn is not None and knn < data.shape[0] else None
 
@@ -101,7 +118,11 @@ class RatioEstimator:
         """The estimator of a RatioConfig (`ratio.method` resolved by choose_method)."""
         method = choose_method(config.method, data.shape[0], data.shape[1], config.minibatch)
         return cls(data, config.eps, minibatch=(config.minibatch or DEFAULT_MINIBATCH) if method == "minibatch"
-                   else None, knn=config.knn if method == "knn" else None)
+                   else None, knn=config.knn if method == "knn" else None, bandwidth=config.bandwidth)
+
+    def restricted(self, rows: torch.Tensor) -> "RatioEstimator":
+        """The same estimator (all points, eps, bandwidth) over the data rows `rows` only (one condition's data)."""
+        return RatioEstimator(self.data[rows], self.eps, bandwidth=self.bandwidth)
 
     def subset(self, generator: torch.Generator) -> Optional[torch.Tensor]:
         """Indices of a fresh random minibatch (m,), or None when all data are used."""
@@ -111,6 +132,7 @@ class RatioEstimator:
 
     def score(self, x: torch.Tensor, mu: float, sigma2: float, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s_hat(t, x) for x: (B, d) using all data or the rows `subset`; -> (B, d)."""
+        sigma2 = smoothed_variance(mu, sigma2, self.bandwidth)
         if subset is None:
             if self.knn is not None:
                 return knn_ratio_score(x, self.data, mu, sigma2, self.knn, self.data_sq)

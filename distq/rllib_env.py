@@ -60,7 +60,7 @@ class ReverseDiffusionEnv(gymnasium.Env):
         if self.ratio.minibatch is not None:
             subset = self.ratio.subset(torch.Generator().manual_seed(int(self.np_random.integers(2**31))))
         score = self.ratio.score(self.y, float(grid.mu[k]), float(grid.sigma2[k]), subset)
-        reward = float(running_reward(score, action, float(grid.g2[k]))[0]) * grid.dt
+        reward = float(running_reward(score, action, float(grid.g2[k]))[0]) * float(grid.dt[k])
         self.y = self.step_fn(grid, k, self.y, action, self._normal() if self.stochastic else None)
         self.k += 1
         terminated = self.k == grid.num_steps

@@ -76,7 +76,7 @@ class Rollout:
         self.with_running_rewards, self.reference = running_rewards, reference
         self.class_ratios, self.class_probs = None, None
         if labels is not None:
-            self.class_ratios = [RatioEstimator(ratio.data[labels == c], ratio.eps) for c in range(policy.classes)]
+            self.class_ratios = [ratio.restricted(labels == c) for c in range(policy.classes)]
             self.class_probs = torch.bincount(labels, minlength=policy.classes).float() / labels.shape[0]
         self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
         self.dim = ratio.data.shape[1]

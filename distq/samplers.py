@@ -16,20 +16,20 @@ Step = Callable[[TimeGrid, int, torch.Tensor, torch.Tensor, Optional[torch.Tenso
 
 def sde_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Euler-Maruyama (E5): Y + [f Y + g^2 a] dt + g sqrt(dt) xi; noise xi ~ N(0, I) is required."""
-    f, g2, dt = float(grid.f[k]), float(grid.g2[k]), grid.dt
+    f, g2, dt = float(grid.f[k]), float(grid.g2[k]), float(grid.dt[k])
     return (y * (1 + f * dt)).add_(action, alpha=g2 * dt).add_(noise, alpha=(g2 * dt) ** 0.5)
 
 
 def ode_euler_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Euler on the controlled probability-flow ODE: Y + [f Y + (g^2 / 2) a] dt (section 8, paper (41))."""
-    f, g2, dt = float(grid.f[k]), float(grid.g2[k]), grid.dt
+    f, g2, dt = float(grid.f[k]), float(grid.g2[k]), float(grid.dt[k])
     return (y * (1 + f * dt)).add_(action, alpha=0.5 * g2 * dt)
 
 
 def ddim_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) with x0_hat = (Y + sigma_t^2 a) / mu_t and eps_hat = -sigma_t a (section 8).
 
-    Y_{k+1} = mu_{t - dt} x0_hat + sigma_{t - dt} eps_hat; the last step returns x0_hat itself.
+    Y_{k+1} = mu_{t_{k+1}} x0_hat + sigma_{t_{k+1}} eps_hat; the last step returns x0_hat itself.
     """
     mu, sigma2 = float(grid.mu[k]), float(grid.sigma2[k])
     mu_next, sigma_next = float(grid.mu_next[k]), float(grid.sigma2_next[k]) ** 0.5

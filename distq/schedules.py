@@ -1,4 +1,4 @@
-"""Forward noising schedules (E1-E2) and the uniform time grid of the reverse process.
+"""Forward noising schedules (E1-E2) and the time grid of the reverse process.
 
 Convention: `t` is forward (noising) time in [0, T]; generation time is tau = T - t.
 Each schedule gives f(t), g(t)^2, mu_t = exp(-int_0^t f) and sigma_t^2 = int_0^t exp(-2 int_s^t f) g(s)^2 ds.
@@ -97,14 +97,15 @@ def make_schedule(cfg: SDEConfig) -> Schedule:
 
 @dataclass(frozen=True)
 class TimeGrid:
-    """Per-step constants of a uniform grid of K steps, k = 0..K-1 (E5): all tensors (K,) float32.
+    """Per-step constants of a grid of K steps, k = 0..K-1 (E5): all tensors (K,) float32.
 
-    tau_k = k dt (generation time), t_k = T - tau_k (forward time, >= dt), and the schedule at t_k;
-    `mu_next`, `sigma2_next` are at t_k - dt (used by the ddim sampler; the last is mu_0 = 1, sigma_0^2 = 0).
+    t_k is forward time (t_0 = T, t_K = 0), tau_k = T - t_k generation time, dt_k = t_k - t_{k+1} the step length
+    (all equal, T / K, on the paper's uniform grid), and the schedule at t_k; `mu_next`, `sigma2_next` are at
+    t_{k+1} (used by the ddim sampler; the last is mu_0 = 1, sigma_0^2 = 0).
     """
 
     T: float
-    dt: float
+    dt: torch.Tensor
     tau: torch.Tensor
     t: torch.Tensor
     f: torch.Tensor
@@ -119,17 +120,22 @@ class TimeGrid:
         return self.tau.shape[0]
 
 
-def time_grid(schedule: Schedule, T: float, num_steps: int) -> TimeGrid:
-    """Uniform grid of `num_steps` steps over [0, T] in generation time; computed in float64, stored float32."""
-    dt = T / num_steps
-    steps = torch.arange(num_steps, dtype=torch.float64)
-    tau = steps * dt
-    # t as T (K - k) / K rather than T - tau, so that the last t_next is exactly 0 for any horizon
-    t = T * (num_steps - steps) / num_steps
-    t_next = T * (num_steps - steps - 1) / num_steps
-    values = dict(tau=tau, t=t, f=schedule.f(t), g2=schedule.g2(t), mu=schedule.mu(t), sigma2=schedule.sigma2(t),
-                  mu_next=schedule.mu(t_next), sigma2_next=schedule.sigma2(t_next))
-    return TimeGrid(T=T, dt=dt, **{k: v.float() for k, v in values.items()})
+def grid_times(T: float, num_steps: int, power: float = 1.0) -> torch.Tensor:
+    """Forward times t_k = T ((K - k) / K)^power, k = 0..K, float64 (K + 1,): power 1 is the paper's uniform grid;
+    power > 1 takes shorter steps near t = 0, where the score changes fastest (the last noise level, T / K^power,
+    acts as the bandwidth of the samples; algorithm.md section 13)."""
+    steps = torch.arange(num_steps + 1, dtype=torch.float64)
+    # T (K - k) / K rather than T - k dt, so that t_K is exactly 0 for any horizon
+    return T * ((num_steps - steps) / num_steps) ** power
+
+
+def time_grid(schedule: Schedule, T: float, num_steps: int, power: float = 1.0) -> TimeGrid:
+    """The grid of `num_steps` steps over [0, T] at the times of grid_times; computed in float64, stored float32."""
+    times = grid_times(T, num_steps, power)
+    t, t_next = times[:-1], times[1:]
+    values = dict(dt=t - t_next, tau=T - t, t=t, f=schedule.f(t), g2=schedule.g2(t), mu=schedule.mu(t),
+                  sigma2=schedule.sigma2(t), mu_next=schedule.mu(t_next), sigma2_next=schedule.sigma2(t_next))
+    return TimeGrid(T=T, **{k: v.float() for k, v in values.items()})
 
 
 def prior_std(schedule: Schedule, T: float) -> float:

@@ -57,11 +57,11 @@ def entropy_baseline_table(schedule: Schedule, T: float, temperature: float, dim
 
 
 def td_errors(values: torch.Tensor, terminal_values: torch.Tensor, running_rewards: torch.Tensor,
-              q_values: torch.Tensor, dt: float) -> torch.Tensor:
-    """delta_k = J(tau_{k+1}, Y_{k+1}) - J_phi(tau_k, Y_k) + (r_hat_k - q_psi(tau_k, Y_k, a_k)) dt (E15).
+              q_values: torch.Tensor, dt) -> torch.Tensor:
+    """delta_k = J(tau_{k+1}, Y_{k+1}) - J_phi(tau_k, Y_k) + (r_hat_k - q_psi(tau_k, Y_k, a_k)) dt_k (E15).
 
-    values: J_phi at (tau_k, Y_k), (K, B); terminal_values: beta h(Y_K), (B,); running_rewards, q_values: (K, B).
-    The next-state values are detached (semi-gradient, E16). Returns (K, B).
+    values: J_phi at (tau_k, Y_k), (K, B); terminal_values: beta h(Y_K), (B,); running_rewards, q_values: (K, B);
+    dt: the step lengths (K, 1) (or one float). The next-state values are detached (semi-gradient, E16). Returns (K, B).
     """
     next_values = torch.cat([values[1:].detach(), terminal_values.unsqueeze(0)], 0)
     return next_values - values + (running_rewards - q_values) * dt

@@ -114,6 +114,25 @@ def test_fresh_edm_policy_is_exact_gaussian_score(schedule):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), tau
 
 
+def test_fresh_edm_policy_with_bandwidth_is_the_smoothed_gaussian_score():
+    """ratio.bandwidth h: the untrained mean is the score of the data law smoothed by N(0, h^2 I), the law the
+    ratio estimator then targets: N(mu m, (mu^2 (s^2 + h^2) + sigma^2) I) for Gaussian data."""
+    points, h = _gaussian_points(), 0.6
+    x = points.double().numpy()
+    m_hat, s2_hat = torch.tensor(x.mean(0)), ((x - x.mean(0)) ** 2).mean()
+    config = config_from_dict({**_config().to_dict(), "ratio": {"bandwidth": h}})
+    policy = build_policy(config, points)
+    gen = torch.Generator().manual_seed(5)
+    for tau in [0.0, 2.5, 4.9, 4.99]:
+        mu, sigma2 = _closed_form("ou", T - tau)
+        var = mu**2 * (s2_hat + h * h) + sigma2
+        y = mu * m_hat + math.sqrt(var) * torch.randn(7, 2, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            got = policy(torch.tensor(tau), y.float()).double()
+        expected = -(y - mu * m_hat) / var
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), tau
+
+
 def test_fresh_edm_policy_scalar_and_vector_tau_agree():
     points = _gaussian_points()
     policy = build_policy(_config(), points)

@@ -250,3 +250,49 @@ def test_knn_with_the_eps_floor_is_refused():
 
     with pytest.raises(DistqError, match="'ratio.method'"):
         config_from_dict({"ratio": {"method": "knn", "eps": 1e-3}})
+
+
+@pytest.mark.parametrize("method", ["exact", "minibatch"])
+def test_bandwidth_gives_the_score_of_the_smoothed_data(method):
+    """Data N(m, s^2 I) smoothed by N(0, h^2 I) is N(m, (s^2 + h^2) I): with ratio.bandwidth = h (E13) approaches
+    that law's exact noised score, which at small t differs clearly from the unsmoothed one. (knn keeps the same
+    kernel variance, but its k nearest points miss most of a kernel this wide.)"""
+    from distq.config import RatioConfig
+
+    mean, std, h, t = [0.0, 3.0], 0.5, 0.6, 0.05
+    mu, sigma2 = _ou(t)
+    data = _gaussian_data(20000, mean, std, 0, torch.float32)
+    x = torch.tensor([[0.0, 3.0 * mu], [0.4, 3.0 * mu - 0.4], [-0.8, 3.0 * mu + 0.6]])
+    smoothed = _exact_score(x.double(), mean, math.hypot(std, h), mu, sigma2)
+    plain = _exact_score(x.double(), mean, std, mu, sigma2)
+    config = RatioConfig(method=method, bandwidth=h, minibatch=4096)
+    estimator = RatioEstimator.from_config(data, config)
+    subset = estimator.subset(torch.Generator().manual_seed(1))
+    got = estimator.score(x, mu, sigma2, subset).double()
+    scale = float(smoothed.abs().max())
+    assert torch.allclose(got, smoothed, atol=0.05 * scale), (got, smoothed)
+    assert float((plain - smoothed).abs().max()) > 0.5 * scale
+    # one condition's estimator keeps the bandwidth
+    rows = torch.arange(data.shape[0]) % 2 == 0
+    half = estimator.restricted(rows)
+    assert half.bandwidth == h and half.data.shape[0] == 10000
+    assert torch.allclose(half.score(x, mu, sigma2).double(), smoothed, atol=0.05 * scale)
+
+
+def test_tilted_ratio_score_is_the_score_of_the_tilted_gaussian():
+    """Gaussian data N(m, s^2 I) tilted by exp(c . x) is N(m + s^2 c, s^2 I) (E7): with log-weights c . x0_i on the
+    data points, the estimator approaches that law's exact noised score; zero weights give plain (E13)."""
+    from distq.ratio import tilted_ratio_score
+
+    mean, std, t = [1.0, -0.5], 0.7, 0.5
+    coef = torch.tensor([0.8, -0.4], dtype=torch.float64)
+    mu, sigma2 = _ou(t)
+    data = _gaussian_data(40000, mean, std, 3)
+    tilted_mean = (torch.tensor(mean, dtype=torch.float64) + std**2 * coef).tolist()
+    gen = torch.Generator().manual_seed(4)
+    x = mu * torch.tensor(tilted_mean, dtype=torch.float64) + torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    expected = _exact_score(x, tilted_mean, std, mu, sigma2)
+    got = tilted_ratio_score(x, data, mu, sigma2, data @ coef)
+    assert (got - expected).pow(2).sum(-1).mean() < 1e-2 * expected.pow(2).sum(-1).mean()
+    plain = tilted_ratio_score(x, data, mu, sigma2, torch.zeros(data.shape[0], dtype=torch.float64))
+    assert torch.allclose(plain, ratio_score(x, data, mu, sigma2), atol=1e-10)

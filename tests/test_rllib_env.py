@@ -31,7 +31,7 @@ def test_rewards_are_the_running_reward_and_the_terminal_reward():
         y = torch.from_numpy(observation[1:]).reshape(1, 2)
         action = rng.normal(size=2).astype(np.float32)
         score = ratio_score(y, data, float(grid.mu[k]), float(grid.sigma2[k]))
-        expected = -0.5 * float(grid.g2[k]) * float((score[0] - torch.from_numpy(action)).pow(2).sum()) * grid.dt
+        expected = -0.5 * float(grid.g2[k]) * float((score[0] - torch.from_numpy(action)).pow(2).sum()) * float(grid.dt[k])
         observation, reward, terminated, truncated, _ = env.step(action)
         if terminated:
             expected += 2.0 * float(observation[1])

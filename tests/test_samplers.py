@@ -15,7 +15,7 @@ D = 2
 
 def _hand_grid():
     """Two steps with made-up constants (not a real schedule), so every term of each formula is visible."""
-    return TimeGrid(T=1.0, dt=0.5, tau=torch.tensor([0.0, 0.5]), t=torch.tensor([1.0, 0.5]),
+    return TimeGrid(T=1.0, dt=torch.tensor([0.5, 0.5]), tau=torch.tensor([0.0, 0.5]), t=torch.tensor([1.0, 0.5]),
                     f=torch.tensor([0.5, 1.0]), g2=torch.tensor([3.0, 2.0]), mu=torch.tensor([0.6, 0.8]),
                     sigma2=torch.tensor([0.64, 0.36]), mu_next=torch.tensor([0.8, 1.0]),
                     sigma2_next=torch.tensor([0.36, 0.0]))

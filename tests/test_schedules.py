@@ -95,11 +95,12 @@ def test_time_grid(name, steps):
     schedule = _schedule(name)
     grid = time_grid(schedule, T, steps)
     dt = T / steps
-    assert grid.num_steps == steps and grid.dt == pytest.approx(dt) and grid.T == T
-    for key in ("tau", "t", "f", "g2", "mu", "sigma2", "mu_next", "sigma2_next"):
+    assert grid.num_steps == steps and grid.T == T
+    for key in ("dt", "tau", "t", "f", "g2", "mu", "sigma2", "mu_next", "sigma2_next"):
         value = getattr(grid, key)
         assert value.shape == (steps,) and value.dtype == torch.float32, key
     k = np.arange(steps)
+    np.testing.assert_allclose(grid.dt.numpy(), np.full(steps, dt), rtol=1e-6)
     np.testing.assert_allclose(grid.tau.numpy(), k * dt, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grid.t.numpy(), T - k * dt, rtol=1e-6)
     assert float(grid.t.min()) >= dt * (1 - 1e-6)
@@ -115,6 +116,27 @@ def test_time_grid(name, steps):
     np.testing.assert_allclose(grid.sigma2_next.numpy(), [s for _, s in after], rtol=1e-5, atol=1e-7)
     assert float(grid.sigma2_next[-1]) == 0.0 and float(grid.mu_next[-1]) == 1.0
     assert float(grid.sigma2.min()) > 0
+
+
+@pytest.mark.parametrize("name", ["ou", "vp"])
+@pytest.mark.parametrize("power", [0.5, 2.0, 3.0])
+def test_power_grid_times_and_constants(name, power):
+    steps = 20
+    grid = time_grid(_schedule(name), T, steps, power)
+    t = T * ((steps - np.arange(steps)) / steps) ** power
+    t_next = T * ((steps - np.arange(1, steps + 1)) / steps) ** power
+    np.testing.assert_allclose(grid.t.numpy(), t, rtol=1e-6)
+    np.testing.assert_allclose(grid.tau.numpy(), T - t, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grid.dt.numpy(), t - t_next, rtol=1e-5)
+    assert float(grid.dt.double().sum()) == pytest.approx(T, rel=1e-6)
+    # power > 1: steps shrink towards the data, the last noise level is T / K^power
+    assert bool((grid.dt[1:] < grid.dt[:-1]).all()) == (power > 1)
+    assert float(grid.t[-1]) == pytest.approx(T / steps**power, rel=1e-6)
+    now = [_integral_e2(name, ti) for ti in t]
+    after = [_integral_e2(name, ti) if ti > 0 else (1.0, 0.0) for ti in t_next]
+    np.testing.assert_allclose(grid.sigma2.numpy(), [s for _, s in now], rtol=1e-5)
+    np.testing.assert_allclose(grid.mu_next.numpy(), [m for m, _ in after], rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(grid.sigma2_next.numpy(), [s for _, s in after], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("T_, steps", [(1.0, 3), (1.0, 6), (1.0, 100)])
