@@ -1,4 +1,5 @@
-"""Command line: `distq train | sample | evaluate`. Argument parsing only; the work is in distq.train and friends."""
+"""Command line: `distq train | pretrain | sample | evaluate | tune | calibrate`. Argument parsing only; the work is in
+distq.train and friends."""
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,13 @@ from distq.rewards import load_reward
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distq", description="Reward-directed diffusion by continuous-time q-learning")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a run, then evaluate it")
-    train.add_argument("config", nargs="?", help="YAML config (default with --resume: RUN_DIR/config.yaml)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value (repeatable)")
-    train.add_argument("--out", help="run directory to create")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace the outputs of a run already in --out")
-    train.add_argument("--init", metavar="RUN_DIR", help="start from the policy of a trained run (train.init)")
-    train.add_argument("--address", help="Ray cluster to join with parallel.workers > 0 ('auto' or host:port; "
-                                         "default: RAY_ADDRESS, else an embedded local instance)")
+    _add_train_arguments(sub.add_parser("train", help="train a run, then evaluate it"))
+    pretrain = sub.add_parser("pretrain", help="train a model without reward (train.beta = 0) to start other runs "
+                                               "from (--init)")
+    _add_train_arguments(pretrain)
+    pretrain.add_argument("--method", choices=("qlearning", "dsm"),
+                          help="qlearning: Algorithm 1 at beta = 0 (the paper's models A and B); dsm: denoising score "
+                               "matching (default: qlearning; with --resume: the run's)")
     sample = sub.add_parser("sample", help="generate samples from a trained run")
     sample.add_argument("run_dir")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
@@ -47,6 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_calibrate(sub)
     return parser
+
+
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
+    train.add_argument("config", nargs="?", help="YAML config (default with --resume: RUN_DIR/config.yaml)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+    train.add_argument("--out", help="run directory to create")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace the outputs of a run already in --out")
+    train.add_argument("--init", metavar="RUN_DIR", help="start from the policy of a trained run (train.init)")
+    train.add_argument("--address", help="Ray cluster to join with parallel.workers > 0 ('auto' or host:port; "
+                                         "default: RAY_ADDRESS, else an embedded local instance)")
 
 
 def _add_tune(sub) -> None:
@@ -81,6 +91,10 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.init:
         args.overrides.append(f"train.init={args.init}")
+    if args.command == "pretrain":
+        args.overrides.append("train.beta=0")
+        if args.method or not args.resume:
+            args.overrides.append(f"train.algorithm={args.method or 'qlearning'}")
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise DistqError(f"--out {args.out} and --resume {args.resume} name different run directories")
@@ -169,7 +183,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "sample": _sample, "evaluate": _evaluate, "tune": _tune,
+        {"train": _train, "pretrain": _train, "sample": _sample, "evaluate": _evaluate, "tune": _tune,
          "calibrate": _calibrate}[args.command](args)
     except DistqError as err:
         print(f"distq: error: {err}", file=sys.stderr)

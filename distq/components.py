@@ -13,6 +13,7 @@ from distq.config import PRETRAINED_ALGORITHMS, Config
 from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
+from distq.denoising import DenoisingLearner, DenoisingRollout
 from distq.rollout import Rollout
 from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
 from distq.value import ValueNet
@@ -61,24 +62,26 @@ def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> O
 def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                   policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None,
                   labels: Optional[torch.Tensor] = None, classes: int = 0) -> Rollout:
-    """A rollout over `points`; it shares `policy` (in-process) or builds its own copy (another process), and for
-    ct_finetune the pretrained `reference` likewise. Conditional runs give the points' condition `labels` (or,
+    """A rollout over `points` (for dsm, of noised data points); it shares `policy` (in-process) or builds its own
+    copy (another process), and for ct_finetune the pretrained `reference` likewise. Conditional runs give the points' condition `labels` (or,
     to generate only, the number of `classes`)."""
     classes = classes or (int(labels.max()) + 1 if labels is not None else 0)
     policy = policy if policy is not None else build_policy(config, points, classes)
     algorithm = config.train.algorithm
     if algorithm == "ct_finetune" and reference is None:
         reference = build_reference(config, points, classes)
-    return Rollout(policy, make_grid(config), config.sde.sampler,
-                   RatioEstimator.from_config(points, config.ratio), terminal_reward,
-                   config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
-                   running_rewards=algorithm in ("qlearning", "ct_finetune"),
-                   reference=reference if algorithm == "ct_finetune" else None, labels=labels)
+    kind = DenoisingRollout if algorithm == "dsm" else Rollout
+    return kind(policy, make_grid(config), config.sde.sampler, RatioEstimator.from_config(points, config.ratio),
+                terminal_reward, config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
+                running_rewards=algorithm in ("qlearning", "ct_finetune"),
+                reference=reference if algorithm == "ct_finetune" else None, labels=labels)
 
 
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> Learner:
     """The central learner with fresh networks: Algorithm 1's, or a baseline's (distq.baselines) by train.algorithm."""
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
+    if config.train.algorithm == "dsm":
+        return DenoisingLearner(policy, None, make_grid(config), config.train)
     if config.train.algorithm not in ("qlearning", "ct_finetune"):
         from distq.baselines import PolicyGradientLearner
 

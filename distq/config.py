@@ -24,11 +24,12 @@ SAMPLERS = ("sde", "ode_euler", "ddim")
 PRECONDITIONS = ("edm", "none")
 LR_SCHEDULES = ("constant", "cosine")
 RATIO_METHODS = ("auto", "exact", "minibatch", "knn")
-ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok")
+ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok", "dsm")
 """qlearning: Algorithm 1 (ours). The baselines of algorithm.md section 10: ct_finetune (Scores as Actions: Algorithm 1
 with the pretrained policy mean of train.init in place of the ratio-estimated score), and by policy gradient on
 the terminal reward alone (distq.baselines) ddpo_sf (score function), ddpo_is (clipped importance sampling) and
-dpok (ddpo_sf plus a per-step KL to the pretrained policy of train.init)."""
+dpok (ddpo_sf plus a per-step KL to the pretrained policy of train.init). dsm: plain denoising score matching on
+the data (distq.denoising), a pretrainer to compare with qlearning at beta = 0."""
 PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
 """The algorithms that need a pretrained run (train.init) as their reference."""
 
@@ -198,7 +199,7 @@ class TrainConfig:
     """Algorithm 1: reward weight, temperature, episodes and optimisation."""
 
     algorithm: str = "qlearning"
-    """qlearning | ct_finetune | ddpo_sf | ddpo_is | dpok (see ALGORITHMS)."""
+    """qlearning | ct_finetune | ddpo_sf | ddpo_is | dpok | dsm (see ALGORITHMS)."""
     init: Optional[str] = None
     """A run directory whose trained policy mean starts this run (and is ct_finetune's and dpok's reference)."""
     beta: float = 0.0
@@ -254,7 +255,8 @@ class TrainConfig:
         _positive(self.is_clip, "train.is_clip")
         _require(self.inner_steps >= 1, "train.inner_steps", f"must be >= 1, got {self.inner_steps}")
         _require(self.processes == 1 or self.algorithm == "qlearning", "train.processes",
-                 "must be 1 for the baselines (the critic process computes the ratio-estimated rewards of qlearning)")
+                 "must be 1 for the baselines and dsm (the critic process computes the ratio-estimated rewards of "
+                 "qlearning)")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)

@@ -100,7 +100,7 @@ class MetricsLog:
                   + _time_split(metrics))
 
 
-_LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss"}
+_LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss", "loss/dsm": "dsm loss"}
 
 
 def _time_split(metrics: dict[str, float]) -> str:

@@ -133,14 +133,15 @@ def test_init_starts_from_the_run_and_checks_it(pretrained, tmp_path):
 
 
 @pytest.mark.ray
-def test_baselines_distribute_over_ray_workers_with_the_same_updates(ray_session):
-    """ddpo_sf with W = 2 Ray rollout actors (no running rewards cross) equals the in-process run."""
+@pytest.mark.parametrize("algorithm, loss", [("ddpo_sf", "loss/policy_gradient"), ("dsm", "loss/dsm")])
+def test_baselines_distribute_over_ray_workers_with_the_same_updates(ray_session, algorithm, loss):
+    """ddpo_sf and dsm with W = 2 Ray rollout actors (no running rewards cross) equal the in-process run."""
     from distq.parallel import RayBackend
     from distq.train import InProcessBackend
 
     states = {}
     for workers in (0, 2):
-        config = config_from_dict({**_config("ddpo_sf", beta=1.0, episodes=3, chunk_size=32).to_dict(),
+        config = config_from_dict({**_config(algorithm, beta=1.0, episodes=3, chunk_size=32).to_dict(),
                                    "parallel": {"workers": workers, "num_cpus_per_worker": 0.5,
                                                 "learner_num_cpus": 0.5}})
         dataset = load_dataset(config.data, config.seed)
@@ -148,7 +149,7 @@ def test_baselines_distribute_over_ray_workers_with_the_same_updates(ray_session
         backend = (RayBackend(config, dataset, reward, None) if workers else InProcessBackend(config, dataset, reward))
         try:
             for episode in (1, 2, 3):
-                assert "loss/policy_gradient" in backend.step(episode)
+                assert loss in backend.step(episode)
             states[workers] = backend.learner_state()
         finally:
             backend.close()

@@ -181,6 +181,24 @@ def test_resume_with_explicit_config_and_same_out(tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["episode"] == 25
 
 
+@pytest.mark.parametrize("method", ["qlearning", "dsm"])
+def test_pretrain_is_train_at_beta_zero_and_starts_other_runs(tmp_path, method):
+    """`distq pretrain` forces beta = 0 and the method's algorithm, resumes as the same method, and its run is an
+    --init for fine-tuning."""
+    config = write_config(tmp_path, train={"beta": 2.0})
+    pretrained = tmp_path / "pretrained"
+    code, out, err = run_cli("pretrain", config, "--method", method, "--out", pretrained)
+    assert code == 0, err
+    saved = load_config(pretrained / "config.yaml")
+    assert saved.train.beta == 0.0 and saved.train.algorithm == method
+    code, _, err = run_cli("pretrain", "--resume", pretrained, "--set", "train.episodes=25")
+    assert code == 0, err
+    assert load_checkpoint(pretrained / "checkpoint.pt")["episode"] == 25
+    code, _, err = run_cli("train", config, "--init", pretrained, "--set", "train.episodes=2", "--out", tmp_path / "tuned")
+    assert code == 0, err
+    assert load_config(tmp_path / "tuned" / "config.yaml").train.init == str(pretrained)
+
+
 def test_resume_to_fewer_episodes_is_refused(run_dir):
     before = snapshot(run_dir)
     code, _, err = run_cli("train", "--resume", run_dir, "--set", "train.episodes=10")
