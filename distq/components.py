@@ -10,10 +10,10 @@ from typing import Callable, Optional
 import torch
 
 from distq.config import PRETRAINED_ALGORITHMS, Config
+from distq.denoising import DenoisingLearner, DenoisingRollout
 from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
-from distq.denoising import DenoisingLearner, DenoisingRollout
 from distq.rollout import Rollout
 from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
 from distq.value import ValueNet

@@ -5,11 +5,14 @@ from typing import Any, Optional
 
 import torch
 
+from distq.components import make_grid
 from distq.config import Config
 from distq.data import Dataset
 from distq.metrics import evaluate_samples, principal_projection
+from distq.ratio import smoothed_variance, tilted_ratio_score
 from distq.rollout import Rollout
-from distq.schedules import TimeGrid
+from distq.samplers import SAMPLERS, is_stochastic
+from distq.schedules import TimeGrid, make_schedule, prior_std
 
 # Evaluation draws from its own stream, apart from training's (seed, episode, chunk) streams.
 _EVAL_STREAM = 7919
@@ -50,6 +53,31 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
         metrics["per_condition"][str(value)] = {k: own[k] for k in ("reward_mean", "reward_ci95", "kl_mean",
                                                                      "kl_ci95", "kl_floor")}
     return metrics, samples, torch.cat(drawn)
+
+
+@torch.inference_mode()
+def perfect_learner_samples(config: Config, dataset: Dataset, reward, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n samples (n, d) of the reverse process whose action at every step is the exact tilted ratio score
+    (distq.ratio.tilted_ratio_score with log-weights beta h(x0_i), ratio.bandwidth included): the optimal policy's
+    mean (E10) for the tilt (E7) of the training data, on the config's grid and sampler. What a perfect learner of
+    Algorithm 1 generates; a learned policy's gap above its metrics is the learner's."""
+    data, grid, step = dataset.points, make_grid(config), SAMPLERS[config.sde.sampler]
+    log_weights = config.train.beta * reward(data)
+    y = torch.randn(n, dataset.dim, generator=generator) * prior_std(make_schedule(config.sde), config.sde.T)
+    for k in range(grid.num_steps):
+        mu = float(grid.mu[k])
+        action = tilted_ratio_score(y, data, mu, smoothed_variance(mu, float(grid.sigma2[k]), config.ratio.bandwidth),
+                                    log_weights)
+        y = step(grid, k, y, action, torch.randn(y.shape, generator=generator) if is_stochastic(config.sde.sampler)
+                 else None)
+    return y
+
+
+def evaluate_perfect_learner(config: Config, dataset: Dataset, reward) -> dict[str, float]:
+    """The evaluation (as evaluate_given) of eval.batches x eval.n_samples perfect_learner_samples."""
+    generator = torch.Generator().manual_seed(config.seed * 100003 + _EVAL_STREAM + 1)
+    samples = perfect_learner_samples(config, dataset, reward, config.eval.n_samples * config.eval.batches, generator)
+    return evaluate_given(samples, dataset, reward, config)
 
 
 def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Config) -> dict[str, float]:

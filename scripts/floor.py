@@ -5,8 +5,8 @@
 
 For each cell (sde.grid_power, ratio.bandwidth, train.beta) the action at every step is distq.ratio.tilted_ratio_score
 with log-weights beta h(x0_i): the optimal policy's mean (E10) for the tilt (E7) of the training data, on the run's
-grid and sampler, with the run's ratio bandwidth. Its samples are evaluated like a trained run's
-(distq.evaluation.evaluate_given: eval.batches batches of eval.n_samples against fresh data). A learned policy
+grid and sampler, with the run's ratio bandwidth (distq.evaluation.evaluate_perfect_learner). Its samples are
+evaluated like a trained run's: eval.batches batches of eval.n_samples against fresh data. A learned policy
 is judged against this number for the same cell: the gap above it is the learner's, the floor itself the
 sampler's and the 300 data points'. Writes benchmarks/NAME.
 """
@@ -18,45 +18,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.components import make_grid  # noqa: E402
 from distq.config import Config, load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
-from distq.evaluation import evaluate_given  # noqa: E402
-from distq.ratio import smoothed_variance, tilted_ratio_score  # noqa: E402
+from distq.evaluation import evaluate_perfect_learner  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
-from distq.samplers import SAMPLERS, is_stochastic  # noqa: E402
-from distq.schedules import make_schedule, prior_std  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@torch.inference_mode()
-def perfect_samples(config: Config, n: int, generator: torch.Generator) -> tuple[torch.Tensor, object, object]:
-    """n samples (n, d) of the reverse process whose action is the exact tilted ratio score; with the dataset and
-    reward they were scored against."""
-    dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points)
-    data, grid, step = dataset.points, make_grid(config), SAMPLERS[config.sde.sampler]
-    log_weights = config.train.beta * reward(data)
-    y = torch.randn(n, dataset.dim, generator=generator) * prior_std(make_schedule(config.sde), config.sde.T)
-    for k in range(grid.num_steps):
-        mu = float(grid.mu[k])
-        sigma2 = smoothed_variance(mu, float(grid.sigma2[k]), config.ratio.bandwidth)
-        action = tilted_ratio_score(y, data, mu, sigma2, log_weights)
-        noise = torch.randn(y.shape, generator=generator) if is_stochastic(config.sde.sampler) else None
-        y = step(grid, k, y, action, noise)
-    return y, dataset, reward
-
-
 def floor_cell(config: Config) -> dict[str, float]:
     """Reward and KL (with CIs and the KL estimator's own floor) of the perfect learner for one config."""
-    n = config.eval.n_samples * config.eval.batches
-    samples, dataset, reward = perfect_samples(config, n, torch.Generator().manual_seed(config.seed + 1))
-    metrics = evaluate_given(samples, dataset, reward, config)
+    dataset = load_dataset(config.data, config.seed)
+    metrics = evaluate_perfect_learner(config, dataset, load_reward(config.reward, dataset.points))
     return {key: round(metrics[key], 4) for key in ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "kl_floor")}
 
 

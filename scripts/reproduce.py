@@ -4,10 +4,11 @@
     python scripts/reproduce.py              # the paper's 50,000 episodes per run: hours; resumable
 
 Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md
-(Swiss roll, several beta), results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5 steps, beta = 0 and the
-reward-directed model), the runs' sample plots as PNG, and the exact command. Each training is a run directory
-under results/runs/; a finished one (summary.json present) is not trained again, so an interrupted reproduction
-continues where it stopped. Not yet here: Tables 3-4 (fine-tuning from pretrained models A and B).
+(Swiss roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK and
+q-learning: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler /
+ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model), the runs' sample plots as PNG, and the exact
+command. Each training is a run directory under results/runs/; a finished one (summary.json present) is not
+trained again, so an interrupted reproduction continues where it stopped.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pyarrow.parquet as pq
 import torch
@@ -35,6 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_TABLE5 = {"ddim": (0.14, 0.15, 0.72), "ode_euler": (0.11, 0.23, 0.56), "sde": (0.18, 0.35, 0.83)}
 PAPER_TABLE6 = {"ddim": (0.50, 0.61, 1.22), "ode_euler": (0.62, 0.72, 1.07), "sde": (0.24, 0.77, 1.29)}
 STEPS = (50, 10, 5)
+PAPER_TABLE3 = {"pretrained": (0.52, 0.17), "ddpo_sf": (1.00, 2.97), "dpok": (0.21, 0.38, 0.69),
+                "qlearning": (0.29, 0.39, 0.66)}
+PAPER_TABLE4 = {"pretrained": (0.55, 0.68), "dpok": (0.90, 1.03, 1.21), "qlearning": (0.30, 0.42, 0.64)}
+TARGETS = (0.7, 0.8, 0.9)
+TILT_FLOOR = (0.08, 0.19, 0.37)
+"""The least KL of any law with mean rectangle reward 0.7 / 0.8 / 0.9 from the data (its exponential tilt,
+algorithm.md section 13), before any sampler error."""
+FINETUNE_BETAS = {"qlearning": (0.75, 1.5, 2.25, 3.0, 4.5), "dpok": (0.005, 0.01, 0.02, 0.04)}
+"""dpok with Adam is invariant to the scale of beta h alone: what counts is beta against train.kl_weight (0.01), and
+the KL-regularised optimum is the tilt by exp(beta h / kl_weight)."""
+TABLES34_OVERRIDES = ["sde.grid_power=2", "ratio.bandwidth=0.5"]
+"""Tables 3-4 run every method on the finer grid and smoothed ratio estimator (README, "Performance and results"),
+whose perfect-learner floor at reward 0.8 is below the paper's KL; models A and B are trained on it too."""
 
 
 def right_mode_mass(beta: float) -> float:
@@ -43,16 +58,19 @@ def right_mode_mass(beta: float) -> float:
     return 1.0 / (1.0 + math.exp(-4.0 * beta))
 
 
-def trained(name: str, config_file: str, overrides: list[str], args) -> tuple[Config, Path, dict]:
-    """A finished run (trained now unless its summary.json exists): its config, directory and summary."""
+def trained(name: str, config_file: str, overrides: list[str], args,
+            episodes: Optional[int] = None) -> tuple[Config, Path, dict]:
+    """A finished run of `episodes` (default args.episodes), trained now unless its summary.json exists: its config,
+    directory and summary."""
     run_dir = args.out / "runs" / name
-    config = load_config(ROOT / config_file, [*overrides, f"train.episodes={args.episodes}",
+    episodes = episodes or args.episodes
+    config = load_config(ROOT / config_file, [*overrides, f"train.episodes={episodes}",
                                               f"eval.batches={args.eval_batches}", "train.progress_seconds=60"])
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         print(f"{name}: finished earlier, kept", flush=True)
         return config, run_dir, json.loads(summary_path.read_text())
-    print(f"{name}: training {args.episodes} episodes", flush=True)
+    print(f"{name}: training {episodes} episodes", flush=True)
     return config, run_dir, train(config, run_dir, overwrite=True, echo=lambda line: print(f"  {line}", flush=True))
 
 
@@ -91,6 +109,63 @@ def figure3(args) -> tuple[str, dict]:
     return text, models
 
 
+def kl_at_reward(points: list[tuple[float, float]], target: float) -> Optional[float]:
+    """KL at mean reward `target`, linearly interpolated between two consecutive runs of a beta sweep whose rewards
+    bracket it; points: (reward, KL) by increasing beta. None when no consecutive pair brackets the target."""
+    for (r0, kl0), (r1, kl1) in zip(points, points[1:]):
+        if r0 != r1 and min(r0, r1) <= target <= max(r0, r1):
+            return kl0 + (target - r0) / (r1 - r0) * (kl1 - kl0)
+    return None
+
+
+def _finetuned(model: str, model_dir: Path, method: str, beta: float, args) -> dict:
+    """The summary of `method` fine-tuning `model_dir` at `beta` for args.finetune_episodes."""
+    overrides = [*TABLES34_OVERRIDES, f"train.init={model_dir}", f"train.algorithm={method}", f"train.beta={beta}"]
+    if method != "qlearning":
+        overrides.append("train.processes=1")
+    return trained(f"table_{model}_{method}_beta{beta:g}", "configs/swiss_roll.yaml", overrides, args,
+                   args.finetune_episodes)[2]
+
+
+def tables3_4(args) -> str:
+    """Models A (args.episodes at beta = 0) and B (60% of that: the paper's 30,000 of 50,000) fine-tuned by DDPO,
+    DPOK and q-learning; each method's KL at equal reward from its beta sweep."""
+    sections = []
+    for model, share, paper in (("A", 1.0, PAPER_TABLE3), ("B", 0.6, PAPER_TABLE4)):
+        _, model_dir, pretrained = trained(f"model_{model}", "configs/swiss_roll.yaml",
+                                           [*TABLES34_OVERRIDES, "train.beta=0"], args, round(share * args.episodes))
+        rows = ["| method | " + " | ".join(f"KL at reward {r:g} (paper)" for r in TARGETS) + " |",
+                "|---|" + "---|" * len(TARGETS),
+                "| exponential tilt of the data (least possible) | " + " | ".join(f"{f:.2f}" for f in TILT_FLOOR) + " |"]
+        sweep = ["| method | beta | reward | KL |", "|---|---|---|---|",
+                 f"| pretrained model {model} (paper: reward {paper['pretrained'][0]}, KL {paper['pretrained'][1]}) | 0 | "
+                 f"{_ci(pretrained['reward_mean'], pretrained['reward_ci95'])} | "
+                 f"{_ci(pretrained['kl_mean'], pretrained['kl_ci95'])} |"]
+        for method, betas in FINETUNE_BETAS.items():
+            points = []
+            for beta in betas:
+                summary = _finetuned(model, model_dir, method, beta, args)
+                points.append((summary["reward_mean"], summary["kl_mean"]))
+                sweep.append(f"| {method} | {beta:g} | {_ci(summary['reward_mean'], summary['reward_ci95'])} | "
+                             f"{_ci(summary['kl_mean'], summary['kl_ci95'])} |")
+            cells = [kl_at_reward(points, r) for r in TARGETS]
+            rows.append(f"| {method} | " + " | ".join(
+                f"{'not bracketed' if kl is None else f'{kl:.3f}'} ({p})" for kl, p in zip(cells, paper[method])) + " |")
+        if "ddpo_sf" in paper:  # DDPO normalises rewards per batch, so beta does not matter: one run
+            summary = _finetuned(model, model_dir, "ddpo_sf", 1.0, args)
+            sweep.append(f"| ddpo_sf (paper: reward {paper['ddpo_sf'][0]}, KL {paper['ddpo_sf'][1]}) | any | "
+                         f"{_ci(summary['reward_mean'], summary['reward_ci95'])} | "
+                         f"{_ci(summary['kl_mean'], summary['kl_ci95'])} |")
+        sections.append(f"## Table {3 if model == 'A' else 4}: model {model} (`{model_dir.relative_to(args.out.parent)}`, "
+                        f"{round(share * args.episodes):,} episodes at beta = 0)\n\n" + "\n".join(rows) +
+                        "\n\nThe runs behind it (KL at a reward is interpolated linearly between the two runs of a "
+                        "method whose rewards bracket it):\n\n" + "\n".join(sweep))
+    return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK and q-learning\n\n" + _header(args) +
+            f"Every run: `configs/swiss_roll.yaml` with {', '.join(TABLES34_OVERRIDES)}; fine-tuning runs start from the "
+            f"model's policy (`train.init`) and take {args.finetune_episodes:,} episodes.\n\n" + "\n\n".join(sections)
+            + "\n")
+
+
 def tables5_6(args, models: dict) -> str:
     sections = []
     for beta, paper, title in ((0.0, PAPER_TABLE5, "Table 5: beta = 0"),
@@ -126,17 +201,21 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="3,000 episodes and 5 evaluation batches per run")
     parser.add_argument("--episodes", type=int, help="episodes per run (default 50,000; --quick 3,000)")
     parser.add_argument("--eval-batches", type=int, help="evaluation batches (default 20; --quick 5)")
+    parser.add_argument("--finetune-episodes", type=int, help="episodes per fine-tuning run of Tables 3-4 "
+                                                              "(default 10,000; --quick 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default results/)")
     args = parser.parse_args(argv)
     args.command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.episodes = args.episodes or (3000 if args.quick else 50_000)
     args.eval_batches = args.eval_batches or (5 if args.quick else 20)
+    args.finetune_episodes = args.finetune_episodes or (300 if args.quick else 10_000)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figure1.md").write_text(figure1(args))
     text, models = figure3(args)
     (args.out / "figure3.md").write_text(text)
     (args.out / "tables5_6.md").write_text(tables5_6(args, models))
-    print(f"wrote {args.out}/figure1.md, figure3.md, tables5_6.md and the plots")
+    (args.out / "tables3_4.md").write_text(tables3_4(args))
+    print(f"wrote {args.out}/figure1.md, figure3.md, tables5_6.md, tables3_4.md and the plots")
 
 
 if __name__ == "__main__":

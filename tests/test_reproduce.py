@@ -19,16 +19,33 @@ def _reproduce():
 
 def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     reproduce = _reproduce()
-    argv = ["--episodes", "10", "--eval-batches", "2", "--out", str(tmp_path)]
+    reproduce.FINETUNE_BETAS = {"qlearning": (1.0, 2.0), "dpok": (4.0,)}  # a smaller sweep: the suite's time
+    argv = ["--episodes", "10", "--eval-batches", "2", "--finetune-episodes", "3", "--out", str(tmp_path)]
     reproduce.main(argv)
     figure1, tables = (tmp_path / "figure1.md").read_text(), (tmp_path / "tables5_6.md").read_text()
     assert "QUICK: 10 episodes per run" in figure1 and "| 1 |" in figure1 and "0.982" in figure1
     assert "(0.14)" in tables and "(1.29)" in tables and "runs/swiss_roll_beta2.25" in tables
     assert (tmp_path / "figure3.md").read_text().count("\n| ") == 5
     assert all((tmp_path / f"figure3_beta{b}.png").is_file() for b in ("0", "1", "2.25", "4"))
+    tables34 = (tmp_path / "tables3_4.md").read_text()
+    assert "## Table 3: model A" in tables34 and "## Table 4: model B" in tables34 and "(0.39)" in tables34
+    assert "3 episodes" in tables34 and "| ddpo_sf (paper: reward 1.0, KL 2.97) | any |" in tables34
+    # per model: the pretrained row and one row per fine-tuning run (ddpo_sf for model A only)
+    runs = 1 + sum(len(b) for b in reproduce.FINETUNE_BETAS.values())
+    assert tables34.count("| qlearning | ") == 2 * (1 + len(reproduce.FINETUNE_BETAS["qlearning"]))
     capsys.readouterr()
     reproduce.main(argv)
-    assert capsys.readouterr().out.count("finished earlier, kept") == 7
+    assert capsys.readouterr().out.count("finished earlier, kept") == 7 + 2 * runs + 1
+
+
+def test_kl_at_reward_interpolates_between_bracketing_runs():
+    reproduce = _reproduce()
+    points = [(0.6, 0.2), (0.75, 0.3), (0.85, 0.6)]
+    assert abs(reproduce.kl_at_reward(points, 0.8) - 0.45) < 1e-12
+    assert abs(reproduce.kl_at_reward(points, 0.7) - (0.2 + 0.1 * 2 / 3)) < 1e-12
+    assert reproduce.kl_at_reward(points, 0.9) is None and reproduce.kl_at_reward(points, 0.5) is None
+    # noise can make the reward dip between betas: a bracketing pair is still used, in either order
+    assert abs(reproduce.kl_at_reward([(0.8, 0.4), (0.7, 0.2)], 0.75) - 0.3) < 1e-12
 
 
 def test_right_mode_mass_is_the_closed_form_tilt():
