@@ -5,7 +5,8 @@ the learner's weights leave it once per update as one object that every worker r
 to the learner by reference (the driver never fetches them). A batch is split across the workers in whole chunks
 of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the same updates for any number
 of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
-the rollout and the learner from the config (user reward callables are never pickled).
+the rollout and the learner from the config (user reward callables are never pickled). Everything that leaves an
+actor (batches, weights, learner states) is CPU tensors, whatever device the actor computes on (distq.devices).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from distq.components import build_learner, build_rollout
 from distq.config import Config, ParallelConfig
+from distq.devices import CPU, to_device
 from distq.errors import DistqError
 from distq.rewards import load_reward
 from distq.rollout import Chunk, Trajectories, episode_chunks
@@ -82,7 +84,7 @@ class RolloutWorker(_Actor):
         self.ready()
         began = time.perf_counter()
         self.rollout.set_weights(weights)
-        batch = self.rollout.run(chunks)
+        batch = to_device(self.rollout.run(chunks), CPU)
         return batch, {"generate_s": time.perf_counter() - began, "trajectories": batch.batch_size,
                        "weights_bytes": _nbytes(weights.values()), "trajectory_bytes": _nbytes(vars(batch).values())}
 
@@ -136,6 +138,17 @@ def _portable(config: Config) -> Config:
         return config
     reward = dataclasses.replace(config.reward, fn=f"{Path(target).resolve()}:{attr}")
     return dataclasses.replace(config, reward=reward)
+
+
+def _reserved_devices(config: Config) -> Config:
+    """The config with `auto` devices as cpu for the actors that reserve no GPU: Ray leaves a node's GPUs visible to
+    those too, and `auto` must not compute on a GPU that another actor reserved."""
+    parallel, train = config.parallel, config.train
+    if train.device == "auto" and parallel.learner_num_gpus == 0:
+        config = dataclasses.replace(config, train=dataclasses.replace(train, device="cpu"))
+    if parallel.rollout_device == "auto" and parallel.num_gpus_per_worker == 0:
+        config = dataclasses.replace(config, parallel=dataclasses.replace(parallel, rollout_device="cpu"))
+    return config
 
 
 def _connect(parallel: ParallelConfig, address: Optional[str]) -> bool:
@@ -199,7 +212,7 @@ class RayBackend:
 
     def __init__(self, config: Config, dataset: "Dataset", reward, address: Optional[str]) -> None:
         del reward  # rebuilt in each actor from config.reward: user callables are not pickled
-        self.config, self.workers, self.restarts = _portable(config), config.parallel.workers, 0
+        self.config, self.workers, self.restarts = _reserved_devices(_portable(config)), config.parallel.workers, 0
         self.rollout_workers: list = []
         self._learner, self._pending = None, None
         address = address or os.environ.get("RAY_ADDRESS")

@@ -1,9 +1,12 @@
 """distq.parallel: synchronous updates equal to the in-process run for any worker count, async updates equal to
-Algorithm 1 with a one-update-stale policy, data put once, killed workers replaced without losing or repeating
-an episode, a two-node cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
+Algorithm 1 with a one-update-stale policy, data put once, the actors' hand-offs across a (simulated)
+learner GPU, killed workers replaced without losing or repeating an episode, a two-node cluster with node loss,
+the CLI path and actor errors as one-line DistqErrors."""
 import copy
+import dataclasses
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -132,6 +135,45 @@ def test_async_run_reports_policy_lag_and_moves_the_data_once(ray_session, monke
     K, d = config.sde.num_steps, dataset.dim
     expected = 2 * sum(t.numel() * 4 for t in weights.values()) + 4 * (2 * K * B * d + K * B + B * d + B)
     assert all(m["parallel/bytes_per_update"] == expected for m in metrics)
+
+
+@pytest.mark.parametrize("learner_device, rollout_device", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_actors_hand_on_only_cpu_tensors_across_a_device_split(ray_session, fake_cuda, learner_device,
+                                                                rollout_device):
+    """The actors' code, run in this process with the learner or the rollouts on a simulated GPU (conftest.FakeCuda):
+    the weights the learner sends, the batch a worker returns and the learner's state all pickle (FakeCuda refuses
+    device tensors, as a node without a GPU could not load them), each computes on its own device, and the update
+    is the all-CPU one."""
+    train = {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0}
+    config = config_from_dict({**TINY, "train": {**train, "device": learner_device}, "parallel": {
+        "workers": 1, "rollout_device": rollout_device, "learner_num_gpus": 1, "num_gpus_per_worker": 1}})
+    dataset, reward = _inputs(config)
+    data = [ray.put(dataset.points)]
+    with fake_cuda:
+        learner = parallel.Learner.__ray_actor_class__(config, data)
+        worker = parallel.RolloutWorker.__ray_actor_class__(config, data)
+        assert learner.ready() and worker.ready()
+        assert fake_cuda.holds(next(learner.learner.value.parameters())) == (learner_device == "cuda")
+        assert fake_cuda.holds(worker.rollout.ratio.data) == (rollout_device == "cuda")
+        weights = pickle.loads(pickle.dumps(learner.weights()))
+        batch, _ = worker.run(weights, episode_chunks(config.seed, 1, B, CHUNK))
+        _, weights = learner.update(pickle.loads(pickle.dumps(batch)))
+        state = pickle.loads(pickle.dumps((weights, learner.state_dict())))[1]
+    cpu = InProcessBackend(config_from_dict({**TINY, "train": train}), dataset, reward)
+    cpu.step(1)
+    _assert_same_learner(state, cpu.learner_state())
+
+
+def test_auto_takes_a_gpu_only_in_actors_that_reserve_one():
+    """Ray leaves a node's GPUs visible to actors that reserve none: auto must not compute on one there."""
+    config = config_from_dict({**TINY, "train": {"batch_size": B, "chunk_size": CHUNK, "device": "auto"},
+                               "parallel": {"workers": 2, "rollout_device": "auto", "learner_num_gpus": 1}})
+    actors = parallel._reserved_devices(config)
+    assert (actors.train.device, actors.parallel.rollout_device) == ("auto", "cpu")
+    both = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, num_gpus_per_worker=0.25))
+    assert parallel._reserved_devices(both) == both
+    neither = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, learner_num_gpus=0))
+    assert parallel._reserved_devices(neither).train.device == "cpu"
 
 
 @pytest.mark.parametrize("kill", ["process", "ray_kill"])
