@@ -1,10 +1,11 @@
 """Algorithm 1 over Ray: RolloutWorker actors run step 1, one Learner actor runs steps 2-3 (E15-E16).
 
-The only module that imports ray. Data go to the object store once (`ray.put`) and actors hold the reference;
-the learner's weights leave it once per update as one object that every worker reads, and the workers' batches go
-to the learner by reference (the driver never fetches them). A batch is split across the workers in whole chunks
-of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the same updates for any number
-of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
+The only module that imports ray. Data go to the object store once (`ray.put` of a numpy array) and actors hold
+the reference; each actor computes on a zero-copy, read-only view of its node's one copy (torch.from_numpy over
+the object store's shared memory), so no actor holds a copy of the data. The learner's weights leave it once per
+update as one object that every worker reads, and the workers' batches go to the learner by reference (the driver
+never fetches them). A batch is split across the workers in whole chunks of distq.rollout.episode_chunks, so with
+the same seed the synchronous mode gives the same updates for any number of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
 the rollout and the learner from the config (user reward callables are never pickled). Everything that leaves an
 actor (batches, weights, learner states) is CPU tensors, whatever device the actor computes on (distq.devices).
 """
@@ -14,10 +15,12 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import ray
 import torch
 
@@ -40,6 +43,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the read-only numpy view that ray.get returns for an object store array: no copy. torch warns
+    that it cannot mark the tensor read-only; distq never writes into its data."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 class _Actor:
     """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
 
@@ -47,7 +58,7 @@ class _Actor:
         configure_cpu(1)
         self.data, self.error = data[0], None
         try:
-            points = ray.get(self.data)
+            points = _shared_tensor(ray.get(self.data))
             self.build(config, points, load_reward(config.reward, points[:8]))
         except DistqError as err:
             self.error = err
@@ -220,7 +231,7 @@ class RayBackend:
         try:
             if self._started and not address:
                 _check_fits(config.parallel)
-            self._data = ray.put(dataset.points)
+            self._data = ray.put(dataset.points.numpy())
             parallel = config.parallel
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
                                             max_restarts=0).remote(self.config, [self._data])

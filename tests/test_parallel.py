@@ -1,7 +1,7 @@
 """distq.parallel: synchronous updates equal to the in-process run for any worker count, async updates equal to
-Algorithm 1 with a one-update-stale policy, data put once, the actors' hand-offs across a (simulated)
-learner GPU, killed workers replaced without losing or repeating an episode, a two-node cluster with node loss,
-the CLI path and actor errors as one-line DistqErrors."""
+Algorithm 1 with a one-update-stale policy, data put once and read without a copy, the actors' hand-offs
+across a (simulated) learner GPU, killed workers replaced without losing or repeating an episode, a two-node
+cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
 import copy
 import dataclasses
 import json
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,14 +128,32 @@ def test_async_run_reports_policy_lag_and_moves_the_data_once(ray_session, monke
     for m in metrics:
         assert min(m["time/rollout_s"], m["time/transfer_s"], m["time/update_s"]) >= 0
         assert m["parallel/worker0_trajectories_per_s"] > 0 and m["parallel/worker1_trajectories_per_s"] > 0
-    # the data: one ray.put, and each actor holds that reference
-    assert len(puts) == 1 and puts[0][0] is dataset.points
+    # the data: one ray.put, of a numpy view of the points (no copy on the driver), and each actor holds that reference
+    assert len(puts) == 1 and np.shares_memory(puts[0][0], dataset.points.numpy())
     assert all(isinstance(ref, ray.ObjectRef) and ref.hex() == puts[0][1].hex() for ref in held)
     # per update: the weights to each worker, and back the batch's (K, B, d) states and actions, (K, B) running
     # rewards, (B, d) final states and (B,) terminal rewards, all float32
     K, d = config.sde.num_steps, dataset.dim
     expected = 2 * sum(t.numel() * 4 for t in weights.values()) + 4 * (2 * K * B * d + K * B + B * d + B)
     assert all(m["parallel/bytes_per_update"] == expected for m in metrics)
+
+
+def test_workers_compute_on_their_node_s_one_copy_of_the_data(ray_session):
+    def held_data(actor) -> dict:  # runs in a RolloutWorker (defined here: Ray ships it by value)
+        view = ray.get(actor.data)
+        return {"writeable": view.flags.writeable,
+                "same_buffer": actor.rollout.ratio.data.data_ptr() == view.ctypes.data}
+
+    config = _config(workers=2)
+    dataset, reward = _inputs(config)
+    backend = parallel.RayBackend(config, dataset, reward, None)
+    try:
+        held = ray.get([worker.__ray_call__.remote(held_data) for worker in backend.rollout_workers])
+        backend.step(1)
+    finally:
+        backend.close()
+    # one object in the node's object store, read by every worker in place: no copy in any actor's own memory
+    assert held == [{"writeable": False, "same_buffer": True}] * 2
 
 
 @pytest.mark.parametrize("learner_device, rollout_device", [("cuda", "cpu"), ("cpu", "cuda")])
@@ -148,7 +167,7 @@ def test_actors_hand_on_only_cpu_tensors_across_a_device_split(ray_session, fake
     config = config_from_dict({**TINY, "train": {**train, "device": learner_device}, "parallel": {
         "workers": 1, "rollout_device": rollout_device, "learner_num_gpus": 1, "num_gpus_per_worker": 1}})
     dataset, reward = _inputs(config)
-    data = [ray.put(dataset.points)]
+    data = [ray.put(dataset.points.numpy())]
     with fake_cuda:
         learner = parallel.Learner.__ray_actor_class__(config, data)
         worker = parallel.RolloutWorker.__ray_actor_class__(config, data)
