@@ -314,6 +314,11 @@ class ParallelConfig:
     """auto | cpu | cuda: where rollouts compute (the RolloutWorker actors, or the training process with workers = 0)
     and where the run is evaluated and `distq sample` generates. In an actor, auto means cuda only if the actor
     reserves a GPU (parallel.num_gpus_per_worker > 0)."""
+    memory_per_worker_mb: Optional[float] = None
+    """MiB of memory Ray reserves for each RolloutWorker (None: no reservation). Ray places actors so that the
+    reservations on a node fit its memory; it does not cap what an actor uses."""
+    learner_memory_mb: Optional[float] = None
+    """MiB of memory Ray reserves for the Learner actor (None: no reservation)."""
     ray_num_cpus: Optional[int] = None
     """CPUs of an embedded Ray instance (None = all of this machine's)."""
 
@@ -325,6 +330,10 @@ class ParallelConfig:
             _require(value >= 0 and math.isfinite(value), f"parallel.{name}", f"must be >= 0, got {value}")
         _require(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "parallel.ray_num_cpus", "must be >= 1")
         _choice(self.rollout_device, "parallel.rollout_device", DEVICES)
+        for name in ("memory_per_worker_mb", "learner_memory_mb"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, f"parallel.{name}")
 
 
 @dataclass(frozen=True)

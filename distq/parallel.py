@@ -162,6 +162,11 @@ def _reserved_devices(config: Config) -> Config:
     return config
 
 
+def _memory(mebibytes: Optional[float]) -> dict[str, int]:
+    """An actor's Ray memory reservation in bytes, if one is configured."""
+    return {} if mebibytes is None else {"memory": int(mebibytes * 2**20)}
+
+
 def _connect(parallel: ParallelConfig, address: Optional[str]) -> bool:
     """Join `address` (a cluster) or start an embedded instance, unless Ray is already up; True if it ran ray.init."""
     if ray.is_initialized():
@@ -189,6 +194,12 @@ def _check_fits(parallel: ParallelConfig) -> None:
             f"+ parallel.learner_num_cpus={parallel.learner_num_cpus} need {cpus:g} CPUs and {gpus:g} GPUs, but the "
             f"embedded Ray has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower those fields or "
             "raise parallel.ray_num_cpus")
+    memory = parallel.workers * (parallel.memory_per_worker_mb or 0) + (parallel.learner_memory_mb or 0)
+    if memory * 2**20 > have.get("memory", 0):
+        raise DistqError(
+            f"parallel.workers={parallel.workers} actors x parallel.memory_per_worker_mb="
+            f"{parallel.memory_per_worker_mb} + parallel.learner_memory_mb={parallel.learner_memory_mb} reserve "
+            f"{memory:g} MiB, but the embedded Ray has {have.get('memory', 0) / 2**20:.0f} MiB; lower those fields")
 
 
 def _discard(refs: list, timeout: Optional[float] = None) -> None:
@@ -234,7 +245,8 @@ class RayBackend:
             self._data = ray.put(dataset.points.numpy())
             parallel = config.parallel
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
-                                            max_restarts=0).remote(self.config, [self._data])
+                                            max_restarts=0, **_memory(parallel.learner_memory_mb)
+                                            ).remote(self.config, [self._data])
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
             for actor in (self._learner, *self.rollout_workers):
                 _get(actor.ready.remote())
@@ -249,8 +261,8 @@ class RayBackend:
         # children (a Tune trial's), the actors must take the group's bundles: the default strategy does.
         captured = context.get_placement_group_id() and context.should_capture_child_tasks_in_placement_group
         return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
-                                     max_restarts=0, scheduling_strategy=None if captured else "SPREAD"
-                                     ).remote(self.config, [self._data])
+                                     max_restarts=0, scheduling_strategy=None if captured else "SPREAD",
+                                     **_memory(parallel.memory_per_worker_mb)).remote(self.config, [self._data])
 
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""

@@ -525,7 +525,8 @@ def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path)
     saved = config.to_dict()
     for key in ("algorithm", "init", "processes", "kl_weight", "device"):
         del saved["train"][key]
-    del saved["parallel"]["rollout_device"]
+    for key in ("rollout_device", "memory_per_worker_mb", "learner_memory_mb"):
+        del saved["parallel"][key]
     assert config_differences(saved, config) == []
     saved["train"]["beta"] = 2.0
     assert config_differences(saved, config) == ["train.beta"]

@@ -1,12 +1,13 @@
 """distq.parallel: synchronous updates equal to the in-process run for any worker count, async updates equal to
-Algorithm 1 with a one-update-stale policy, data put once and read without a copy, the actors' hand-offs
-across a (simulated) learner GPU, killed workers replaced without losing or repeating an episode, a two-node
-cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
+Algorithm 1 with a one-update-stale policy, data put once and read without a copy, memory reservations, the
+actors' hand-offs across a (simulated) learner GPU, killed workers replaced without losing or repeating an
+episode, a two-node cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
 import copy
 import dataclasses
 import json
 import os
 import pickle
+import time
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from distq.checkpoint import load_checkpoint  # noqa: E402
 from distq.cli import main  # noqa: E402
 from distq.components import build_learner, build_rollout  # noqa: E402
 from distq.config import config_from_dict  # noqa: E402
+from distq.errors import DistqError  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.rollout import episode_chunks  # noqa: E402
@@ -138,22 +140,44 @@ def test_async_run_reports_policy_lag_and_moves_the_data_once(ray_session, monke
     assert all(m["parallel/bytes_per_update"] == expected for m in metrics)
 
 
-def test_workers_compute_on_their_node_s_one_copy_of_the_data(ray_session):
+def test_workers_compute_on_their_node_s_one_copy_of_the_data_and_reserve_their_memory(ray_session):
     def held_data(actor) -> dict:  # runs in a RolloutWorker (defined here: Ray ships it by value)
         view = ray.get(actor.data)
         return {"writeable": view.flags.writeable,
                 "same_buffer": actor.rollout.ratio.data.data_ptr() == view.ctypes.data}
 
-    config = _config(workers=2)
+    config = dataclasses.replace(_config(workers=2), parallel=dataclasses.replace(
+        _config(workers=2).parallel, memory_per_worker_mb=64.0, learner_memory_mb=32.0))
     dataset, reward = _inputs(config)
+    before = ray.available_resources().get("memory", 0)
     backend = parallel.RayBackend(config, dataset, reward, None)
     try:
         held = ray.get([worker.__ray_call__.remote(held_data) for worker in backend.rollout_workers])
+        reserved = _reserved_memory(before)
         backend.step(1)
     finally:
         backend.close()
     # one object in the node's object store, read by every worker in place: no copy in any actor's own memory
     assert held == [{"writeable": False, "same_buffer": True}] * 2
+    assert reserved == (2 * 64 + 32) * 2**20
+
+
+def _reserved_memory(before: float) -> float:
+    """The memory Ray has reserved since `before` (its resource view settles within moments)."""
+    deadline = time.monotonic() + 10
+    while True:
+        reserved = before - ray.available_resources().get("memory", 0)
+        if reserved > 0 or time.monotonic() > deadline:
+            return reserved
+        time.sleep(0.1)
+
+
+def test_a_budget_the_embedded_ray_cannot_hold_is_refused_naming_the_fields(ray_session):
+    have = ray.cluster_resources()["memory"] / 2**20
+    too_much = dataclasses.replace(_config(workers=2).parallel, memory_per_worker_mb=have)
+    with pytest.raises(DistqError, match="parallel.memory_per_worker_mb=.* reserve .* MiB, but the embedded Ray has"):
+        parallel._check_fits(too_much)
+    parallel._check_fits(dataclasses.replace(too_much, memory_per_worker_mb=have / 4))
 
 
 @pytest.mark.parametrize("learner_device, rollout_device", [("cuda", "cpu"), ("cpu", "cuda")])
