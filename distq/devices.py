@@ -5,8 +5,8 @@ grids and data when they are built, a batch when the learner receives it (distq.
 and learner states when they leave a learner (always CPU tensors, which any process can unpickle, and a checkpoint
 loads on any machine). Random draws stay on the CPU (seeded generators give the same numbers on every device) and
 move to the rollout's device; rewards are computed on CPU tensors (user functions may use numpy).
-tests/test_devices.py replaces the two primitive moves at the bottom to run a learner and rollouts on two
-different (simulated) devices on a CPU-only machine.
+The FakeCuda of tests/conftest.py replaces the two primitive moves at the bottom to run a learner and rollouts on
+two different (simulated) devices on a CPU-only machine (tests/test_devices.py).
 """
 from __future__ import annotations
 

@@ -58,24 +58,24 @@ class FakeCuda:
         return tensor in self.on_device
 
     def _move_tensor(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        to_device = device.type == "cuda"
-        if self.holds(tensor) == to_device:
+        onto_device = device.type == "cuda"
+        if self.holds(tensor) == onto_device:
             return tensor
         moved = tensor.clone()  # the dispatch mode marks a copy of a device tensor as a device tensor
-        if to_device:
+        if onto_device:
             self.on_device[moved] = True
         else:
             del self.on_device[moved]
         return moved
 
     def _move_module(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        to_device = device.type == "cuda"
+        onto_device = device.type == "cuda"
         tensors = list(itertools.chain(module.parameters(), module.buffers()))
-        if all(self.holds(t) == to_device for t in tensors):
+        if all(self.holds(t) == onto_device for t in tensors):
             return module
         module._apply(torch.clone)  # as Module.to: parameters keep their identity, buffers are replaced
         for tensor in itertools.chain(module.parameters(), module.buffers()):
-            if to_device:
+            if onto_device:
                 self.on_device[tensor] = True
             else:
                 self.on_device.pop(tensor, None)
