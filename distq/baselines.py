@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from distq.config import TrainConfig
+from distq.devices import CPU
 from distq.learner import Learner, TrainingDiverged
 from distq.policy import PolicyMean, policy_log_density
 from distq.rollout import Trajectories
@@ -45,16 +46,17 @@ class PolicyGradientLearner(Learner):
     with a frozen copy of the pretrained policy as dpok's reference."""
 
     def __init__(self, policy: PolicyMean, grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None):
-        super().__init__(policy, None, grid, config, reference)
+                 reference: Optional[PolicyMean] = None, device: torch.device = CPU):
+        super().__init__(policy, None, grid, config, reference, device)
 
     def log_densities(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_psi(a_k | tau_k, Y_k) (K, B) with the policy's graph, and the means (K, B, d)."""
         means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
         return policy_log_density(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature), means
 
-    def update(self, batch: Trajectories) -> dict[str, float]:
-        """One policy-gradient update on a batch (ddpo_is: `inner_steps` of them); returns namespaced metrics."""
+    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
+        """One policy-gradient update (ddpo_is: `inner_steps` of them) on a batch on the learner's device; returns
+        namespaced metrics."""
         start, config = time.perf_counter(), self.config
         rewards = config.beta * batch.terminal_rewards
         metrics: dict[str, float] = {}

@@ -16,12 +16,14 @@ from distq.config import Config, config_from_dict, flatten
 from distq.errors import DistqError
 
 FORMAT = 1
-# Fields that may change between a run and its resumption: how long and how it reports, not what it learns.
+# Fields that may change between a run and its resumption: how long, how it reports and where it computes (a
+# GPU-trained run continues on a laptop), not what it learns.
 RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
-                     "train.processes",
+                     "train.processes", "train.device",
                      "train.threads", "eval.n_samples", "eval.batches", "eval.k", "parallel.workers",
                      "parallel.num_cpus_per_worker", "parallel.num_gpus_per_worker", "parallel.learner_num_cpus",
-                     "parallel.learner_num_gpus", "parallel.ray_num_cpus")
+                     "parallel.learner_num_gpus", "parallel.rollout_device", "parallel.memory_per_worker_mb",
+                     "parallel.learner_memory_mb", "parallel.ray_num_cpus")
 _REQUIRED = ("format", "config", "episode", "learner", "columns")
 
 

@@ -13,7 +13,8 @@ import torch
 from distq import rundir
 from distq.checkpoint import load_checkpoint
 from distq.components import build_rollout, make_grid
-from distq.config import SAMPLERS, Config, config_from_dict, load_config
+from distq.config import DEVICES, SAMPLERS, Config, config_from_dict, load_config
+from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_given, evaluate_policy
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating")
+    for command in (sample, evaluate):
+        command.add_argument("--device", choices=DEVICES, help="where to generate (default: the run's "
+                                                               "parallel.rollout_device)")
     _add_tune(sub)
     _add_calibrate(sub)
     return parser
@@ -117,6 +121,14 @@ def _load_run(run_dir: str) -> tuple[Config, dict]:
     return config, payload
 
 
+def _device(args: argparse.Namespace, config: Config) -> torch.device:
+    """--device, else the run's rollout device (a run trained on a GPU names cuda: --device cpu on a laptop)."""
+    if args.device:
+        return resolve_device(args.device, "--device")
+    return resolve_device(config.parallel.rollout_device, "the run's parallel.rollout_device (choose another with "
+                                                          "--device)")
+
+
 def _sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise DistqError(f"-n must be >= 1, got {args.n}")
@@ -141,7 +153,7 @@ def _sample(args: argparse.Namespace) -> None:
         condition_column = (config.data.condition, [known["values"][int(c)] for c in conditions])
     # Generation needs only the policy: a placeholder stands in for the data and the reward.
     rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None,
-                            classes=len(known["values"]) if known else 0)
+                            classes=len(known["values"]) if known else 0, device=_device(args, config))
     rollout.set_weights(payload["learner"]["policy"])
     samples = rollout.generate(args.n, generator, make_grid(config, args.steps), args.sampler, conditions)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +170,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate_given(rundir.read_samples(Path(args.samples), payload["columns"]), dataset, reward, config)
         metrics["samples"] = str(args.samples)
     else:
-        rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
+        rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=_device(args, config))
         rollout.set_weights(payload["learner"]["policy"])
         metrics = evaluate_policy(rollout, dataset, reward, config)[0]
     rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)

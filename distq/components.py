@@ -1,7 +1,8 @@
 """Assembles the schedule, networks, rollout and learner of a run from its Config.
 
 Rollouts and the learner are built separately from the same inputs so that a rollout can live in another
-process (a Ray actor) with its own copy of the policy-mean network.
+process (a Ray actor) with its own copy of the policy-mean network. Networks are initialised on the CPU (the same
+weights for every device) and then moved to the device of train.device (learner) or parallel.rollout_device.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from distq.config import PRETRAINED_ALGORITHMS, Config
 from distq.denoising import DenoisingLearner, DenoisingRollout
+from distq.devices import resolve_device, to_device
 from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
@@ -59,32 +61,48 @@ def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> O
     return build_policy(config, points, classes) if config.train.algorithm in PRETRAINED_ALGORITHMS else None
 
 
+def learner_device(config: Config) -> torch.device:
+    """The learner's device in this process (DistqError if train.device is cuda and there is none)."""
+    return resolve_device(config.train.device, "train.device")
+
+
+def rollout_device(config: Config) -> torch.device:
+    """The rollouts' device in this process (DistqError if parallel.rollout_device is cuda and there is none)."""
+    return resolve_device(config.parallel.rollout_device, "parallel.rollout_device")
+
+
 def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                   policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None,
-                  labels: Optional[torch.Tensor] = None, classes: int = 0) -> Rollout:
-    """A rollout over `points` (for dsm, of noised data points); it shares `policy` (in-process) or builds its own
-    copy (another process), and for ct_finetune the pretrained `reference` likewise. Conditional runs give the points' condition `labels` (or,
-    to generate only, the number of `classes`)."""
+                  labels: Optional[torch.Tensor] = None, classes: int = 0,
+                  device: Optional[torch.device] = None) -> Rollout:
+    """A rollout over `points` (for dsm, of noised data points) on `device` (default: parallel.rollout_device); it
+    shares `policy` (in-process, on the same device) or builds its own copy, and for ct_finetune the pretrained
+    `reference` likewise. Conditional runs give the points' condition `labels` (or, to generate only, the number
+    of `classes`)."""
+    device = rollout_device(config) if device is None else device
     classes = classes or (int(labels.max()) + 1 if labels is not None else 0)
     policy = policy if policy is not None else build_policy(config, points, classes)
     algorithm = config.train.algorithm
     if algorithm == "ct_finetune" and reference is None:
         reference = build_reference(config, points, classes)
     kind = DenoisingRollout if algorithm == "dsm" else Rollout
-    return kind(policy, make_grid(config), config.sde.sampler, RatioEstimator.from_config(points, config.ratio),
-                terminal_reward, config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
+    return kind(policy, make_grid(config), config.sde.sampler,
+                RatioEstimator.from_config(to_device(points, device), config.ratio), terminal_reward,
+                config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                 running_rewards=algorithm in ("qlearning", "ct_finetune"),
-                reference=reference if algorithm == "ct_finetune" else None, labels=labels)
+                reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device)
 
 
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> Learner:
-    """The central learner with fresh networks: Algorithm 1's, or a baseline's (distq.baselines) by train.algorithm."""
+    """The central learner with fresh networks on train.device: Algorithm 1's, or a baseline's (distq.baselines) by
+    train.algorithm."""
+    device = learner_device(config)
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
     if config.train.algorithm == "dsm":
-        return DenoisingLearner(policy, None, make_grid(config), config.train)
+        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device)
     if config.train.algorithm not in ("qlearning", "ct_finetune"):
         from distq.baselines import PolicyGradientLearner
 
-        return PolicyGradientLearner(policy, make_grid(config), config.train, reference)
+        return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device)
     return Learner(policy, build_value(config, points, terminal_reward, classes), make_grid(config), config.train,
-                   reference)
+                   reference, device)

@@ -30,6 +30,8 @@ with the pretrained policy mean of train.init in place of the ratio-estimated sc
 the terminal reward alone (distq.baselines) ddpo_sf (score function), ddpo_is (clipped importance sampling) and
 dpok (ddpo_sf plus a per-step KL to the pretrained policy of train.init). dsm: plain denoising score matching on
 the data (distq.denoising), a pretrainer to compare with qlearning at beta = 0."""
+DEVICES = ("auto", "cpu", "cuda")
+"""auto: cuda if the process sees a CUDA device, else cpu (distq.devices.resolve_device, when the run starts)."""
 PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
 """The algorithms that need a pretrained run (train.init) as their reference."""
 
@@ -215,6 +217,11 @@ class TrainConfig:
     threads: int = 1
     """torch CPU threads of the training process (0 = one per core). More than 1 pays only on an otherwise idle
     machine: OpenMP threads that share a core with another busy process slow training several-fold."""
+    device: str = "cpu"
+    """auto | cpu | cuda: where the learner's networks, optimiser state and updates live (in the training process,
+    or in the Learner actor with parallel.workers > 0, where auto means cuda only if it reserves a GPU,
+    parallel.learner_num_gpus > 0). cpu by default: at paper scale the networks are too small for a GPU to pay off.
+    Checkpoints are CPU tensors whatever the device, so a run resumes on any machine."""
     processes: int = 1
     """1: Algorithm 1 in the training process. 2: the critic (ratio-estimated running rewards and the value
     network's forward, backward and Adam step) runs in a second process on another core, overlapping the rollout
@@ -248,6 +255,7 @@ class TrainConfig:
         _require(self.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {self.chunk_size}")
         _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
         _require(self.processes in (1, 2), "train.processes", f"must be 1 or 2, got {self.processes}")
+        _choice(self.device, "train.device", DEVICES)
         _choice(self.algorithm, "train.algorithm", ALGORITHMS)
         _require(self.algorithm not in PRETRAINED_ALGORITHMS or bool(self.init), "train.init",
                  f"is required for train.algorithm={self.algorithm}: the pretrained run to fine-tune and stay near")
@@ -304,6 +312,15 @@ class ParallelConfig:
     """CPUs Ray reserves for the Learner actor."""
     learner_num_gpus: float = 0.0
     """GPUs Ray reserves for the Learner actor (put it on a GPU node)."""
+    rollout_device: str = "cpu"
+    """auto | cpu | cuda: where rollouts compute (the RolloutWorker actors, or the training process with workers = 0)
+    and where the run is evaluated and `distq sample` generates. In an actor, auto means cuda only if the actor
+    reserves a GPU (parallel.num_gpus_per_worker > 0)."""
+    memory_per_worker_mb: Optional[float] = None
+    """MiB of memory Ray reserves for each RolloutWorker (None: no reservation). Ray places actors so that the
+    reservations on a node fit its memory; it does not cap what an actor uses."""
+    learner_memory_mb: Optional[float] = None
+    """MiB of memory Ray reserves for the Learner actor (None: no reservation)."""
     ray_num_cpus: Optional[int] = None
     """CPUs of an embedded Ray instance (None = all of this machine's)."""
 
@@ -314,6 +331,11 @@ class ParallelConfig:
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"parallel.{name}", f"must be >= 0, got {value}")
         _require(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "parallel.ray_num_cpus", "must be >= 1")
+        _choice(self.rollout_device, "parallel.rollout_device", DEVICES)
+        for name in ("memory_per_worker_mb", "learner_memory_mb"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, f"parallel.{name}")
 
 
 @dataclass(frozen=True)
@@ -345,6 +367,15 @@ class Config:
                      "no ratio.minibatch)")
         _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
                  "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
+        _require(self.train.processes == 1 or self.train.device == self.parallel.rollout_device == "cpu",
+                 "train.processes", "= 2 splits the learner over two CPU processes: it needs train.device and "
+                 "parallel.rollout_device cpu")
+        if self.parallel.workers:  # an actor computing on a GPU it has not reserved would share it unaccounted
+            _require(self.train.device != "cuda" or self.parallel.learner_num_gpus > 0, "train.device",
+                     "is cuda: the Learner actor must reserve a GPU (parallel.learner_num_gpus > 0)")
+            _require(self.parallel.rollout_device != "cuda" or self.parallel.num_gpus_per_worker > 0,
+                     "parallel.rollout_device", "is cuda: the RolloutWorker actors must reserve a GPU "
+                     "(parallel.num_gpus_per_worker > 0)")
         dims = {"gaussian": (len(self.data.mean), "data.mean has"), "gmm": (self.data.dim, "data.dim is"),
                 "digits": (64, "digits have"), "swiss_roll": (2, "swiss_roll has"), "gmm1d": (1, "gmm1d has")}
         if self.reward.fn == "linear" and self.data.source in dims:

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from distq.devices import CPU, to_device
 from distq.learner import Learner, TrainingDiverged
 from distq.rollout import Chunk, Rollout, Trajectories
 
@@ -41,29 +42,31 @@ class DenoisingRollout(Rollout):
 
     def __init__(self, *args, labels: Optional[torch.Tensor] = None, **kwargs):
         super().__init__(*args, labels=labels, **kwargs)
-        self.labels = labels
+        self.labels = to_device(labels, self.device)
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[Chunk], rewards: Optional[bool] = None,
             on_state: Optional[Callable[[int, torch.Tensor], None]] = None) -> Trajectories:
-        """The batch of `chunks`: each chunk's generator draws its data rows, then its noise (K, size, d)."""
+        """The batch of `chunks`: each chunk's generator draws its data rows, then its noise (K, size, d), on the CPU
+        (the same numbers on every device); the terminal rewards are computed on the CPU too."""
         data, K = self.ratio.data, self.grid.num_steps
         rows, noise = [], []
         for seed, size in chunks:
             gen = torch.Generator().manual_seed(seed)
             rows.append(torch.randint(data.shape[0], (size,), generator=gen))
             noise.append(torch.randn(K, size, self.dim, generator=gen))
-        index = torch.cat(rows)
+        index = to_device(torch.cat(rows), self.device)
         x0 = data[index]
-        states, targets = noised_data(x0, self.grid.mu, self.grid.sigma2, torch.cat(noise, 1))
+        states, targets = noised_data(x0, self.grid.mu, self.grid.sigma2, to_device(torch.cat(noise, 1), self.device))
         conditions = self.labels[index] if self.labels is not None else None
-        return Trajectories(states, targets, None, x0, self.terminal_reward(x0), conditions)
+        terminal = to_device(self.terminal_reward(to_device(x0, CPU)), self.device)
+        return Trajectories(states, targets, None, x0, terminal, conditions)
 
 
 class DenoisingLearner(Learner):
     """dsm: a Learner of the policy mean alone (Adam, schedule and clipping as Algorithm 1's) on denoising_loss."""
 
-    def update(self, batch: Trajectories) -> dict[str, float]:
+    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
         start = time.perf_counter()
         means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
         loss = denoising_loss(means, batch.actions, self.grid.sigma2)

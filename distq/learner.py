@@ -5,6 +5,9 @@ the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
 -dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
 Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
 processes (distq.split) on the same numbers. The learner returns metrics and never logs.
+
+The learner computes on its own device (train.device): batches move there in `update`, the one hand-off from the
+rollouts; the weights and states it hands out are CPU tensors (distq.devices).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from distq.config import TrainConfig
+from distq.devices import CPU, to_device
 from distq.errors import DistqError
 from distq.policy import REFERENCE, PolicyMean, q_value
 from distq.rollout import Trajectories
@@ -38,13 +42,14 @@ class Learner:
     """The central learner: owns the policy-mean and value networks and their Adam optimisers."""
 
     def __init__(self, policy: PolicyMean, value: Optional[ValueNet], grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None):
+                 reference: Optional[PolicyMean] = None, device: torch.device = CPU):
         """value None: a learner of the policy alone (the policy-gradient baselines, distq.baselines).
         reference: a frozen pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and
-        broadcast with the weights."""
-        self.policy, self.value, self.grid, self.config = policy, value, grid, config
-        self.reference = reference.requires_grad_(False) if reference is not None else None
-        self.networks = {"policy": policy, "value": value} if value is not None else {"policy": policy}
+        broadcast with the weights. device: where the networks (moved there), the grid and the optimiser state live."""
+        self.device, self.config, self.grid = device, config, to_device(grid, device)
+        self.policy, self.value = to_device(policy, device), to_device(value, device)
+        self.reference = to_device(reference, device).requires_grad_(False) if reference is not None else None
+        self.networks = {"policy": self.policy, "value": self.value} if value is not None else {"policy": self.policy}
         rates = {"policy": config.lr_policy, "value": config.lr_value}
         # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
         self.optimizers = {name: torch.optim.Adam(net.parameters(), lr=rates[name], fused=True)
@@ -95,7 +100,12 @@ class Learner:
         return norms
 
     def update(self, batch: Trajectories) -> dict[str, float]:
-        """One semi-gradient step (E16) on a batch; returns namespaced metrics."""
+        """One update on a batch from a rollout on any device; returns namespaced metrics. The hand-off: the one place
+        where a batch moves to the learner's device."""
+        return self.update_on_device(to_device(batch, self.device))
+
+    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
+        """One semi-gradient step (E16) on a batch on the learner's device; returns namespaced metrics."""
         start = time.perf_counter()
         loss, delta = self.loss(batch)
         norms = self.descend(loss)
@@ -116,21 +126,25 @@ class Learner:
         }
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any)."""
+        """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any), as CPU
+        tensors (a rollout's load_state_dict copies them onto its device)."""
         weights = self.policy.state_dict()
         if self.reference is not None:
             weights.update({REFERENCE + k: v for k, v in self.reference.state_dict().items()})
-        return weights
+        return to_device(weights, CPU)
 
     def state_dict(self) -> dict[str, Any]:
+        """Networks, optimisers, schedules and the update count, as CPU tensors (checkpoints load anywhere)."""
         state = {**{name: net.state_dict() for name, net in self.networks.items()}, "updates": self.updates,
                  "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                  "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
-        return state
+        return to_device(state, CPU)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state_dict from any device (a checkpoint's CPU tensors) onto the learner's device."""
+        state = to_device(state, self.device)
         for name, net in self.networks.items():
             net.load_state_dict(state[name])
         if self.reference is not None:

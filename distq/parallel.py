@@ -1,11 +1,13 @@
 """Algorithm 1 over Ray: RolloutWorker actors run step 1, one Learner actor runs steps 2-3 (E15-E16).
 
-The only module that imports ray. Data go to the object store once (`ray.put`) and actors hold the reference;
-the learner's weights leave it once per update as one object that every worker reads, and the workers' batches go
-to the learner by reference (the driver never fetches them). A batch is split across the workers in whole chunks
-of distq.rollout.episode_chunks, so with the same seed the synchronous mode gives the same updates for any number
-of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
-the rollout and the learner from the config (user reward callables are never pickled).
+The only module that imports ray. Data go to the object store once (`ray.put` of a numpy array) and actors hold
+the reference; each actor computes on a zero-copy, read-only view of its node's one copy (torch.from_numpy over
+the object store's shared memory), so no actor holds a copy of the data. The learner's weights leave it once per
+update as one object that every worker reads, and the workers' batches go to the learner by reference (the driver
+never fetches them). A batch is split across the workers in whole chunks of distq.rollout.episode_chunks, so with
+the same seed the synchronous mode gives the same updates for any number of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
+the rollout and the learner from the config (user reward callables are never pickled). Everything that leaves an
+actor (batches, weights, learner states) is CPU tensors, whatever device the actor computes on (distq.devices).
 """
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import ray
 import torch
 
 from distq.components import build_learner, build_rollout
 from distq.config import Config, ParallelConfig
+from distq.devices import CPU, to_device
 from distq.errors import DistqError
 from distq.rewards import load_reward
 from distq.rollout import Chunk, Trajectories, episode_chunks
@@ -38,6 +43,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the read-only numpy view that ray.get returns for an object store array: no copy. torch warns
+    that it cannot mark the tensor read-only; distq never writes into its data."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 class _Actor:
     """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
 
@@ -45,7 +58,7 @@ class _Actor:
         configure_cpu(1)
         self.data, self.error = data[0], None
         try:
-            points = ray.get(self.data)
+            points = _shared_tensor(ray.get(self.data))
             self.build(config, points, load_reward(config.reward, points[:8]))
         except DistqError as err:
             self.error = err
@@ -82,7 +95,7 @@ class RolloutWorker(_Actor):
         self.ready()
         began = time.perf_counter()
         self.rollout.set_weights(weights)
-        batch = self.rollout.run(chunks)
+        batch = to_device(self.rollout.run(chunks), CPU)
         return batch, {"generate_s": time.perf_counter() - began, "trajectories": batch.batch_size,
                        "weights_bytes": _nbytes(weights.values()), "trajectory_bytes": _nbytes(vars(batch).values())}
 
@@ -138,6 +151,22 @@ def _portable(config: Config) -> Config:
     return dataclasses.replace(config, reward=reward)
 
 
+def _reserved_devices(config: Config) -> Config:
+    """The config with `auto` devices as cpu for the actors that reserve no GPU: Ray leaves a node's GPUs visible to
+    those too, and `auto` must not compute on a GPU that another actor reserved."""
+    parallel, train = config.parallel, config.train
+    if train.device == "auto" and parallel.learner_num_gpus == 0:
+        config = dataclasses.replace(config, train=dataclasses.replace(train, device="cpu"))
+    if parallel.rollout_device == "auto" and parallel.num_gpus_per_worker == 0:
+        config = dataclasses.replace(config, parallel=dataclasses.replace(parallel, rollout_device="cpu"))
+    return config
+
+
+def _memory(mebibytes: Optional[float]) -> dict[str, int]:
+    """An actor's Ray memory reservation in bytes, if one is configured."""
+    return {} if mebibytes is None else {"memory": int(mebibytes * 2**20)}
+
+
 def _connect(parallel: ParallelConfig, address: Optional[str]) -> bool:
     """Join `address` (a cluster) or start an embedded instance, unless Ray is already up; True if it ran ray.init."""
     if ray.is_initialized():
@@ -165,6 +194,12 @@ def _check_fits(parallel: ParallelConfig) -> None:
             f"+ parallel.learner_num_cpus={parallel.learner_num_cpus} need {cpus:g} CPUs and {gpus:g} GPUs, but the "
             f"embedded Ray has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower those fields or "
             "raise parallel.ray_num_cpus")
+    memory = parallel.workers * (parallel.memory_per_worker_mb or 0) + (parallel.learner_memory_mb or 0)
+    if memory * 2**20 > have.get("memory", 0):
+        raise DistqError(
+            f"parallel.workers={parallel.workers} actors x parallel.memory_per_worker_mb="
+            f"{parallel.memory_per_worker_mb} + parallel.learner_memory_mb={parallel.learner_memory_mb} reserve "
+            f"{memory:g} MiB, but the embedded Ray has {have.get('memory', 0) / 2**20:.0f} MiB; lower those fields")
 
 
 def _discard(refs: list, timeout: Optional[float] = None) -> None:
@@ -199,7 +234,7 @@ class RayBackend:
 
     def __init__(self, config: Config, dataset: "Dataset", reward, address: Optional[str]) -> None:
         del reward  # rebuilt in each actor from config.reward: user callables are not pickled
-        self.config, self.workers, self.restarts = _portable(config), config.parallel.workers, 0
+        self.config, self.workers, self.restarts = _reserved_devices(_portable(config)), config.parallel.workers, 0
         self.rollout_workers: list = []
         self._learner, self._pending = None, None
         address = address or os.environ.get("RAY_ADDRESS")
@@ -207,10 +242,11 @@ class RayBackend:
         try:
             if self._started and not address:
                 _check_fits(config.parallel)
-            self._data = ray.put(dataset.points)
+            self._data = ray.put(dataset.points.numpy())
             parallel = config.parallel
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
-                                            max_restarts=0).remote(self.config, [self._data])
+                                            max_restarts=0, **_memory(parallel.learner_memory_mb)
+                                            ).remote(self.config, [self._data])
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
             for actor in (self._learner, *self.rollout_workers):
                 _get(actor.ready.remote())
@@ -225,8 +261,8 @@ class RayBackend:
         # children (a Tune trial's), the actors must take the group's bundles: the default strategy does.
         captured = context.get_placement_group_id() and context.should_capture_child_tasks_in_placement_group
         return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
-                                     max_restarts=0, scheduling_strategy=None if captured else "SPREAD"
-                                     ).remote(self.config, [self._data])
+                                     max_restarts=0, scheduling_strategy=None if captured else "SPREAD",
+                                     **_memory(parallel.memory_per_worker_mb)).remote(self.config, [self._data])
 
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""

@@ -3,7 +3,8 @@
 No gradients flow here; the output is a plain `Trajectories` record, so a rollout can run in another process
 (a Ray actor) and hand its batch to the learner. Randomness is counter-based: a batch is made of chunks, each
 with its own seed derived from (seed, episode, chunk index), so a batch is the same however its chunks are
-spread over workers, and resuming at an episode needs no saved generator state.
+spread over workers, and resuming at an episode needs no saved generator state. The draws are made on the CPU and
+moved to the rollout's device, so every device sees the same numbers; terminal rewards are computed on the CPU.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from distq.devices import CPU, to_device
 from distq.policy import REFERENCE, PolicyMean, StepMeans, action_std
 from distq.ratio import RatioEstimator, running_reward
 from distq.samplers import SAMPLERS, is_stochastic
@@ -66,21 +68,25 @@ class Rollout:
     def __init__(self, policy: PolicyMean, grid: TimeGrid, sampler: str, ratio: RatioEstimator,
                  terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float,
                  running_rewards: bool = True, reference: Optional[PolicyMean] = None,
-                 labels: Optional[torch.Tensor] = None):
+                 labels: Optional[torch.Tensor] = None, device: torch.device = CPU):
         """running_rewards: whether `run` computes r_hat (E14) by default (the policy-gradient baselines use h(Y_K)
         alone). reference: a pretrained policy mean whose output replaces the ratio-estimated score in r_hat
         (ct_finetune, Scores as Actions). labels: the data's condition indices (N,) of a conditional run
         (Algorithm 2): each trajectory draws its condition from their shares, and its ratio score (E13) uses only
-        the data of that condition."""
-        self.policy, self.grid, self.sampler, self.ratio = policy, grid, sampler, ratio
-        self.with_running_rewards, self.reference = running_rewards, reference
+        the data of that condition. device: where the rollout computes; the networks (a policy shared with a learner
+        must be there already), grid and labels are moved there, the ratio estimator's data must be there."""
+        self.device, self.sampler, self.ratio = device, sampler, ratio
+        self.policy, self.reference = to_device(policy, device), to_device(reference, device)
+        self.grid = to_device(grid, device)
+        self.with_running_rewards = running_rewards
         self.class_ratios, self.class_probs = None, None
         if labels is not None:
-            self.class_ratios = [ratio.restricted(labels == c) for c in range(policy.classes)]
-            self.class_probs = torch.bincount(labels, minlength=policy.classes).float() / labels.shape[0]
+            # the shares stay on the CPU, with the generators that draw from them
+            self.class_probs = torch.bincount(to_device(labels, CPU), minlength=policy.classes).float() / labels.shape[0]
+            self.class_ratios = [ratio.restricted(to_device(labels, device) == c) for c in range(policy.classes)]
         self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
         self.dim = ratio.data.shape[1]
-        self._coefficients = self._step_coefficients(grid)
+        self._coefficients = self._step_coefficients(self.grid)
 
     def _step_coefficients(self, grid: TimeGrid) -> dict[str, torch.Tensor]:
         """The preconditioner's coefficients at the grid steps, (K, .) (they depend on tau only, not on the weights)."""
@@ -113,7 +119,7 @@ class Rollout:
                  if draws[key]}
         noise["subsets"] = draws["subsets"]
         noise["conditions"] = torch.cat(draws["conditions"]) if "conditions" in draws else None
-        return noise
+        return to_device(noise, self.device)
 
     def draw_conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n condition indices (n,) in the data's proportions (Algorithm 2's episode conditions)."""
@@ -150,8 +156,8 @@ class Rollout:
         noise = self._noise(chunks)
         y = noise["start"] * self.prior_std
         batch = y.shape[0]
-        states = torch.empty(K, batch, self.dim)
-        actions = torch.empty(K, batch, self.dim)
+        states = y.new_empty(K, batch, self.dim)
+        actions = y.new_empty(K, batch, self.dim)
         stds = action_std(grid.g2, self.temperature).tolist()
         step = SAMPLERS[self.sampler]
         conditions = noise["conditions"]
@@ -166,7 +172,8 @@ class Rollout:
         if rewards is None:
             rewards = self.with_running_rewards
         running = self.running_rewards(states, actions, chunks, noise["subsets"], conditions) if rewards else None
-        return Trajectories(states, actions, running, y, self.terminal_reward(y), conditions)
+        terminal = to_device(self.terminal_reward(to_device(y, CPU)), self.device)
+        return Trajectories(states, actions, running, y, terminal, conditions)
 
     @torch.inference_mode()
     def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
@@ -192,17 +199,21 @@ class Rollout:
     @torch.inference_mode()
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
                  sampler: Optional[str] = None, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """n samples (n, d) from the reverse process driven by the mean action mu_psi (section 5); a conditional
-        policy needs the samples' condition indices (n,) (draw_conditions draws them in the data's shares)."""
-        coefficients = self._coefficients if grid is None else self._step_coefficients(grid)
-        grid = grid or self.grid
+        """n samples (n, d), on the CPU, from the reverse process driven by the mean action mu_psi (section 5),
+        generated on the rollout's device; a conditional policy needs the samples' condition indices (n,)
+        (draw_conditions draws them in the data's shares)."""
+        if grid is None:
+            grid, coefficients = self.grid, self._coefficients
+        else:
+            grid = to_device(grid, self.device)
+            coefficients = self._step_coefficients(grid)
         sampler = sampler or self.sampler
         step = SAMPLERS[sampler]
         if self.policy.classes and conditions is None:
             conditions = self.draw_conditions(n, generator)
-        mean = StepMeans(self.policy, coefficients, conditions)
-        y = torch.randn(n, self.dim, generator=generator) * self.prior_std
+        mean = StepMeans(self.policy, coefficients, to_device(conditions, self.device))
+        y = to_device(torch.randn(n, self.dim, generator=generator) * self.prior_std, self.device)
         for k in range(grid.num_steps):
             noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None
-            y = step(grid, k, y, mean(k, y), noise)
-        return y
+            y = step(grid, k, y, mean(k, y), to_device(noise, self.device))
+        return to_device(y, CPU)

@@ -13,7 +13,7 @@ import torch
 
 from distq import rundir
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from distq.components import build_learner, build_rollout
+from distq.components import build_learner, build_rollout, learner_device, rollout_device
 from distq.config import Config, flatten, save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
@@ -28,7 +28,8 @@ Echo = Callable[[str], None]
 
 
 class InProcessBackend:
-    """Algorithm 1 in the training process; the rollout shares the learner's policy module (no weight copies).
+    """Algorithm 1 in the training process. On one device the rollout shares the learner's policy module (no weight
+    copies); on two (train.device != parallel.rollout_device) it has its own, loaded before every batch.
 
     A backend runs one episode per `step` and hands back the learner's metrics; distq.parallel.RayBackend is the
     same interface over Ray actors.
@@ -40,13 +41,17 @@ class InProcessBackend:
     def __init__(self, config: Config, dataset: Dataset, reward):
         self.config = config
         self.learner = build_learner(config, dataset.points, reward, dataset.classes)
-        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy,
-                                     reference=self.learner.reference, labels=dataset.labels)
+        device = rollout_device(config)
+        self.shared = device == self.learner.device
+        shared = {"policy": self.learner.policy, "reference": self.learner.reference} if self.shared else {}
+        self.rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=device, **shared)
 
     def step(self, episode: int) -> dict[str, float]:
         """Collect the episode's batch with the current policy (E10) and apply one update (E15-E16)."""
         train = self.config.train
         began = time.perf_counter()
+        if not self.shared:
+            self.rollout.set_weights(self.learner.policy_weights())
         batch = self.rollout.run(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size))
         collected = time.perf_counter()
         metrics = self.learner.update(batch)
@@ -166,7 +171,10 @@ def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
 
 
 def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
-    """Check every input before anything is written: data, reward, run directory, checkpoint, initial run."""
+    """Check every input before anything is written: devices, data, reward, run directory, checkpoint, initial run."""
+    rollout_device(config)  # this process evaluates the run
+    if config.parallel.workers == 0:  # else the Learner actor checks its own, on its node
+        learner_device(config)
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points[:8])
     init = initial_policy(config, dataset) if config.train.init and not resume else None

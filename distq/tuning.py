@@ -90,8 +90,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         start = end
 
 
-def _bundle(cpu: float, gpu: float) -> dict[str, float]:
-    return {k: float(v) for k, v in (("CPU", cpu), ("GPU", gpu)) if v > 0}
+def _bundle(cpu: float, gpu: float, memory_mb: Optional[float] = None) -> dict[str, float]:
+    """A placement-group bundle; memory in bytes, as Ray counts it (the actor's reservation must fit its bundle)."""
+    return {k: float(v) for k, v in (("CPU", cpu), ("GPU", gpu), ("memory", (memory_mb or 0) * 2**20)) if v > 0}
 
 
 def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGroupFactory]:
@@ -101,8 +102,10 @@ def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGr
         bundles = [_bundle(max(sweep.resources.cpu, int(config["train.processes"])), sweep.resources.gpu)]
         workers = int(config["parallel.workers"])
         if workers:
-            bundles.append(_bundle(config["parallel.learner_num_cpus"], config["parallel.learner_num_gpus"]))
-            worker = _bundle(config["parallel.num_cpus_per_worker"], config["parallel.num_gpus_per_worker"])
+            bundles.append(_bundle(config["parallel.learner_num_cpus"], config["parallel.learner_num_gpus"],
+                                   config["parallel.learner_memory_mb"]))
+            worker = _bundle(config["parallel.num_cpus_per_worker"], config["parallel.num_gpus_per_worker"],
+                             config["parallel.memory_per_worker_mb"])
             bundles += [worker] * workers
         return tune.PlacementGroupFactory([b for b in bundles if b], strategy="PACK")
 

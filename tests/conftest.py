@@ -1,7 +1,17 @@
 """Shared fixtures. Every test runs torch on one thread. `ray_session`: one local Ray instance for all tests marked `ray`, started on first use and
-stopped at the end of the session (Ray's start-up costs seconds; code under test must neither re-init nor stop it)."""
+stopped at the end of the session (Ray's start-up costs seconds; code under test must neither re-init nor stop it).
+`fake_cuda`: a simulated CUDA device on this CPU-only machine (FakeCuda), to test a learner and rollouts on two
+devices."""
+import itertools
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from distq import devices
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +29,121 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+class DeviceMixError(AssertionError):
+    """A computation that on a real GPU would fail, or would hand a CUDA tensor to a process without one."""
+
+
+class FakeCuda:
+    """torch.device("cuda") simulated on the CPU, inside `with`.
+
+    Tensors "on the device" are CPU tensors tracked by identity. Only distq.devices' two primitive moves put tensors
+    there (a copy, as a real move makes) or take them off; every other torch operation is watched by a dispatch mode,
+    with the rules of real devices: an operation on device tensors gives device tensors, and one that mixes device
+    tensors with CPU tensors of one or more dimensions (CPU scalars are allowed, as CUDA kernels take them) raises
+    DeviceMixError, except copy_, which copies across devices. Device tensors that reach numpy or pickling (a Ray
+    transfer, torch.save) raise too: a CPU-only process could not read them. torch.cuda.is_available() answers
+    True, so distq resolves `cuda` and `auto` to torch.device("cuda") as on a GPU machine; anything that uses that
+    device other than through distq.devices (a factory with device=, Tensor.to, Module.to) meets this CPU-only
+    torch build and fails. Operations that torch itself bases on a tensor's reported device see cpu, so code that
+    builds new tensors with device=x.device is (stricter than on a real GPU) flagged too.
+    """
+
+    def __init__(self):
+        self.on_device = WeakIdKeyDictionary()
+        self._patches, self._modes = None, []
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return tensor in self.on_device
+
+    def _move_tensor(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        onto_device = device.type == "cuda"
+        if self.holds(tensor) == onto_device:
+            return tensor
+        moved = tensor.clone()  # the dispatch mode marks a copy of a device tensor as a device tensor
+        if onto_device:
+            self.on_device[moved] = True
+        else:
+            del self.on_device[moved]
+        return moved
+
+    def _move_module(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        onto_device = device.type == "cuda"
+        tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        if all(self.holds(t) == onto_device for t in tensors):
+            return module
+        module._apply(torch.clone)  # as Module.to: parameters keep their identity, buffers are replaced
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if onto_device:
+                self.on_device[tensor] = True
+            else:
+                self.on_device.pop(tensor, None)
+        return module
+
+    def __enter__(self) -> "FakeCuda":
+        fake, reduce_ex = self, torch.Tensor.__reduce_ex__
+
+        def pickled(tensor, protocol):
+            if fake.holds(tensor):
+                raise DeviceMixError(f"a tensor {tuple(tensor.shape)} on the cuda device is being pickled (a Ray "
+                                     "transfer or a checkpoint): a process without a GPU could not load it")
+            return reduce_ex(tensor, protocol)
+
+        self._patches = pytest.MonkeyPatch()
+        self._patches.setattr(torch.cuda, "is_available", lambda: True)
+        self._patches.setattr(devices, "_move_tensor", self._move_tensor)
+        self._patches.setattr(devices, "_move_module", self._move_module)
+        self._patches.setattr(torch.Tensor, "__reduce_ex__", pickled)
+        self._modes = [_NoNumpy(self), _SameDevice(self)]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        self._patches.undo()
+
+
+class _SameDevice(TorchDispatchMode):
+    """FakeCuda's rules for every aten operation."""
+
+    def __init__(self, fake: FakeCuda):
+        super().__init__()
+        self.fake = fake
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_device = any(self.fake.holds(t) for t in tensors)
+        crossing = func is torch.ops.aten.copy_.default
+        if on_device and not crossing:
+            cpu = [tuple(t.shape) for t in tensors if not self.fake.holds(t) and t.dim() > 0]
+            if cpu:
+                raise DeviceMixError(f"{func} mixes tensors on the cuda device with CPU tensors of shapes {cpu}")
+        out = func(*args, **kwargs)
+        if on_device and not crossing:
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    self.fake.on_device[tensor] = True
+        return out
+
+
+class _NoNumpy(TorchFunctionMode):
+    """FakeCuda: numpy cannot read a CUDA tensor."""
+
+    def __init__(self, fake: FakeCuda):
+        super().__init__()
+        self.fake = fake
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.numpy, torch.Tensor.__array__) and self.fake.holds(args[0]):
+            raise DeviceMixError(f"numpy reads a tensor {tuple(args[0].shape)} on the cuda device")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def fake_cuda() -> FakeCuda:
+    """A FakeCuda to enter with `with` (what runs before it, e.g. a reference run, sees the real CPU-only torch)."""
+    return FakeCuda()

@@ -541,8 +541,37 @@ def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path)
 
     config = config_from_dict({"train": {"episodes": 5}})
     saved = config.to_dict()
-    for key in ("algorithm", "init", "processes", "kl_weight"):
+    for key in ("algorithm", "init", "processes", "kl_weight", "device"):
         del saved["train"][key]
+    for key in ("rollout_device", "memory_per_worker_mb", "learner_memory_mb"):
+        del saved["parallel"][key]
     assert config_differences(saved, config) == []
     saved["train"]["beta"] = 2.0
     assert config_differences(saved, config) == ["train.beta"]
+
+
+def _as_if_trained_on_a_gpu(run: Path) -> None:
+    """The run's config.yaml and checkpoint name cuda for the learner and the rollouts (its tensors are CPU tensors,
+    as distq saves them whatever the device)."""
+    from distq.checkpoint import save_checkpoint
+
+    payload = load_checkpoint(run / "checkpoint.pt")
+    payload["config"]["train"]["device"] = payload["config"]["parallel"]["rollout_device"] = "cuda"
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in payload.items() if k != "format"})
+    (run / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+
+
+def test_a_run_trained_on_a_gpu_samples_evaluates_and_resumes_on_a_machine_without_one(run_dir, tmp_path):
+    _as_if_trained_on_a_gpu(run_dir)
+    out = tmp_path / "s.parquet"
+    assert_refused(*run_cli("sample", run_dir, "-n", 5, "--out", out)[::2], "parallel.rollout_device", "--device")
+    assert run_cli("sample", run_dir, "-n", 5, "--out", out, "--device", "cpu")[0] == 0
+    assert pq.read_table(out).num_rows == 5
+    assert run_cli("evaluate", run_dir, "--device", "auto")[0] == 0
+    before = snapshot(run_dir)
+    assert_refused(*run_cli("train", "--resume", run_dir, "--set", "train.episodes=25")[::2], "is cuda")
+    assert snapshot(run_dir) == before
+    code, _, err = run_cli("train", "--resume", run_dir, "--set", "train.episodes=25", "--set", "train.device=cpu",
+                           "--set", "parallel.rollout_device=cpu")
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "checkpoint.pt")["episode"] == 25

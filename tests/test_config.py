@@ -162,6 +162,15 @@ def test_wrong_type_names_field(override, field):
     (["data.source=gmm", "data.dim=3", "reward.fn=linear", "reward.coef=[1, 2]"], "reward.coef"),
     (["data.source=gmm", "data.components=0"], "data.components"),
     (["train.processes=2", "parallel.workers=1"], "train.processes"),
+    (["train.device=gpu"], "train.device"),
+    (["parallel.rollout_device=cuda:1"], "parallel.rollout_device"),
+    (["parallel.memory_per_worker_mb=0"], "parallel.memory_per_worker_mb"),
+    (["parallel.learner_memory_mb=-5"], "parallel.learner_memory_mb"),
+    (["parallel.memory_per_worker_mb=.inf"], "parallel.memory_per_worker_mb"),
+    (["train.processes=2", "train.device=auto"], "train.processes"),
+    (["train.processes=2", "parallel.rollout_device=cuda"], "train.processes"),
+    (["parallel.workers=1", "train.device=cuda"], "train.device"),
+    (["parallel.workers=1", "parallel.rollout_device=cuda"], "parallel.rollout_device"),
 ])
 def test_out_of_range_names_field(overrides, field):
     assert f"'{field}'" in _error(*overrides)
@@ -171,6 +180,18 @@ def test_range_boundaries_accepted():
     cfg = _from_overrides("sde.T=1.0", "sde.dt=0.1", "train.batch_size=2", "train.beta=0", "eval.n_samples=10",
                           "eval.k=8", "data.source=file", "data.path=x.csv", "reward.fn=linear", "reward.coef=[1.0]")
     assert cfg.sde.num_steps == 10 and cfg.eval.k == 8
+
+
+def test_devices_and_memory_parse_where_they_cannot_run():
+    """Configs are written on laptops for GPU clusters: cuda is checked when a run starts (test_devices), not here."""
+    cfg = _from_overrides("train.device=cuda", "parallel.rollout_device=auto", "parallel.workers=2",
+                          "parallel.learner_num_gpus=1", "parallel.memory_per_worker_mb=1e6",
+                          "parallel.learner_memory_mb=512")
+    assert (cfg.train.device, cfg.parallel.rollout_device) == ("cuda", "auto")
+    assert (cfg.parallel.memory_per_worker_mb, cfg.parallel.learner_memory_mb) == (1e6, 512.0)
+    defaults = Config()
+    assert defaults.train.device == defaults.parallel.rollout_device == "cpu"
+    assert defaults.parallel.memory_per_worker_mb is None and defaults.parallel.learner_memory_mb is None
 
 
 def test_configs_are_frozen():

@@ -93,3 +93,20 @@ def test_dsm_learns_the_two_modes(tmp_path):
     assert trained["kl_mean"] < min(0.12, untrained["kl_mean"]), (trained, untrained)
     (untrained_inner, _), (inner, right) = masses(tmp_path / "untrained"), masses(tmp_path / "dsm")
     assert inner < untrained_inner - 0.05 and abs(right - 0.5) < 0.07, (untrained_inner, inner, right)
+
+
+@pytest.mark.parametrize("learner, rollout", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_dsm_with_learner_and_rollouts_on_different_devices_gives_the_cpu_numbers(fake_cuda, tmp_path, learner,
+                                                                                  rollout):
+    """Under the fake device split (tests/conftest.py: FakeCuda) dsm's batches and updates cross devices only
+    through distq.devices, and give the all-CPU weights."""
+    from distq.checkpoint import load_checkpoint
+
+    config = _config(episodes=5)
+    train(config, tmp_path / "cpu", echo=lambda _: None)
+    split = config_from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "device": learner},
+                              "parallel": {"rollout_device": rollout}})
+    with fake_cuda:
+        train(split, tmp_path / "split", echo=lambda _: None)
+    cpu, other = (load_checkpoint(tmp_path / run / "checkpoint.pt")["learner"]["policy"] for run in ("cpu", "split"))
+    assert all(torch.equal(cpu[name], other[name]) for name in cpu)

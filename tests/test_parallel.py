@@ -1,14 +1,19 @@
 """distq.parallel: synchronous updates equal to the in-process run for any worker count, async updates equal to
-Algorithm 1 with a one-update-stale policy, data put once, killed workers replaced without losing or repeating
-an episode, a two-node cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
+Algorithm 1 with a one-update-stale policy, data put once and read without a copy, memory reservations, the
+actors' hand-offs across a (simulated) learner GPU, killed workers replaced without losing or repeating an
+episode, a two-node cluster with node loss, the CLI path and actor errors as one-line DistqErrors."""
 import copy
+import dataclasses
 import json
 import os
+import pickle
+import time
 import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +25,7 @@ from distq.checkpoint import load_checkpoint  # noqa: E402
 from distq.cli import main  # noqa: E402
 from distq.components import build_learner, build_rollout  # noqa: E402
 from distq.config import config_from_dict  # noqa: E402
+from distq.errors import DistqError  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.rollout import episode_chunks  # noqa: E402
@@ -124,14 +130,93 @@ def test_async_run_reports_policy_lag_and_moves_the_data_once(ray_session, monke
     for m in metrics:
         assert min(m["time/rollout_s"], m["time/transfer_s"], m["time/update_s"]) >= 0
         assert m["parallel/worker0_trajectories_per_s"] > 0 and m["parallel/worker1_trajectories_per_s"] > 0
-    # the data: one ray.put, and each actor holds that reference
-    assert len(puts) == 1 and puts[0][0] is dataset.points
+    # the data: one ray.put, of a numpy view of the points (no copy on the driver), and each actor holds that reference
+    assert len(puts) == 1 and np.shares_memory(puts[0][0], dataset.points.numpy())
     assert all(isinstance(ref, ray.ObjectRef) and ref.hex() == puts[0][1].hex() for ref in held)
     # per update: the weights to each worker, and back the batch's (K, B, d) states and actions, (K, B) running
     # rewards, (B, d) final states and (B,) terminal rewards, all float32
     K, d = config.sde.num_steps, dataset.dim
     expected = 2 * sum(t.numel() * 4 for t in weights.values()) + 4 * (2 * K * B * d + K * B + B * d + B)
     assert all(m["parallel/bytes_per_update"] == expected for m in metrics)
+
+
+def test_workers_compute_on_their_node_s_one_copy_of_the_data_and_reserve_their_memory(ray_session):
+    def held_data(actor) -> dict:  # runs in a RolloutWorker (defined here: Ray ships it by value)
+        view = ray.get(actor.data)
+        return {"writeable": view.flags.writeable,
+                "same_buffer": actor.rollout.ratio.data.data_ptr() == view.ctypes.data}
+
+    config = dataclasses.replace(_config(workers=2), parallel=dataclasses.replace(
+        _config(workers=2).parallel, memory_per_worker_mb=64.0, learner_memory_mb=32.0))
+    dataset, reward = _inputs(config)
+    before = ray.available_resources().get("memory", 0)
+    backend = parallel.RayBackend(config, dataset, reward, None)
+    try:
+        held = ray.get([worker.__ray_call__.remote(held_data) for worker in backend.rollout_workers])
+        reserved = _reserved_memory(before)
+        backend.step(1)
+    finally:
+        backend.close()
+    # one object in the node's object store, read by every worker in place: no copy in any actor's own memory
+    assert held == [{"writeable": False, "same_buffer": True}] * 2
+    assert reserved == (2 * 64 + 32) * 2**20
+
+
+def _reserved_memory(before: float) -> float:
+    """The memory Ray has reserved since `before` (its resource view settles within moments)."""
+    deadline = time.monotonic() + 10
+    while True:
+        reserved = before - ray.available_resources().get("memory", 0)
+        if reserved > 0 or time.monotonic() > deadline:
+            return reserved
+        time.sleep(0.1)
+
+
+def test_a_budget_the_embedded_ray_cannot_hold_is_refused_naming_the_fields(ray_session):
+    have = ray.cluster_resources()["memory"] / 2**20
+    too_much = dataclasses.replace(_config(workers=2).parallel, memory_per_worker_mb=have)
+    with pytest.raises(DistqError, match="parallel.memory_per_worker_mb=.* reserve .* MiB, but the embedded Ray has"):
+        parallel._check_fits(too_much)
+    parallel._check_fits(dataclasses.replace(too_much, memory_per_worker_mb=have / 4))
+
+
+@pytest.mark.parametrize("learner_device, rollout_device", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_actors_hand_on_only_cpu_tensors_across_a_device_split(ray_session, fake_cuda, learner_device,
+                                                                rollout_device):
+    """The actors' code, run in this process with the learner or the rollouts on a simulated GPU (conftest.FakeCuda):
+    the weights the learner sends, the batch a worker returns and the learner's state all pickle (FakeCuda refuses
+    device tensors, as a node without a GPU could not load them), each computes on its own device, and the update
+    is the all-CPU one."""
+    train = {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0}
+    config = config_from_dict({**TINY, "train": {**train, "device": learner_device}, "parallel": {
+        "workers": 1, "rollout_device": rollout_device, "learner_num_gpus": 1, "num_gpus_per_worker": 1}})
+    dataset, reward = _inputs(config)
+    data = [ray.put(dataset.points.numpy())]
+    with fake_cuda:
+        learner = parallel.Learner.__ray_actor_class__(config, data)
+        worker = parallel.RolloutWorker.__ray_actor_class__(config, data)
+        assert learner.ready() and worker.ready()
+        assert fake_cuda.holds(next(learner.learner.value.parameters())) == (learner_device == "cuda")
+        assert fake_cuda.holds(worker.rollout.ratio.data) == (rollout_device == "cuda")
+        weights = pickle.loads(pickle.dumps(learner.weights()))
+        batch, _ = worker.run(weights, episode_chunks(config.seed, 1, B, CHUNK))
+        _, weights = learner.update(pickle.loads(pickle.dumps(batch)))
+        state = pickle.loads(pickle.dumps((weights, learner.state_dict())))[1]
+    cpu = InProcessBackend(config_from_dict({**TINY, "train": train}), dataset, reward)
+    cpu.step(1)
+    _assert_same_learner(state, cpu.learner_state())
+
+
+def test_auto_takes_a_gpu_only_in_actors_that_reserve_one():
+    """Ray leaves a node's GPUs visible to actors that reserve none: auto must not compute on one there."""
+    config = config_from_dict({**TINY, "train": {"batch_size": B, "chunk_size": CHUNK, "device": "auto"},
+                               "parallel": {"workers": 2, "rollout_device": "auto", "learner_num_gpus": 1}})
+    actors = parallel._reserved_devices(config)
+    assert (actors.train.device, actors.parallel.rollout_device) == ("auto", "cpu")
+    both = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, num_gpus_per_worker=0.25))
+    assert parallel._reserved_devices(both) == both
+    neither = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, learner_num_gpus=0))
+    assert parallel._reserved_devices(neither).train.device == "cpu"
 
 
 @pytest.mark.parametrize("kill", ["process", "ray_kill"])

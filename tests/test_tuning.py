@@ -111,6 +111,17 @@ def test_trial_reserves_a_core_for_the_critic_process(tmp_path):
     assert one == [{"CPU": 1.0}] and two == [{"CPU": 2.0}]
 
 
+def test_trial_bundles_hold_the_actors_memory_reservations(tmp_path):
+    """Inside a trial's placement group an actor's request, memory included, must fit its bundle."""
+    sweep = load_sweep(_sweep_file(tmp_path))
+    actors = {"train.beta": 1.0, "parallel.workers": 2, "parallel.num_cpus_per_worker": 0.5,
+              "parallel.learner_num_cpus": 0.5, "parallel.memory_per_worker_mb": 64, "parallel.learner_memory_mb": 32}
+    bundles = trial_resources(sweep)(actors).bundles
+    assert bundles == [{"CPU": 1.0}, {"CPU": 0.5, "memory": 32 * 2**20}] + [{"CPU": 0.5, "memory": 64 * 2**20}] * 2
+    unreserved = trial_resources(sweep)({**actors, "parallel.memory_per_worker_mb": None}).bundles
+    assert unreserved[2:] == [{"CPU": 0.5}] * 2
+
+
 def test_report_points_continue_from_a_checkpoint():
     assert _report_points(0, 1000, 300) == [300, 600, 900, 1000]
     assert _report_points(600, 1000, 300) == [900, 1000]
