@@ -33,9 +33,13 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     # per model: the pretrained row and one row per fine-tuning run (ddpo_sf for model A only)
     runs = 1 + sum(len(b) for b in reproduce.FINETUNE_BETAS.values())
     assert tables34.count("| qlearning | ") == 2 * (1 + len(reproduce.FINETUNE_BETAS["qlearning"]))
+    # the grid ablation: each sampler on each grid power, learned beside the perfect learner
+    ablation = tables[tables.index("## Ablation: time grids"):]
+    assert ablation.count("\n| ddim | ") == len(reproduce.GRID_POWERS) and "| sde | 1.5 | " in ablation
     capsys.readouterr()
     reproduce.main(argv)
-    assert capsys.readouterr().out.count("finished earlier, kept") == 7 + 2 * runs + 1
+    # + ddpo_sf's run, + model A once more for the ablation
+    assert capsys.readouterr().out.count("finished earlier, kept") == 7 + 2 * runs + 2
 
 
 def test_kl_at_reward_interpolates_between_bracketing_runs():
