@@ -3,6 +3,7 @@ distq.train and friends."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="Parquet file to write")
     sample.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the run's)")
     sample.add_argument("--steps", type=int, help="number of steps over [0, T] (default: the run's)")
+    sample.add_argument("--grid-power", type=float, help="grid t_k = T ((K - k) / K)^P (default: the run's "
+                                                         "sde.grid_power)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--condition", help="generate for this condition value only (conditional runs; default: "
                                             "conditions in the training data's shares)")
@@ -134,6 +137,8 @@ def _sample(args: argparse.Namespace) -> None:
         raise DistqError(f"-n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise DistqError(f"--steps must be >= 1, got {args.steps}")
+    if args.grid_power is not None and not (0 < args.grid_power < float("inf")):
+        raise DistqError(f"--grid-power must be a positive number, got {args.grid_power}")
     out = Path(args.out)
     if out.is_dir():
         raise DistqError(f"--out {out} is a directory; name a .parquet file")
@@ -155,11 +160,13 @@ def _sample(args: argparse.Namespace) -> None:
     rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None,
                             classes=len(known["values"]) if known else 0, device=_device(args, config))
     rollout.set_weights(payload["learner"]["policy"])
+    if args.grid_power is not None:
+        config = dataclasses.replace(config, sde=dataclasses.replace(config.sde, grid_power=args.grid_power))
     samples = rollout.generate(args.n, generator, make_grid(config, args.steps), args.sampler, conditions)
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_samples(out, samples, columns, condition_column)
     print(f"wrote {args.n} samples ({args.sampler or config.sde.sampler}, "
-          f"{args.steps or config.sde.num_steps} steps) to {out}")
+          f"{args.steps or config.sde.num_steps} steps, grid power {config.sde.grid_power:g}) to {out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -267,7 +267,20 @@ def test_sample_is_deterministic_given_seed(trained, tmp_path):
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("args, name", [(["-n", 0], "-n"), (["-n", 5, "--steps", 0], "--steps")])
+def test_sample_grid_power_changes_the_grid_only(trained, tmp_path):
+    """--grid-power 1 is the run's own (uniform) grid; 2 moves the steps towards the data, so other samples."""
+    paths = {name: tmp_path / f"{name}.parquet" for name in ("run", "one", "two")}
+    for name, extra in (("run", []), ("one", ["--grid-power", 1]), ("two", ["--grid-power", 2])):
+        code, out, err = run_cli("sample", trained["run"], "-n", 20, "--out", paths[name], *extra)
+        assert code == 0, err
+    assert "grid power 2" in out
+    run, one, two = (pq.read_table(p).to_pylist() for p in paths.values())
+    assert run == one and run != two
+
+
+@pytest.mark.parametrize("args, name", [(["-n", 0], "-n"), (["-n", 5, "--steps", 0], "--steps"),
+                                        (["-n", 5, "--grid-power", 0], "--grid-power"),
+                                        (["-n", 5, "--grid-power", "nan"], "--grid-power")])
 def test_sample_bad_counts_refused(trained, tmp_path, args, name):
     assert_refused(*run_cli("sample", trained["run"], "--out", tmp_path / "s.parquet", *args)[::2], name)
     assert not (tmp_path / "s.parquet").exists()
