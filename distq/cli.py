@@ -172,7 +172,7 @@ def _sample(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     config, payload = _load_run(args.run_dir)
     dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points[:8])
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     if args.samples:
         metrics = evaluate_given(rundir.read_samples(Path(args.samples), payload["columns"]), dataset, reward, config)
         metrics["samples"] = str(args.samples)

@@ -20,7 +20,8 @@ from distq.rollout import Rollout
 from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
 from distq.value import ValueNet
 
-Reward = Callable[[torch.Tensor], torch.Tensor]
+Reward = Callable[..., torch.Tensor]
+"""h(x) (B, d) -> (B,), called as h(x, conditions) with condition indices (B,) in conditional runs (rewards.Reward)."""
 
 
 def data_statistics(points: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -47,13 +48,21 @@ def build_policy(config: Config, points: torch.Tensor, classes: int = 0) -> Poli
     return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points), classes)
 
 
-def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> ValueNet:
-    """A fresh value network J_phi (E12) whose output is put at the scale of beta h on the data."""
+def class_count(labels: Optional[torch.Tensor]) -> int:
+    """Number of conditions C of the data's condition indices (N,) (every condition has points), 0 without labels."""
+    return int(labels.max()) + 1 if labels is not None else 0
+
+
+def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward,
+                labels: Optional[torch.Tensor] = None) -> ValueNet:
+    """A fresh value network J_phi (E12) whose output is put at the scale of beta h on the data (h(x0, c) with the
+    points' condition `labels` in conditional runs, whose network takes the condition)."""
     torch.manual_seed(config.seed + 1)
     beta = config.train.beta
-    rewards = terminal_reward(points)
+    rewards = terminal_reward(points) if labels is None else terminal_reward(points, labels)
     return ValueNet(points.shape[1], config.model.hidden, _preconditioner(config, points), config.train.temperature,
-                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()), classes=classes)
+                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()),
+                    classes=class_count(labels))
 
 
 def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> Optional[PolicyMean]:
@@ -80,7 +89,7 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
     `reference` likewise. Conditional runs give the points' condition `labels` (or, to generate only, the number
     of `classes`)."""
     device = rollout_device(config) if device is None else device
-    classes = classes or (int(labels.max()) + 1 if labels is not None else 0)
+    classes = classes or class_count(labels)
     policy = policy if policy is not None else build_policy(config, points, classes)
     algorithm = config.train.algorithm
     if algorithm == "ct_finetune" and reference is None:
@@ -93,10 +102,11 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                 reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device)
 
 
-def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward, classes: int = 0) -> Learner:
+def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
+                  labels: Optional[torch.Tensor] = None) -> Learner:
     """The central learner with fresh networks on train.device: Algorithm 1's, or a baseline's (distq.baselines) by
-    train.algorithm."""
-    device = learner_device(config)
+    train.algorithm; conditional on the points' condition `labels` (N,) if given."""
+    device, classes = learner_device(config), class_count(labels)
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
     if config.train.algorithm == "dsm":
         return DenoisingLearner(policy, None, make_grid(config), config.train, device=device)
@@ -104,5 +114,5 @@ def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
         from distq.baselines import PolicyGradientLearner
 
         return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device)
-    return Learner(policy, build_value(config, points, terminal_reward, classes), make_grid(config), config.train,
+    return Learner(policy, build_value(config, points, terminal_reward, labels), make_grid(config), config.train,
                    reference, device)

@@ -71,7 +71,8 @@ class DataConfig:
     condition: Optional[str] = None
     """Conditional generation (Algorithm 2): `label` for a built-in's own labels (gmm1d and gmm: the component,
     swiss_roll: one of data.classes segments along the roll, digits: the digit), or for a file the name of its
-    integer label column (not a data column). None: unconditional."""
+    integer label column (not a data column). None: unconditional. Works with every backend (parallel.workers,
+    train.processes) and ratio.method (each condition's estimator uses that condition's points only)."""
     classes: int = 3
     """swiss_roll with data.condition = label: number of equal segments of the roll's parameter."""
     dim: int = 16
@@ -102,8 +103,9 @@ class RewardConfig:
 
     fn: str = "swiss_roll_rectangle"
     """gmm1d_right | swiss_roll_rectangle | linear | digit (probability that an 8x8 image shows reward.target, by a
-    logistic regression fitted on sklearn's digits) | brightness (mean coordinate, for digits / 16) | a user
-    function reference."""
+    logistic regression fitted on sklearn's digits) | own_digit (conditional: probability that it shows its own
+    condition's digit, for digits with data.condition) | brightness (mean coordinate, for digits / 16) | a user
+    function reference: h(x) or, in conditional runs, h(x, c) with the condition values c (distq.rewards)."""
     coef: Optional[tuple[float, ...]] = None
     """Coefficient vector c of the `linear` reward h(x) = c . x."""
     target: int = 3
@@ -358,13 +360,6 @@ class Config:
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
-        if self.data.condition is not None:
-            _require(self.parallel.workers == 0, "data.condition", "conditional runs are in-process for now "
-                     "(parallel.workers = 0)")
-            _require(self.train.processes == 1, "data.condition", "conditional runs need train.processes = 1 for now")
-            _require(self.ratio.method in ("auto", "exact") and self.ratio.minibatch is None, "data.condition",
-                     "conditional runs use the exact ratio estimator per condition (ratio.method exact or auto, "
-                     "no ratio.minibatch)")
         _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
                  "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
         _require(self.train.processes == 1 or self.train.device == self.parallel.rollout_device == "cpu",

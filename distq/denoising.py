@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from distq.devices import CPU, to_device
+from distq.devices import to_device
 from distq.learner import Learner, TrainingDiverged
 from distq.rollout import Chunk, Rollout, Trajectories
 
@@ -59,8 +59,7 @@ class DenoisingRollout(Rollout):
         x0 = data[index]
         states, targets = noised_data(x0, self.grid.mu, self.grid.sigma2, to_device(torch.cat(noise, 1), self.device))
         conditions = self.labels[index] if self.labels is not None else None
-        terminal = to_device(self.terminal_reward(to_device(x0, CPU)), self.device)
-        return Trajectories(states, targets, None, x0, terminal, conditions)
+        return Trajectories(states, targets, None, x0, self.terminal_rewards(x0, conditions), conditions)
 
 
 class DenoisingLearner(Learner):

@@ -35,24 +35,27 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
     def generate(n: int, g: torch.Generator, condition: Optional[int] = None) -> torch.Tensor:
         if not dataset.classes:
             return rollout.generate(n, g, grid, sampler)
-        conditions = rollout.draw_conditions(n, g) if condition is None else torch.full((n,), condition)
-        if condition is None:
-            drawn.append(conditions)
-        return rollout.generate(n, g, grid, sampler, conditions)
+        drawn.append(rollout.draw_conditions(n, g) if condition is None else torch.full((n,), condition))
+        return rollout.generate(n, g, grid, sampler, drawn[-1])
+
+    def rewarded(x: torch.Tensor) -> torch.Tensor:
+        """h of the batch just generated (with its conditions, which evaluate_samples does not see)."""
+        return reward(x, drawn[-1]) if dataset.classes else reward(x)
 
     project = principal_projection(dataset.points, ev.pca) if ev.pca else None
-    metrics, samples = evaluate_samples(generate, dataset.reference, reward, ev.n_samples, ev.batches, ev.k,
+    metrics, samples = evaluate_samples(generate, dataset.reference, rewarded, ev.n_samples, ev.batches, ev.k,
                                         generator, dataset.reference_pair, project)
     if not dataset.classes:
         return metrics, samples, None
+    conditions = torch.cat(drawn)
     metrics["per_condition"] = {}
     for index, value in enumerate(dataset.condition_values):
         own, _ = evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
-                                  reward, ev.n_samples, ev.batches, ev.k, generator,
+                                  rewarded, ev.n_samples, ev.batches, ev.k, generator,
                                   lambda n, g: dataset.reference_pair(n, g, index), project)
         metrics["per_condition"][str(value)] = {k: own[k] for k in ("reward_mean", "reward_ci95", "kl_mean",
                                                                      "kl_ci95", "kl_floor")}
-    return metrics, samples, torch.cat(drawn)
+    return metrics, samples, conditions
 
 
 @torch.inference_mode()

@@ -54,16 +54,19 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
 class _Actor:
     """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
 
-    def __init__(self, config: Config, data: list):
+    def __init__(self, config: Config, data: list, condition_values: tuple = ()):
+        """data: [the points' ref] or, in conditional runs, [the points' ref, their condition indices' ref], with
+        the conditions' values (what a conditional reward receives)."""
         configure_cpu(1)
         self.data, self.error = data[0], None
         try:
-            points = _shared_tensor(ray.get(self.data))
-            self.build(config, points, load_reward(config.reward, points[:8]))
+            points, *labels = (_shared_tensor(array) for array in ray.get(data))
+            labels = labels[0] if labels else None
+            self.build(config, points, labels, load_reward(config.reward, points, labels, condition_values))
         except DistqError as err:
             self.error = err
 
-    def build(self, config: Config, points: torch.Tensor, reward) -> None:
+    def build(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor], reward) -> None:
         raise NotImplementedError
 
     def ready(self) -> bool:
@@ -86,8 +89,8 @@ class _Actor:
 class RolloutWorker(_Actor):
     """Step 1 of Algorithm 1 for the chunks it is given, with the weights it is given."""
 
-    def build(self, config: Config, points: torch.Tensor, reward) -> None:
-        self.rollout = build_rollout(config, points, reward)
+    def build(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor], reward) -> None:
+        self.rollout = build_rollout(config, points, reward, labels=labels)
 
     @ray.method(num_returns=2)
     def run(self, weights: dict[str, torch.Tensor], chunks: list[Chunk]) -> tuple[Trajectories, dict[str, float]]:
@@ -104,8 +107,8 @@ class RolloutWorker(_Actor):
 class Learner(_Actor):
     """Steps 2-3 of Algorithm 1 (E15-E16) on batches read straight from the workers' results."""
 
-    def build(self, config: Config, points: torch.Tensor, reward) -> None:
-        self.learner = build_learner(config, points, reward)
+    def build(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor], reward) -> None:
+        self.learner = build_learner(config, points, reward, labels)
 
     @ray.method(num_returns=2)
     def update(self, *parts: Trajectories) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -242,11 +245,13 @@ class RayBackend:
         try:
             if self._started and not address:
                 _check_fits(config.parallel)
-            self._data = ray.put(dataset.points.numpy())
+            # the condition labels (conditional runs) travel as the points do: put once, read in place
+            self._data = [ray.put(array.numpy()) for array in (dataset.points, dataset.labels) if array is not None]
+            self._condition_values = dataset.condition_values
             parallel = config.parallel
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
                                             max_restarts=0, **_memory(parallel.learner_memory_mb)
-                                            ).remote(self.config, [self._data])
+                                            ).remote(self.config, self._data, self._condition_values)
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
             for actor in (self._learner, *self.rollout_workers):
                 _get(actor.ready.remote())
@@ -262,7 +267,8 @@ class RayBackend:
         captured = context.get_placement_group_id() and context.should_capture_child_tasks_in_placement_group
         return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
                                      max_restarts=0, scheduling_strategy=None if captured else "SPREAD",
-                                     **_memory(parallel.memory_per_worker_mb)).remote(self.config, [self._data])
+                                     **_memory(parallel.memory_per_worker_mb)).remote(self.config, self._data,
+                                                                                      self._condition_values)
 
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""

@@ -121,8 +121,9 @@ class RatioEstimator:
                    else None, knn=config.knn if method == "knn" else None, bandwidth=config.bandwidth)
 
     def restricted(self, rows: torch.Tensor) -> "RatioEstimator":
-        """The same estimator (all points, eps, bandwidth) over the data rows `rows` only (one condition's data)."""
-        return RatioEstimator(self.data[rows], self.eps, bandwidth=self.bandwidth)
+        """The same estimator (method, eps, bandwidth) over the data rows `rows` only (one condition's data); a
+        minibatch or knn size that covers those rows makes it exact there."""
+        return RatioEstimator(self.data[rows], self.eps, self.minibatch, self.knn, self.bandwidth)
 
     def subset(self, generator: torch.Generator) -> Optional[torch.Tensor]:
         """Indices of a fresh random minibatch (m,), or None when all data are used."""

@@ -1,17 +1,20 @@
-"""Terminal rewards h (E6): (B, d) points -> (B,) float32 rewards.
+"""Terminal rewards h (E6): (B, d) points -> (B,) float32 rewards, or h(y, c) of conditional runs (Algorithm 2).
 
 `reward.fn` names a built-in (section 12) or a user function `path/to/file.py:function` / `package.module:function`.
-Every reward is wrapped in `Reward`, which checks each output, so a bad reward fails with a DistqError naming
-`reward.fn` instead of corrupting training.
+A function with two required positional parameters, h(x, c), is conditional: it gets the points x (B, d) and their
+condition values c (B,) as in the data's label column (data.condition); one with one parameter, h(x), ignores the
+condition. Every reward is wrapped in `Reward`, which checks each output, so a bad reward fails with a DistqError
+naming `reward.fn` instead of corrupting training.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
 import importlib.util
+import inspect
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ import torch
 from distq.config import RewardConfig
 from distq.errors import DistqError
 
-RewardFn = Callable[[torch.Tensor], torch.Tensor]
+RewardFn = Callable[..., torch.Tensor]
 
 
 def gmm1d_right(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +60,25 @@ class DigitReward:
         self.bias = torch.tensor(model.intercept_, dtype=torch.float32)
         self.target = target
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """P(digit = j | x) for j = 0..9; x: (B, 64) -> (B, 10)."""
+        return torch.softmax(torch.addmm(self.bias.to(x), x, self.weight.to(x)), -1)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(torch.addmm(self.bias.to(x), x, self.weight.to(x)), -1)[:, self.target]
+        return self.probabilities(x)[:, self.target]
+
+
+class OwnDigitReward(DigitReward):
+    """h(x, c) = P(digit = c | x): each image scored as its own condition's digit (digits with data.condition)."""
+
+    def __init__(self):
+        super().__init__(target=0)
+
+    def __call__(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if condition.numel() and not (0 <= int(condition.min()) and int(condition.max()) <= 9):
+            raise DistqError(f"reward.fn 'own_digit' needs condition values that are digits 0..9, got "
+                             f"{sorted(set(condition.tolist()))}")
+        return self.probabilities(x).gather(1, condition.long().unsqueeze(1)).squeeze(1)
 
 
 def brightness(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +86,7 @@ def brightness(x: torch.Tensor) -> torch.Tensor:
     return x.mean(-1)
 
 
-BUILTINS = ("gmm1d_right", "swiss_roll_rectangle", "linear", "digit", "brightness")
+BUILTINS = ("gmm1d_right", "swiss_roll_rectangle", "linear", "digit", "own_digit", "brightness")
 
 
 def _where(err: BaseException) -> str:
@@ -81,18 +101,45 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}{_where(err)}"
 
 
-class Reward:
-    """A terminal reward checked on every call: (B, d) -> (B,) float32, finite."""
+def _takes_condition(fn: RewardFn, name: str) -> bool:
+    """Whether fn is h(x, c) (two required positional parameters) rather than h(x); any other signature is refused."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature (a C function): h(x)
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
+    star = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    if len(required) == 2:
+        return True
+    if len(required) == 1 or (star and not required):
+        return False
+    raise DistqError(f"reward.fn '{name}' must take the points, h(x), or the points and their conditions, h(x, c); "
+                     f"it requires {len(required)} positional arguments ({', '.join(required) or 'none'})")
 
-    def __init__(self, fn: RewardFn, name: str):
+
+class Reward:
+    """A terminal reward checked on every call: (B, d) -> (B,) float32, finite. A conditional one, h(x, c), is
+    called with the points' condition indices and receives their values (condition_values[index])."""
+
+    def __init__(self, fn: RewardFn, name: str, condition_values: tuple = ()):
         self.fn = fn
         self.name = name
         self.__name__ = name
+        self.conditional = _takes_condition(fn, name)
+        self.values = torch.tensor(condition_values) if condition_values else None
+        if self.conditional and self.values is None:
+            raise self._fail("takes a condition, h(x, c), but the run is unconditional: set data.condition")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, d) -> (B,) float32."""
+    def __call__(self, x: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, d), conditions: (B,) condition indices (used by a conditional reward) -> (B,) float32."""
+        inputs = (x,)
+        if self.conditional:
+            if conditions is None:
+                raise self._fail("takes a condition, h(x, c), but was given points without their conditions")
+            inputs = (x, self.values[conditions])
         try:
-            out = self.fn(x)
+            out = self.fn(*inputs)
         except DistqError:
             raise
         except Exception as err:
@@ -135,6 +182,10 @@ def _builtin(cfg: RewardConfig, dim: int) -> RewardFn:
         if dim != 64:
             raise DistqError(f"reward.fn 'digit' scores 8x8 images (d = 64), but the data have dimension d = {dim}")
         return DigitReward(cfg.target)
+    if cfg.fn == "own_digit":
+        if dim != 64:
+            raise DistqError(f"reward.fn 'own_digit' scores 8x8 images (d = 64), but the data have dimension d = {dim}")
+        return OwnDigitReward()
     return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle, "brightness": brightness}[cfg.fn]
 
 
@@ -176,10 +227,16 @@ def _user_function(ref: str) -> RewardFn:
     return fn
 
 
-def load_reward(cfg: RewardConfig, probe: torch.Tensor) -> Reward:
-    """The checked reward named by `reward.fn`, called once on `probe` (B, d) data rows so bad rewards fail early."""
+PROBE_ROWS = 8
+
+
+def load_reward(cfg: RewardConfig, points: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                condition_values: tuple = ()) -> Reward:
+    """The checked reward named by `reward.fn`, called once on the first PROBE_ROWS data points (N, d) (with their
+    condition indices `labels` (N,) in conditional runs, whose `condition_values` it passes to h(x, c)) so bad
+    rewards fail early."""
     if cfg.fn in BUILTINS:
-        fn = _builtin(cfg, probe.shape[1])
+        fn = _builtin(cfg, points.shape[1])
     elif ":" in cfg.fn:
         fn = _user_function(cfg.fn)
     else:
@@ -187,6 +244,6 @@ def load_reward(cfg: RewardConfig, probe: torch.Tensor) -> Reward:
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise DistqError(f"reward.fn '{cfg.fn}' is not a built-in reward ({hint}built-ins: {', '.join(BUILTINS)}) "
                          "nor a 'path/to/file.py:function' or 'package.module:function' reference")
-    reward = Reward(fn, cfg.fn)
-    reward(probe)
+    reward = Reward(fn, cfg.fn, condition_values)
+    reward(points[:PROBE_ROWS], labels[:PROBE_ROWS] if labels is not None else None)
     return reward

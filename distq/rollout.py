@@ -102,17 +102,19 @@ class Rollout:
         self._coefficients = self._step_coefficients(self.grid)
 
     def _noise(self, chunks: Sequence[Chunk]) -> dict[str, torch.Tensor]:
-        """All random draws of a batch, chunk by chunk in a fixed order: start, actions, steps, data subsets."""
+        """All random draws of a batch, chunk by chunk in a fixed order: start, actions, steps, data subsets,
+        conditions. Subsets: per chunk, per step, one per ratio estimator (the data's, or each condition's)."""
         K, d = self.grid.num_steps, self.dim
         draws: dict[str, list] = {"start": [], "action": [], "step": [], "subsets": []}
+        estimators = self.class_ratios or [self.ratio]
         for seed, size in chunks:
             gen = torch.Generator().manual_seed(seed)
             draws["start"].append(torch.randn(size, d, generator=gen))
             draws["action"].append(torch.randn(K, size, d, generator=gen))
             if is_stochastic(self.sampler):
                 draws["step"].append(torch.randn(K, size, d, generator=gen))
-            if self.ratio.minibatch is not None:
-                draws["subsets"].append([self.ratio.subset(gen) for _ in range(K)])
+            if any(e.minibatch is not None for e in estimators):
+                draws["subsets"].append([[e.subset(gen) for e in estimators] for _ in range(K)])
             if self.class_probs is not None:  # drawn last: unconditional runs keep their streams
                 draws.setdefault("conditions", []).append(self.draw_conditions(size, gen))
         noise = {key: torch.cat(draws[key], dim=0 if key == "start" else 1) for key in ("start", "action", "step")
@@ -130,20 +132,22 @@ class Rollout:
     def ratio_score(self, y: torch.Tensor, k: int, chunks: Sequence[Chunk], subsets: list,
                     conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s_hat (E13) at the states y (B, d) of grid step k of the batch of `chunks`, with that batch's data
-        `subsets` (a list per chunk, [] without ratio.minibatch), or per condition (B,) with its own data -> (B, d)."""
+        `subsets` ([] without minibatches); in conditional runs each row with its condition's (B,) own data -> (B, d)."""
         mu, sigma2 = float(self.grid.mu[k]), float(self.grid.sigma2[k])
-        if conditions is not None:
-            score = torch.empty_like(y)
-            for c, estimator in enumerate(self.class_ratios):
-                rows = conditions == c
-                if rows.any():
-                    score[rows] = estimator.score(y[rows], mu, sigma2)
-            return score
-        if not subsets:
+        if conditions is None and not subsets:
             return self.ratio.score(y, mu, sigma2)
-        rows = np.cumsum([0] + [size for _, size in chunks])
-        return torch.cat([self.ratio.score(y[a:b], mu, sigma2, chunk_subsets[k])
-                          for a, b, chunk_subsets in zip(rows[:-1], rows[1:], subsets)])
+        estimators = self.class_ratios or [self.ratio]
+        # a minibatch belongs to its chunk (so workers draw it alike): score chunk by chunk, else the batch at once
+        bounds = np.cumsum([0] + [size for _, size in chunks]) if subsets else [0, y.shape[0]]
+        score = torch.empty_like(y)
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for c, estimator in enumerate(estimators):
+                rows = torch.arange(a, b, device=y.device)
+                if conditions is not None:
+                    rows = rows[conditions[a:b] == c]
+                if rows.numel():
+                    score[rows] = estimator.score(y[rows], mu, sigma2, subsets[i][k][c] if subsets else None)
+        return score
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[Chunk], rewards: Optional[bool] = None,
@@ -172,8 +176,7 @@ class Rollout:
         if rewards is None:
             rewards = self.with_running_rewards
         running = self.running_rewards(states, actions, chunks, noise["subsets"], conditions) if rewards else None
-        terminal = to_device(self.terminal_reward(to_device(y, CPU)), self.device)
-        return Trajectories(states, actions, running, y, terminal, conditions)
+        return Trajectories(states, actions, running, y, self.terminal_rewards(y, conditions), conditions)
 
     @torch.inference_mode()
     def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
@@ -188,13 +191,22 @@ class Rollout:
             scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets, conditions) for k in steps])
         return self.rewards_from_scores(scores, actions)
 
+    def terminal_rewards(self, y: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h(Y_K) (B,), or h(Y_K, c) with the trajectories' condition indices (B,), computed on the CPU."""
+        inputs = (y,) if conditions is None else (y, conditions)
+        return to_device(self.terminal_reward(*to_device(inputs, CPU)), self.device)
+
     def rewards_from_scores(self, scores: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(E14) for all steps at once, scores and actions (K, B, d) -> (K, B): one pass instead of K small ones."""
         return running_reward(scores, actions, self.grid.g2.unsqueeze(1))
 
-    def subsets(self, chunks: Sequence[Chunk]) -> list:
-        """The data subsets of the batch of `chunks` ([] without ratio.minibatch), as `run` draws them."""
-        return self._noise(chunks)["subsets"] if self.ratio.minibatch is not None else []
+    def ratio_draws(self, chunks: Sequence[Chunk]) -> tuple[list, Optional[torch.Tensor]]:
+        """The data subsets ([] without minibatches) and condition indices (None if unconditional) of the batch of
+        `chunks`, as `run` draws them: what ratio_score needs beside the states."""
+        if not (self.class_probs is not None or self.ratio.minibatch is not None):
+            return [], None
+        noise = self._noise(chunks)
+        return noise["subsets"], noise["conditions"]
 
     @torch.inference_mode()
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,

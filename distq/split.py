@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -35,7 +35,7 @@ _STATES_PER_MESSAGE = 4
 """States per "state" message: fewer messages cost the actor less; the critic still keeps pace with the rollout."""
 
 
-def _no_reward(points: torch.Tensor) -> torch.Tensor:
+def _no_reward(points: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The critic needs no terminal reward: the actor computes h(Y_K), and the value net's scale comes with its state."""
     return points.new_zeros(points.shape[0])
 
@@ -50,31 +50,34 @@ def _buffers(config: Config, dim: int) -> dict[str, torch.Tensor]:
 class _Critic:
     """The child process's half: ratio rewards, J_phi and the value network's semi-gradient step."""
 
-    def __init__(self, config: Config, points: torch.Tensor, buffers: dict[str, torch.Tensor], state: dict):
+    def __init__(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor],
+                 buffers: dict[str, torch.Tensor], state: dict):
         configure_cpu(config.train.threads)
-        self.learner = build_learner(config, points, _no_reward)
+        self.learner = build_learner(config, points, _no_reward, labels)
         self.learner.load_state_dict(state)
-        self.rollout = build_rollout(config, points, _no_reward, policy=self.learner.policy)
+        self.rollout = build_rollout(config, points, _no_reward, policy=self.learner.policy, labels=labels)
         self.buffers = buffers
         self.pending: tuple[Trajectories, torch.Tensor] | None = None
-        self.chunks, self.subsets, self.scores = None, [], None
+        self.chunks, self.subsets, self.conditions, self.scores = None, [], None, None
         self.value_norm: float | None = None
 
     def state(self, message: tuple) -> None:
         """s_hat (E13) at states Y_first..Y_last as soon as the actor has drawn them; message = (first, last,
-        chunks of the batch)."""
+        chunks of the batch). The batch's data subsets and conditions are drawn again here from the chunks' seeds."""
         first, last, chunks = message
         if first == 0:
-            self.chunks, self.subsets = chunks, self.rollout.subsets(chunks)
+            self.chunks = chunks
+            self.subsets, self.conditions = self.rollout.ratio_draws(chunks)
             self.scores = torch.empty_like(self.buffers["actions"])
         for k in range(first, last + 1):
-            self.scores[k] = self.rollout.ratio_score(self.buffers["states"][k].clone(), k, self.chunks, self.subsets)
+            self.scores[k] = self.rollout.ratio_score(self.buffers["states"][k].clone(), k, self.chunks, self.subsets,
+                                                      self.conditions)
 
     def forward(self, _) -> float | None:
         """r_hat and J of the batch in the buffers, written back; returns the previous update's value grad norm."""
         b = self.buffers
         batch = Trajectories(*(b[name].clone() for name in ("states", "actions")), None,
-                             *(b[name].clone() for name in ("final_states", "terminal_rewards")))
+                             *(b[name].clone() for name in ("final_states", "terminal_rewards")), self.conditions)
         batch.running_rewards = self.rollout.rewards_from_scores(self.scores, batch.actions)
         values = self.learner.values(batch)
         b["running_rewards"].copy_(batch.running_rewards)
@@ -109,11 +112,12 @@ def _failure(err: BaseException) -> tuple[str, str]:
     return "error", f"{type(err).__name__}: {err}"
 
 
-def _serve(conn, config_values: dict, points: torch.Tensor, buffers: dict[str, torch.Tensor], state: bytes) -> None:
+def _serve(conn, config_values: dict, points: torch.Tensor, labels: Optional[torch.Tensor],
+           buffers: dict[str, torch.Tensor], state: bytes) -> None:
     """The critic process: answer the actor's commands until "close" or until the actor is gone."""
     failed = None
     try:
-        critic = _Critic(config_from_dict(config_values), points, buffers, from_bytes(state))
+        critic = _Critic(config_from_dict(config_values), points, labels, buffers, from_bytes(state))
     except Exception as err:  # reported to the actor at its first call
         failed = _failure(err)
     else:
@@ -144,13 +148,13 @@ class TwoProcessBackend:
 
     def __init__(self, config: Config, dataset: Dataset, reward):
         self.config = config
-        self.learner = build_learner(config, dataset.points, reward)
-        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy)
+        self.learner = build_learner(config, dataset.points, reward, dataset.labels)
+        self.rollout = build_rollout(config, dataset.points, reward, policy=self.learner.policy, labels=dataset.labels)
         self.buffers = _buffers(config, dataset.dim)
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, name="distq-critic", daemon=True,
-                                       args=(child, config.to_dict(), dataset.points, self.buffers,
+                                       args=(child, config.to_dict(), dataset.points, dataset.labels, self.buffers,
                                              to_bytes(self.learner.state_dict())))
         self.process.start()
         child.close()

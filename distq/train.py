@@ -40,7 +40,7 @@ class InProcessBackend:
 
     def __init__(self, config: Config, dataset: Dataset, reward):
         self.config = config
-        self.learner = build_learner(config, dataset.points, reward, dataset.classes)
+        self.learner = build_learner(config, dataset.points, reward, dataset.labels)
         device = rollout_device(config)
         self.shared = device == self.learner.device
         shared = {"policy": self.learner.policy, "reference": self.learner.reference} if self.shared else {}
@@ -176,7 +176,7 @@ def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
     if config.parallel.workers == 0:  # else the Learner actor checks its own, on its node
         learner_device(config)
     dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points[:8])
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     init = initial_policy(config, dataset) if config.train.init and not resume else None
     rundir.check_run_dir(run_dir, resume, overwrite)
     payload = None

@@ -9,6 +9,7 @@ import torch
 from distq.components import build_policy, build_rollout, make_grid
 from distq.config import config_from_dict
 from distq.ratio import ratio_score, running_reward
+from distq.rewards import Reward
 from distq.rollout import Trajectories, episode_chunks
 from distq.samplers import SAMPLERS
 
@@ -217,12 +218,13 @@ def test_generate_with_fresh_edm_policy_recovers_gaussian_data():
 
 
 def test_conditional_rollout_uses_each_condition_data_and_shares():
-    """Algorithm 2: trajectories draw conditions in the data's shares, and each running reward (E14) uses the ratio
-    score (E13) of its own condition's points only."""
+    """Algorithm 2: trajectories draw conditions in the data's shares, each running reward (E14) uses the ratio
+    score (E13) of its own condition's points only, and a reward h(y, c) gets each trajectory's condition value."""
     config = _config(batch_size=400, chunk_size=100)
     points = _points(90)
     labels = torch.tensor([0] * 30 + [1] * 60)
-    rollout = build_rollout(config, points, _reward, labels=labels)
+    reward = Reward(lambda x, c: x[:, 0] + c, "offset", condition_values=(10, 20))
+    rollout = build_rollout(config, points, reward, labels=labels)
     with torch.no_grad():
         rollout.policy.net[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     batch = rollout.run(episode_chunks(config.seed, 1, 400, 100))
@@ -233,5 +235,6 @@ def test_conditional_rollout_uses_each_condition_data_and_shares():
         score = ratio_score(batch.states[k][rows], own, float(grid.mu[k]), float(grid.sigma2[k]))
         expected = running_reward(score, batch.actions[k][rows], float(grid.g2[k]))
         assert torch.allclose(batch.running_rewards[k][rows], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batch.terminal_rewards, batch.final_states[:, 0] + torch.tensor([10.0, 20.0])[batch.conditions])
     again = rollout.run(episode_chunks(config.seed, 1, 400, 100))
     assert torch.equal(again.conditions, batch.conditions) and torch.equal(again.states, batch.states)
