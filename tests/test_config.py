@@ -210,3 +210,10 @@ def test_missing_file_and_bad_yaml_are_distq_errors(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(DistqError, match="mapping"):
         load_config(listed)
+
+
+@pytest.mark.parametrize("overrides", [["parallel.workers=2"], ["train.processes=2"], ["ratio.method=minibatch"],
+                                       ["ratio.minibatch=50"], ["ratio.method=knn", "ratio.knn=8"]])
+def test_conditional_runs_take_every_backend_and_ratio_method(overrides):
+    cfg = _from_overrides("data.condition=label", *overrides)
+    assert cfg.data.condition == "label"

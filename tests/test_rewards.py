@@ -10,7 +10,7 @@ from sklearn.datasets import make_swiss_roll
 
 from distq.config import RewardConfig
 from distq.errors import DistqError
-from distq.rewards import BUILTINS, load_reward
+from distq.rewards import BUILTINS, Reward, load_reward
 
 PROBE2 = torch.zeros(4, 2)
 
@@ -182,3 +182,50 @@ def test_digit_reward_recognises_sklearns_digits():
         load_reward(RewardConfig(fn="digit"), torch.zeros(8, 2))
     brightness = load_reward(RewardConfig(fn="brightness"), images[:8])
     assert torch.allclose(brightness(images[:5]), images[:5].mean(1))
+
+
+# ---- conditional rewards h(x, c) (Algorithm 2) ----------------------------------------------------------------------
+
+def test_a_two_argument_reward_gets_the_condition_values():
+    """h(x, c) receives the values of the label column (here 3 and 7), not the internal indices."""
+    reward = Reward(lambda x, c: x[:, 0] * c, "scaled", condition_values=(3, 7))
+    x = torch.ones(3, 2)
+    assert torch.equal(reward(x, torch.tensor([1, 0, 1])), torch.tensor([7.0, 3.0, 7.0]))
+    plain = Reward(lambda x: x[:, 0], "plain", condition_values=(3, 7))
+    assert torch.equal(plain(x, torch.tensor([1, 0, 1])), torch.ones(3))  # h(x) ignores the condition
+
+
+def test_bad_conditional_rewards_name_reward_fn(user_file):
+    with pytest.raises(DistqError, match=r"reward.fn 'three' must take .* requires 3 positional arguments \(x, c, d\)"):
+        Reward(lambda x, c, d: x, "three")
+    with pytest.raises(DistqError, match="reward.fn 'cond' takes a condition, h\\(x, c\\), but the run is "
+                                         "unconditional: set data.condition"):
+        Reward(lambda x, c: x[:, 0], "cond")
+    reward = Reward(lambda x, c: x * c.unsqueeze(1), "wide", condition_values=(0, 1))
+    with pytest.raises(DistqError, match=r"reward.fn 'wide' returned shape \(2, 2\)"):
+        reward(torch.ones(2, 2), torch.tensor([0, 1]))
+    with pytest.raises(DistqError, match="reward.fn 'wide' takes a condition, h\\(x, c\\), but was given points "
+                                         "without their conditions"):
+        reward(torch.ones(2, 2))
+    nan = Reward(lambda x, c: x[:, 0] / c, "ratio", condition_values=(0, 1))
+    with pytest.raises(DistqError, match="reward.fn 'ratio' returned 1 non-finite"):
+        nan(torch.zeros(2, 2), torch.tensor([0, 1]))
+
+
+def test_own_digit_scores_each_image_as_its_own_condition():
+    """own_digit(x, c) = digit(target = c)(x), row by row; on the digits it is high (each image is its own digit)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = torch.tensor(digits.data, dtype=torch.float32), torch.tensor(digits.target)
+    own = load_reward(RewardConfig(fn="own_digit"), images, labels, tuple(range(10)))
+    mixed = torch.tensor([3, 8, 3, 1])  # each loading fits the classifier: compare with one target's reward
+    first = torch.stack([images[labels == c][0] for c in mixed.tolist()])
+    threes = load_reward(RewardConfig(fn="digit", target=3), images)(first)
+    assert torch.equal(own(first, mixed)[mixed == 3], threes[mixed == 3])
+    assert not torch.allclose(own(first, mixed), threes)
+    assert float(own(images, labels).mean()) > 0.8
+    with pytest.raises(DistqError, match="reward.fn 'own_digit' needs condition values that are digits"):
+        Reward(own.fn, "own_digit", tuple(range(5, 15)))(images[:2], labels[:2] + 5)
+    with pytest.raises(DistqError, match="reward.fn 'own_digit' takes a condition"):
+        Reward(own.fn, "own_digit")
