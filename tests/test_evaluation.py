@@ -1,4 +1,5 @@
 """distq.evaluation: the perfect learner's samples land on the closed-form tilt of the data (E7)."""
+import pytest
 import torch
 
 from distq.config import config_from_dict
@@ -35,3 +36,21 @@ def test_evaluate_perfect_learner_reports_the_run_metrics():
     config, dataset, reward = _setup(0.0)
     metrics = evaluate_perfect_learner(config, dataset, reward)
     assert metrics["n_samples"] == 2000 and abs(metrics["kl_mean"]) < 0.1 and abs(metrics["reward_mean"] - 1) < 0.1
+
+
+def test_conditional_evaluation_passes_each_sample_s_condition_value_to_the_reward():
+    """h(x, c) = c on a mixture conditioned on its component (values 0, 1): each condition's mean reward is its value
+    exactly, and the headline mean is the share of condition 1 among the drawn conditions."""
+    from distq.components import build_rollout
+    from distq.evaluation import evaluate_policy
+    from distq.rewards import Reward
+
+    config = config_from_dict({"seed": 0, "data": {"source": "gmm1d", "n_samples": 200, "condition": "label"},
+                               "reward": {"fn": "gmm1d_right"}, "sde": {"dt": 0.5},
+                               "eval": {"n_samples": 20, "batches": 2}})
+    dataset = load_dataset(config.data, config.seed)
+    reward = Reward(lambda x, c: c.float(), "condition", dataset.condition_values)
+    rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
+    metrics, _, conditions = evaluate_policy(rollout, dataset, reward, config)
+    assert {k: v["reward_mean"] for k, v in metrics["per_condition"].items()} == {"0": 0.0, "1": 1.0}
+    assert metrics["reward_mean"] == pytest.approx(float(conditions.float().mean()))

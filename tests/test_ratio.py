@@ -296,3 +296,20 @@ def test_tilted_ratio_score_is_the_score_of_the_tilted_gaussian():
     assert (got - expected).pow(2).sum(-1).mean() < 1e-2 * expected.pow(2).sum(-1).mean()
     plain = tilted_ratio_score(x, data, mu, sigma2, torch.zeros(data.shape[0], dtype=torch.float64))
     assert torch.allclose(plain, ratio_score(x, data, mu, sigma2), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", [{"minibatch": 20}, {"knn": 20}])
+def test_a_condition_s_estimator_keeps_the_method_and_is_exact_when_it_covers_the_condition(method):
+    data = _gaussian_data(100, [0.0, 1.0], 1.0, 5, torch.float32)
+    x, (mu, sigma2) = torch.randn(6, 2, generator=torch.Generator().manual_seed(2)), _ou(0.3)
+    estimator = RatioEstimator(data, **method)
+    big, small = estimator.restricted(torch.arange(100) < 60), estimator.restricted(torch.arange(100) >= 85)
+    assert (big.minibatch, big.knn) == (method.get("minibatch"), method.get("knn"))
+    assert small.minibatch is None and small.knn is None
+    assert torch.allclose(small.score(x, mu, sigma2), ratio_score(x, data[85:], mu, sigma2))
+    if "knn" in method:
+        assert torch.allclose(big.score(x, mu, sigma2), knn_ratio_score(x, data[:60], mu, sigma2, 20))
+    else:
+        subset = big.subset(torch.Generator().manual_seed(3))
+        assert subset.max() < 60
+        assert torch.allclose(big.score(x, mu, sigma2, subset), ratio_score(x, data[:60][subset], mu, sigma2))

@@ -238,3 +238,26 @@ def test_conditional_rollout_uses_each_condition_data_and_shares():
     assert torch.equal(batch.terminal_rewards, batch.final_states[:, 0] + torch.tensor([10.0, 20.0])[batch.conditions])
     again = rollout.run(episode_chunks(config.seed, 1, 400, 100))
     assert torch.equal(again.conditions, batch.conditions) and torch.equal(again.states, batch.states)
+
+
+def test_conditional_minibatches_are_drawn_per_chunk_from_each_condition_s_data():
+    """ratio.minibatch m in a conditional run: a condition with N_c <= m uses all its points (exact), a larger one a
+    fresh m-subset of its own points per chunk and step; a batch equals its chunks generated apart (as on workers)."""
+    config = _config(minibatch=40, batch_size=40, chunk_size=10)
+    points, labels = _points(90), torch.tensor([0] * 30 + [1] * 60)
+    rollout = build_rollout(config, points, Reward(_reward, "linear", (0, 1)), labels=labels)
+    chunks = episode_chunks(config.seed, 1, 40, 10)
+    batch = rollout.run(chunks)
+    subsets, conditions = rollout.ratio_draws(chunks)
+    assert torch.equal(conditions, batch.conditions)
+    grid, k = rollout.grid, 5
+    for i, rows in enumerate(torch.arange(40).split(10)):
+        assert subsets[i][k][0] is None and subsets[i][k][1].shape == (40,)
+        for c, own in ((0, points[:30]), (1, points[30:][subsets[i][k][1]])):
+            mine = rows[batch.conditions[rows] == c]
+            score = ratio_score(batch.states[k][mine], own, float(grid.mu[k]), float(grid.sigma2[k]))
+            expected = running_reward(score, batch.actions[k][mine], float(grid.g2[k]))
+            assert torch.allclose(batch.running_rewards[k][mine], expected, rtol=1e-5, atol=1e-5)
+    apart = Trajectories.concat([rollout.run(chunks[:1]), rollout.run(chunks[1:])])
+    assert torch.equal(apart.conditions, batch.conditions)
+    assert torch.allclose(apart.running_rewards, batch.running_rewards, rtol=1e-6, atol=1e-6)

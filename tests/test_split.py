@@ -15,10 +15,14 @@ from distq.split import TwoProcessBackend
 from distq.train import InProcessBackend, train
 
 
-def _config(processes=2, **ratio):
+GAUSSIAN = {"source": "gaussian", "mean": [1.0, -1.0], "std": 1.0, "n_samples": 200}
+CONDITIONAL = {"source": "gmm", "dim": 2, "components": 3, "n_samples": 200, "condition": "label"}
+
+
+def _config(processes=2, data=GAUSSIAN, **ratio):
     return config_from_dict({
         "seed": 3,
-        "data": {"source": "gaussian", "mean": [1.0, -1.0], "std": 1.0, "n_samples": 200},
+        "data": data,
         "reward": {"fn": "linear", "coef": [1.0, 0.0]},
         "sde": {"T": 5.0, "dt": 0.5},
         "ratio": ratio,
@@ -31,7 +35,7 @@ def _config(processes=2, **ratio):
 
 def _backends(config):
     dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points[:8])
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     return InProcessBackend(config, dataset, reward), TwoProcessBackend(config, dataset, reward)
 
 
@@ -45,9 +49,11 @@ def _assert_same_state(one, two):
     assert one["updates"] == two["updates"] and one["schedulers"] == two["schedulers"]
 
 
-@pytest.mark.parametrize("ratio", [{}, {"minibatch": 50}, {"eps": 1e-3}])
-def test_two_processes_give_the_single_process_numbers(ratio):
-    one, two = _backends(_config(**ratio))
+@pytest.mark.parametrize("data, ratio", [(GAUSSIAN, {}), (GAUSSIAN, {"minibatch": 50}), (GAUSSIAN, {"eps": 1e-3}),
+                                          (CONDITIONAL, {}), (CONDITIONAL, {"minibatch": 30})])
+def test_two_processes_give_the_single_process_numbers(data, ratio):
+    """Conditional runs too: the critic scores each trajectory with its own condition's data (and minibatches)."""
+    one, two = _backends(_config(data=data, **ratio))
     try:
         metrics = [(one.step(e), two.step(e)) for e in range(1, 5)]
         _assert_same_state(one.learner_state(), two.learner_state())
