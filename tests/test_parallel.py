@@ -94,6 +94,27 @@ def test_sync_updates_are_the_same_for_any_worker_count_and_after_a_resume(ray_s
     assert ray.is_initialized()  # the session's Ray: joined, not stopped
 
 
+def test_conditional_sync_updates_equal_the_in_process_run(ray_session, tmp_path):
+    """Algorithm 2 on actors: the labels reach every actor with the data (one object each), each trajectory's
+    minibatch comes from its own condition's points, and the actors' reward h(x, c) gets the condition values."""
+    (tmp_path / "cond_reward.py").write_text("def h(x, c):\n    return x[:, 0] * (c + 1)\n")
+    values = {**TINY, "data": {"source": "swiss_roll", "n_samples": N, "condition": "label", "classes": 2},
+              "reward": {"fn": f"{tmp_path / 'cond_reward.py'}:h"}, "ratio": {"minibatch": 16},
+              "train": {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0}}
+    config = config_from_dict(values)
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
+    reference = _run(InProcessBackend(config, dataset, reward), 3)
+    for workers in (1, 2):
+        actors = config_from_dict({**values, "parallel": {"workers": workers, "num_cpus_per_worker": 0.5,
+                                                          "learner_num_cpus": 0.5}})
+        state, metrics = _run(parallel.RayBackend(actors, dataset, reward, None), 3)
+        _assert_same_learner(state, reference[0])
+        for ours, theirs in zip(metrics, reference[1]):
+            for key in ("reward/terminal_mean", "reward/running_mean", "loss/td"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
 def _stale_policy_reference(config, dataset, reward, episodes):
     """Algorithm 1 where batch e >= 2 is generated with the weights after update e - 2 (one update behind)."""
     learner = build_learner(config, dataset.points, reward)

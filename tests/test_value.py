@@ -150,3 +150,14 @@ def test_value_broadcast_over_steps_equals_per_step_calls():
         apart = torch.stack([value(tau[k, 0], y[k]) for k in range(4)])
     assert together.shape == (4, 5) and together.std() > 0
     assert torch.allclose(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_conditional_value_scale_uses_h_of_each_point_and_its_condition():
+    """offset = beta mean h(x0_i, c_i), scale = 1 + beta std h(x0_i, c_i); here h(x, c) = c with labels 0, 1, 1, 1."""
+    from distq.rewards import Reward
+
+    labels = torch.tensor([0, 1, 1, 1] * 25)
+    value = build_value(_config(beta=2.0), _points(), Reward(lambda x, c: c.float(), "c", (0, 1)), labels)
+    assert value.classes == 2
+    assert float(value.offset) == pytest.approx(2.0 * 0.75)
+    assert float(value.scale) == pytest.approx(1.0 + 2.0 * float(torch.tensor([0.0, 1, 1, 1] * 25).std()))
