@@ -14,7 +14,7 @@ import torch
 from distq import rundir
 from distq.checkpoint import load_checkpoint
 from distq.components import build_rollout, make_grid
-from distq.config import DEVICES, SAMPLERS, Config, config_from_dict, load_config
+from distq.config import DEVICES, GENERATION_SAMPLERS, Config, config_from_dict, load_config
 from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError
@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
     sample.add_argument("--out", required=True, help="Parquet file to write")
-    sample.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the run's)")
+    sample.add_argument("--sampler", choices=GENERATION_SAMPLERS, help="sampler (default: the run's; heun: second-order "
+                                                                       "probability-flow ODE)")
     sample.add_argument("--steps", type=int, help="number of steps over [0, T] (default: the run's)")
     sample.add_argument("--grid-power", type=float, help="grid t_k = T ((K - k) / K)^P (default: the run's "
                                                          "sde.grid_power)")

@@ -21,6 +21,8 @@ from distq.errors import DistqError
 SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
+GENERATION_SAMPLERS = (*SAMPLERS, "heun")
+"""heun (distq.samplers.heun_step) takes two actions per step: for generation (distq sample, evaluation) only."""
 PRECONDITIONS = ("edm", "none")
 LR_SCHEDULES = ("constant", "cosine")
 RATIO_METHODS = ("auto", "exact", "minibatch", "knn")

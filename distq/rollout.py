@@ -17,7 +17,7 @@ import torch
 from distq.devices import CPU, to_device
 from distq.policy import REFERENCE, PolicyMean, StepMeans, action_std
 from distq.ratio import RatioEstimator, running_reward
-from distq.samplers import SAMPLERS, is_stochastic
+from distq.samplers import SAMPLERS, heun_step, is_stochastic
 from distq.schedules import TimeGrid
 
 Chunk = tuple[int, int]
@@ -211,7 +211,8 @@ class Rollout:
     @torch.inference_mode()
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
                  sampler: Optional[str] = None, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """n samples (n, d), on the CPU, from the reverse process driven by the mean action mu_psi (section 5),
+        """n samples (n, d), on the CPU, from the reverse process driven by the mean action mu_psi (section 5), with
+        `sampler` (default: the run's; or heun, for generation only),
         generated on the rollout's device; a conditional policy needs the samples' condition indices (n,)
         (draw_conditions draws them in the data's shares)."""
         if grid is None:
@@ -220,12 +221,14 @@ class Rollout:
             grid = to_device(grid, self.device)
             coefficients = self._step_coefficients(grid)
         sampler = sampler or self.sampler
-        step = SAMPLERS[sampler]
         if self.policy.classes and conditions is None:
             conditions = self.draw_conditions(n, generator)
         mean = StepMeans(self.policy, coefficients, to_device(conditions, self.device))
         y = to_device(torch.randn(n, self.dim, generator=generator) * self.prior_std, self.device)
         for k in range(grid.num_steps):
+            if sampler == "heun":
+                y = heun_step(grid, k, y, mean(k, y), lambda predicted, k=k: mean(k + 1, predicted))
+                continue
             noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None
-            y = step(grid, k, y, mean(k, y), to_device(noise, self.device))
+            y = SAMPLERS[sampler](grid, k, y, mean(k, y), to_device(noise, self.device))
         return to_device(y, CPU)

@@ -37,6 +37,22 @@ def ddim_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor, noi
     return x0_hat * mu_next - action * (sigma2**0.5 * sigma_next)
 
 
+def heun_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor,
+              action_at_next: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Heun (second order) on the controlled probability-flow ODE: the ode_euler step predicts Y' at t_{k+1}, then
+    Y + (dt / 2) [v_k(Y) + v_{k+1}(Y')] with v_j(y) = f_j y + (g_j^2 / 2) a_j and a_{k+1} = action_at_next(Y').
+    Two actions per step, so for generation only (a trajectory's actions are no longer one per step). The last
+    step, into t = 0 where no score is defined, is the Euler step."""
+    predicted = ode_euler_step(grid, k, y, action, None)
+    if k + 1 == grid.num_steps:
+        return predicted
+    f, g2, dt = float(grid.f[k]), float(grid.g2[k]), float(grid.dt[k])
+    f_next, g2_next = float(grid.f[k + 1]), float(grid.g2[k + 1])
+    drift = (y * f).add_(action, alpha=0.5 * g2)
+    drift_next = (predicted * f_next).add_(action_at_next(predicted), alpha=0.5 * g2_next)
+    return y + (drift + drift_next) * (0.5 * dt)
+
+
 SAMPLERS: dict[str, Step] = {"sde": sde_step, "ode_euler": ode_euler_step, "ddim": ddim_step}
 
 

@@ -110,3 +110,23 @@ def test_sde_sampler_reaches_data_variance(data_std):
     fine = abs(_run_exact_score("sde", 500, data_std) - 1)
     assert fine < _tolerance(500, data_std)
     assert fine < 0.5 * coarse
+
+
+def test_heun_is_closer_than_euler_to_the_exact_probability_flow():
+    """Gaussian data N(m, s^2 I): the fresh preconditioned policy is its exact score at every t (tests/test_policy.py),
+    so the probability-flow ODE maps the prior exactly onto N(m, s^2 I); at 10 steps Heun's spread and mean are much
+    closer to it than Euler's, and its last step is Euler's (no score at t = 0)."""
+    from distq.components import build_rollout, data_statistics
+    from distq.config import config_from_dict
+
+    config = config_from_dict({"data": {"source": "gaussian", "mean": [2.0, -1.0], "std": 0.5},
+                               "sde": {"dt": 0.5, "grid_power": 2.0}, "train": {"processes": 1}})
+    points = 2.0 + 0.5 * torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    mean, scale = data_statistics(points)
+    rollout = build_rollout(config, points, terminal_reward=None)
+    errors = {}
+    for sampler in ("ode_euler", "heun"):
+        samples = rollout.generate(20000, torch.Generator().manual_seed(1), sampler=sampler)
+        errors[sampler] = (float((samples.std(0) / scale - 1).abs().max()), float((samples.mean(0) - mean).abs().max()))
+    assert errors["heun"][0] < 0.5 * errors["ode_euler"][0] and errors["heun"][0] < 0.05, errors
+    assert errors["heun"][1] < 0.05, errors
