@@ -36,6 +36,7 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     # the grid ablation: each sampler on each grid power, learned beside the perfect learner
     ablation = tables[tables.index("## Ablation: time grids"):]
     assert ablation.count("\n| ddim | ") == len(reproduce.GRID_POWERS) and "| sde | 1.5 | " in ablation
+    assert ablation.count("\n| heun | ") == len(reproduce.GRID_POWERS) and " / - |" in ablation
     capsys.readouterr()
     reproduce.main(argv)
     # + ddpo_sf's run, + model A once more for the ablation
