@@ -167,8 +167,18 @@ def tables3_4(args) -> str:
                         "\n\nThe runs behind it (KL at a reward is interpolated linearly between the two runs of a "
                         "method whose rewards bracket it):\n\n" + "\n".join(sweep))
     return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK and q-learning\n\n" + _header(args) +
-            f"Every run: `{FINE_CONFIG}`; fine-tuning runs start from the model's policy (`train.init`) and take {args.finetune_episodes:,} episodes.\n\n" + "\n\n".join(sections)
+            f"Every run: `{FINE_CONFIG}`; fine-tuning runs start from the model's policy (`train.init`) and take "
+            f"{args.finetune_episodes:,} episodes.\n\n" + "\n\n".join(sections)
             + "\n")
+
+
+def trained_rollout(config: Config, run_dir: Path):
+    """The dataset, reward and a rollout carrying the policy of the finished run in run_dir, for evaluations."""
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points[:8])
+    rollout = build_rollout(config, dataset.points, reward)
+    rollout.set_weights(load_checkpoint(run_dir / "checkpoint.pt")["learner"]["policy"])
+    return dataset, reward, rollout
 
 
 def tables5_6(args, models: dict) -> str:
@@ -176,10 +186,7 @@ def tables5_6(args, models: dict) -> str:
     for beta, paper, title in ((0.0, PAPER_TABLE5, "Table 5: beta = 0"),
                                (2.25, PAPER_TABLE6, "Table 6: reward-directed (the paper's reward 0.8)")):
         config, run_dir, summary = models[beta]
-        dataset = load_dataset(config.data, config.seed)
-        reward = load_reward(config.reward, dataset.points[:8])
-        rollout = build_rollout(config, dataset.points, reward)
-        rollout.set_weights(load_checkpoint(run_dir / "checkpoint.pt")["learner"]["policy"])
+        dataset, reward, rollout = trained_rollout(config, run_dir)
         rows = ["| sampler | " + " | ".join(f"{k} steps: KL (paper) / reward" for k in STEPS) + " |",
                 "|---|" + "---|" * len(STEPS)]
         for sampler, numbers in paper.items():
@@ -200,10 +207,7 @@ def grid_ablation(args) -> str:
     50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a perfect learner on
     the same grid."""
     config, run_dir, _ = pretrained_model("A", 1.0, args)
-    dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points[:8])
-    rollout = build_rollout(config, dataset.points, reward)
-    rollout.set_weights(load_checkpoint(run_dir / "checkpoint.pt")["learner"]["policy"])
+    dataset, reward, rollout = trained_rollout(config, run_dir)
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL learned / perfect learner" for k in STEPS) + " |",
             "|---|---|" + "---|" * len(STEPS)]
     for sampler in (*PAPER_TABLE5, "heun"):
