@@ -125,6 +125,11 @@ class RatioEstimator:
         minibatch or knn size that covers those rows makes it exact there."""
         return RatioEstimator(self.data[rows], self.eps, self.minibatch, self.knn, self.bandwidth)
 
+    def per_condition(self, labels: torch.Tensor, classes: int) -> list["RatioEstimator"]:
+        """One restricted estimator per condition 0..C-1 (C = classes), over the rows whose label (N,) is that
+        condition: the ratio score (E13) of a conditional run (Algorithm 2)."""
+        return [self.restricted(labels == c) for c in range(classes)]
+
     def subset(self, generator: torch.Generator) -> Optional[torch.Tensor]:
         """Indices of a fresh random minibatch (m,), or None when all data are used."""
         if self.minibatch is None:

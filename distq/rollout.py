@@ -83,7 +83,7 @@ class Rollout:
         if labels is not None:
             # the shares stay on the CPU, with the generators that draw from them
             self.class_probs = torch.bincount(to_device(labels, CPU), minlength=policy.classes).float() / labels.shape[0]
-            self.class_ratios = [ratio.restricted(to_device(labels, device) == c) for c in range(policy.classes)]
+            self.class_ratios = ratio.per_condition(to_device(labels, device), policy.classes)
         self.terminal_reward, self.temperature, self.prior_std = terminal_reward, temperature, prior_std
         self.dim = ratio.data.shape[1]
         self._coefficients = self._step_coefficients(self.grid)
