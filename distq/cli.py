@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "conditions in the training data's shares)")
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating")
+    evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating (conditional "
+                                            "runs: with the condition column, as distq sample writes it)")
     for command in (sample, evaluate):
         command.add_argument("--device", choices=DEVICES, help="where to generate (default: the run's "
                                                                "parallel.rollout_device)")
@@ -175,7 +176,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     if args.samples:
-        metrics = evaluate_given(rundir.read_samples(Path(args.samples), payload["columns"]), dataset, reward, config)
+        path = Path(args.samples)
+        conditions = (rundir.read_conditions(path, config.data.condition, dataset.condition_values)
+                      if dataset.classes else None)
+        metrics = evaluate_given(rundir.read_samples(path, payload["columns"]), dataset, reward, config, conditions)
         metrics["samples"] = str(args.samples)
     else:
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=_device(args, config))

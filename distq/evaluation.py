@@ -1,13 +1,14 @@
 """Evaluation of a trained policy or of a file of samples (section 11), against fresh data."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from distq.components import make_grid
 from distq.config import Config
 from distq.data import Dataset
+from distq.errors import DistqError
 from distq.metrics import evaluate_samples, principal_projection
 from distq.ratio import smoothed_variance, tilted_ratio_score
 from distq.rollout import Rollout
@@ -48,14 +49,27 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
     if not dataset.classes:
         return metrics, samples, None
     conditions = torch.cat(drawn)
-    metrics["per_condition"] = {}
-    for index, value in enumerate(dataset.condition_values):
-        own, _ = evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
-                                  rewarded, ev.n_samples, ev.batches, ev.k, generator,
-                                  lambda n, g: dataset.reference_pair(n, g, index), project)
-        metrics["per_condition"][str(value)] = {k: own[k] for k in ("reward_mean", "reward_ci95", "kl_mean",
-                                                                     "kl_ci95", "kl_floor")}
+
+    def own(index: int) -> dict[str, float]:
+        return evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
+                                rewarded, ev.n_samples, ev.batches, ev.k, generator,
+                                lambda n, g: dataset.reference_pair(n, g, index), project)[0]
+
+    metrics["per_condition"] = _per_condition(dataset, range(dataset.classes), own)
     return metrics, samples, conditions
+
+
+PER_CONDITION_METRICS = ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "kl_floor")
+"""The metrics of metrics["per_condition"][value] in conditional runs."""
+
+
+def _per_condition(dataset: Dataset, indices, evaluate: Callable[[int], dict]) -> dict[str, dict[str, float]]:
+    """{str(condition value): the PER_CONDITION_METRICS of evaluate(index)} for the condition indices `indices`."""
+    per_condition = {}
+    for index in indices:
+        metrics = evaluate(index)
+        per_condition[str(dataset.condition_values[index])] = {key: metrics[key] for key in PER_CONDITION_METRICS}
+    return per_condition
 
 
 @torch.inference_mode()
@@ -83,17 +97,46 @@ def evaluate_perfect_learner(config: Config, dataset: Dataset, reward) -> dict[s
     return evaluate_given(samples, dataset, reward, config)
 
 
-def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Config) -> dict[str, float]:
-    """The same metrics for given samples (n, d), cut into consecutive batches of eval.n_samples (fewer if short)."""
+def evaluate_given(samples: torch.Tensor, dataset: Dataset, reward, config: Config,
+                   conditions: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """The same metrics for given samples (n, d), cut into consecutive batches of eval.n_samples (fewer if short).
+
+    Conditional runs give the samples' condition indices (n,); as in evaluate_policy, the headline metrics compare
+    all samples with the data (h(x, c) with each sample's condition), and metrics["per_condition"][value] compares
+    each condition's samples with that condition's data, for the conditions the samples hold."""
+    metrics = _evaluate_batches(samples, conditions, dataset, reward, config)
+    if conditions is None:
+        return metrics
+    held = [index for index in range(dataset.classes) if bool((conditions == index).any())]
+    metrics["per_condition"] = _per_condition(dataset, held, lambda index: _evaluate_batches(
+        samples[conditions == index], conditions[conditions == index], dataset, reward, config, index))
+    return metrics
+
+
+def _evaluate_batches(samples: torch.Tensor, conditions: Optional[torch.Tensor], dataset: Dataset, reward,
+                      config: Config, condition: Optional[int] = None) -> dict[str, float]:
+    """evaluate_given's metrics of samples (n, d) with their condition indices (n,) or None, against the data (of
+    the condition index `condition` only, if given)."""
+    k = config.eval.k
+    if samples.shape[0] < k + 1:
+        which = "" if condition is None else f" of condition {dataset.condition_values[condition]!r}"
+        raise DistqError(f"{samples.shape[0]} samples{which}: the kNN KL needs at least eval.k + 1 = {k + 1}")
     n = min(config.eval.n_samples, samples.shape[0])
     batches = max(1, min(config.eval.batches, samples.shape[0] // n))
-    cursor = iter(range(0, n * batches, n))
+    starts = iter(range(0, n * batches, n))
+    rows = slice(0, 0)
 
     def next_batch(size: int, generator: torch.Generator) -> torch.Tensor:
-        start = next(cursor)
-        return samples[start:start + size]
+        nonlocal rows
+        start = next(starts)
+        rows = slice(start, start + size)
+        return samples[rows]
+
+    def rewarded(x: torch.Tensor) -> torch.Tensor:
+        """h of the batch just taken (with its conditions, which evaluate_samples does not see)."""
+        return reward(x) if conditions is None else reward(x, conditions[rows])
 
     project = principal_projection(dataset.points, config.eval.pca) if config.eval.pca else None
-    metrics, _ = evaluate_samples(next_batch, dataset.reference, reward, n, batches, config.eval.k, _generator(config),
-                                  dataset.reference_pair, project)
+    metrics, _ = evaluate_samples(next_batch, lambda m, g: dataset.reference(m, g, condition), rewarded, n, batches,
+                                  k, _generator(config), lambda m, g: dataset.reference_pair(m, g, condition), project)
     return metrics

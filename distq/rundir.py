@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -79,14 +80,19 @@ def write_samples(path: Path, samples: torch.Tensor, columns: Sequence[str],
     _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_samples(path: Path, columns: Sequence[str]) -> torch.Tensor:
-    """Samples (n, d) from a Parquet file holding the given columns; DistqError naming the file otherwise."""
+def _read_samples_table(path: Path) -> pa.Table:
+    """The Parquet table of a samples file; DistqError naming the file if it is absent or unreadable."""
     if not path.is_file():
         raise DistqError(f"samples file {path} does not exist")
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as err:
         raise DistqError(f"samples file {path} is not readable Parquet ({err})") from None
+
+
+def read_samples(path: Path, columns: Sequence[str]) -> torch.Tensor:
+    """Samples (n, d) from a Parquet file holding the given columns; DistqError naming the file otherwise."""
+    table = _read_samples_table(path)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DistqError(f"samples file {path} lacks columns {', '.join(missing)} (has {', '.join(table.column_names)})")
@@ -97,3 +103,19 @@ def read_samples(path: Path, columns: Sequence[str]) -> torch.Tensor:
     if not np.isfinite(values).all():
         raise DistqError(f"samples file {path} holds NaN or infinite values")
     return torch.from_numpy(values)
+
+
+def read_conditions(path: Path, name: str, values: Sequence) -> torch.Tensor:
+    """The condition indices (n,) into `values` of the samples in a Parquet file's condition column `name` (as
+    write_samples writes it); DistqError naming the file if the column is missing or holds another value."""
+    table = _read_samples_table(path)
+    if name not in table.column_names:
+        raise DistqError(f"samples file {path} lacks the condition column {name} of this conditional run "
+                         f"(has {', '.join(table.column_names)})")
+    index = {value: i for i, value in enumerate(values)}
+    column = table.column(name).to_pylist()
+    unknown = sorted({repr(v) for v in column if not isinstance(v, Hashable) or v not in index})
+    if unknown:
+        raise DistqError(f"samples file {path}: column {name} holds {', '.join(unknown[:5])}, not one of the run's "
+                         f"conditions ({', '.join(map(str, values))})")
+    return torch.tensor([index[v] for v in column], dtype=torch.long)

@@ -362,6 +362,79 @@ def test_evaluate_bad_samples_files_refused(run_dir, tmp_path):
     assert snapshot(run_dir) == before
 
 
+# ---- evaluate --samples of a conditional run (Algorithm 2) ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory) -> dict:
+    """A tiny run on the Swiss roll cut into 2 conditions (values 0, 1) with the reward h(x, c) = x_0 + 10 c."""
+    root = tmp_path_factory.mktemp("conditional_run")
+    (root / "cond_reward.py").write_text("def h(x, c):\n    return x[:, 0] + 10.0 * c\n")
+    config = write_config(root, data={"source": "swiss_roll", "n_samples": 200, "condition": "label", "classes": 2},
+                          reward={"fn": f"{root / 'cond_reward.py'}:h"}, train={"beta": 0.1})
+    code, _, err = run_cli("train", config, "--out", root / "run")
+    assert code == 0, err
+    return {"run": root / "run", "root": root, "config": load_config(config)}
+
+
+def _evaluate_json(run: Path, samples: Path) -> dict:
+    code, stdout, err = run_cli("evaluate", run, "--samples", samples)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def test_conditional_samples_evaluate_with_the_training_metrics(conditional_run, tmp_path):
+    """The run's own samples.parquet (samples and conditions of the training evaluation) give summary.json's reward
+    and the same per-condition metric names; `distq sample` files (mixed, and one condition) evaluate too."""
+    run = conditional_run["run"]
+    summary = json.loads((run / "summary.json").read_text())
+    own = _evaluate_json(run, run / "samples.parquet")
+    assert own["reward_mean"] == pytest.approx(summary["reward_mean"])
+    assert {value: set(m) for value, m in own["per_condition"].items()} == {
+        value: set(m) for value, m in summary["per_condition"].items()}
+    mixed, right = tmp_path / "mixed.parquet", tmp_path / "right.parquet"
+    assert run_cli("sample", run, "-n", 300, "--out", mixed)[0] == 0
+    assert run_cli("sample", run, "-n", 120, "--out", right, "--condition", 1)[0] == 0
+    assert set(_evaluate_json(run, mixed)["per_condition"]) == {"0", "1"}
+    one = _evaluate_json(run, right)
+    assert set(one["per_condition"]) == {"1"} and one["reward_mean"] == one["per_condition"]["1"]["reward_mean"]
+    assert all(math.isfinite(v) for v in one["per_condition"]["1"].values())
+
+
+def test_one_condition_s_data_give_its_reward_by_hand_and_a_small_kl(conditional_run, tmp_path):
+    """Condition 1's training points evaluated as condition 1: reward mean(x_0) + 10, and KL near zero against
+    condition 1's law; the same points labelled 0 are far from condition 0's law."""
+    from distq.data import load_dataset
+
+    run, config = conditional_run["run"], conditional_run["config"]
+    dataset = load_dataset(config.data, config.seed)
+    points = dataset.points[dataset.labels == 1].numpy().astype(np.float64)
+    for label in (0, 1):
+        pq.write_table(pa.table({"x0": points[:, 0], "x1": points[:, 1], "label": [label] * len(points)}),
+                       tmp_path / f"as{label}.parquet")
+    as1, as0 = (_evaluate_json(run, tmp_path / f"as{label}.parquet") for label in (1, 0))
+    used = min(len(points) // 50, 2) * 50  # eval: consecutive batches of 50, at most 2
+    assert as1["per_condition"]["1"]["reward_mean"] == pytest.approx(points[:used, 0].mean() + 10.0, abs=1e-4)
+    assert as0["per_condition"]["0"]["reward_mean"] == pytest.approx(points[:used, 0].mean(), abs=1e-4)
+    assert as1["per_condition"]["1"]["kl_mean"] < 0.5 < 2.0 < as0["per_condition"]["0"]["kl_mean"]
+
+
+def test_conditional_samples_without_their_conditions_refused(conditional_run, tmp_path):
+    run = conditional_run["run"]
+    before = snapshot(run)
+    table = pq.read_table(run / "samples.parquet")
+    cases = {"no_label": table.drop(["label"]), "seven": table.set_column(2, "label", pa.array([7] * table.num_rows)),
+             "text": table.set_column(2, "label", pa.array(["one"] * table.num_rows))}
+    for name, bad in cases.items():
+        pq.write_table(bad, tmp_path / f"{name}.parquet")
+        assert_refused(*run_cli("evaluate", run, "--samples", tmp_path / f"{name}.parquet")[::2],
+                       tmp_path / f"{name}.parquet", "label")
+    lonely = pa.table({"x0": [0.0] * 60 + [1.0], "x1": [0.0] * 60 + [1.0], "label": [1] * 60 + [0]})
+    pq.write_table(lonely, tmp_path / "lonely.parquet")
+    assert_refused(*run_cli("evaluate", run, "--samples", tmp_path / "lonely.parquet")[::2], "1 samples of condition 0",
+                   "eval.k + 1 = 2")
+    assert snapshot(run) == before
+
+
 # ---- bad inputs -----------------------------------------------------------------------------------------------
 
 def _reward_file(directory: Path, body: str, name: str = "user_reward.py") -> Path:
