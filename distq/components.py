@@ -17,6 +17,7 @@ from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
 from distq.rollout import Rollout
+from distq.samplers import action_gains
 from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
 from distq.value import ValueNet
 
@@ -99,7 +100,8 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                 RatioEstimator.from_config(to_device(points, device), config.ratio), terminal_reward,
                 config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                 running_rewards=algorithm in ("qlearning", "ct_finetune"),
-                reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device)
+                reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device,
+                **({"rao_blackwell": True} if config.train.policy_gradient == "rao_blackwell" else {}))
 
 
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
@@ -114,5 +116,7 @@ def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
         from distq.baselines import PolicyGradientLearner
 
         return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device)
+    gains = (action_gains(make_grid(config), config.sde.sampler) if config.train.policy_gradient == "rao_blackwell"
+             else None)
     return Learner(policy, build_value(config, points, terminal_reward, labels), make_grid(config), config.train,
-                   reference, device)
+                   reference, device, gains)

@@ -20,7 +20,7 @@ import torch
 from distq.config import TrainConfig
 from distq.devices import CPU, to_device
 from distq.errors import DistqError
-from distq.policy import REFERENCE, PolicyMean, q_value
+from distq.policy import REFERENCE, PolicyMean, q_value, rao_blackwell_surrogate
 from distq.rollout import Trajectories
 from distq.schedules import TimeGrid
 from distq.value import ValueNet, td_errors
@@ -42,13 +42,16 @@ class Learner:
     """The central learner: owns the policy-mean and value networks and their Adam optimisers."""
 
     def __init__(self, policy: PolicyMean, value: Optional[ValueNet], grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None, device: torch.device = CPU):
+                 reference: Optional[PolicyMean] = None, device: torch.device = CPU,
+                 action_gains: Optional[torch.Tensor] = None):
         """value None: a learner of the policy alone (the policy-gradient baselines, distq.baselines).
         reference: a frozen pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and
-        broadcast with the weights. device: where the networks (moved there), the grid and the optimiser state live."""
+        broadcast with the weights. device: where the networks (moved there), the grid and the optimiser state live.
+        action_gains: dY_{k+1} / da_k (K,) of the sampler (distq.samplers.action_gains), for rao_blackwell."""
         self.device, self.config, self.grid = device, config, to_device(grid, device)
         self.policy, self.value = to_device(policy, device), to_device(value, device)
         self.reference = to_device(reference, device).requires_grad_(False) if reference is not None else None
+        self.action_gains = to_device(action_gains, device)
         self.networks = {"policy": self.policy, "value": self.value} if value is not None else {"policy": self.policy}
         rates = {"policy": config.lr_policy, "value": config.lr_value}
         # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
@@ -78,8 +81,34 @@ class Learner:
         return loss, delta
 
     def loss(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
-        """The TD loss with both networks' graphs, and delta (K, B)."""
-        return self.td_loss(self.values(batch), self.q_values(batch), batch)
+        """The loss with both networks' graphs, and delta (K, B): the TD loss (train.policy_gradient = td), or the
+        TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell)."""
+        if self.config.policy_gradient == "td":
+            return self.td_loss(self.values(batch), self.q_values(batch), batch)
+        values, tau = self.values(batch), self.grid.tau.unsqueeze(1)
+        means = self.policy(tau, batch.states, batch.conditions)
+        g2, dt = self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1)
+        q = q_value(batch.actions, means, g2, self.config.temperature)
+        value_loss, delta = self.td_loss(values, q.detach(), batch)
+        surrogate = rao_blackwell_surrogate(q, means, self.regression_targets(batch), self.last_advantage(batch),
+                                            g2, dt, self.config.temperature)
+        return value_loss + surrogate.sum(0).mean(), delta
+
+    def regression_targets(self, batch: Trajectories) -> torch.Tensor:
+        """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d),
+        detached; the score alone at the last step (distq.policy.rao_blackwell_surrogate)."""
+        successors = batch.mean_successors[:-1].clone().requires_grad_(True)  # rollouts give inference tensors
+        with torch.enable_grad():
+            values = self.value(self.grid.tau[1:].unsqueeze(1), successors, batch.conditions)
+            gradient, = torch.autograd.grad(values.sum(), successors)
+        scale = (self.action_gains / (self.grid.g2 * self.grid.dt))[:-1].view(-1, 1, 1)
+        return batch.ratio_scores + torch.cat([scale * gradient, torch.zeros_like(gradient[:1])])
+
+    def last_advantage(self, batch: Trajectories) -> torch.Tensor:
+        """beta [h(Y_K) - h(Y'_K)] at the last step, 0 before it (K, B)."""
+        advantage = torch.zeros_like(batch.running_rewards)
+        advantage[-1] = self.config.beta * (batch.terminal_rewards - batch.mean_terminal_rewards)
+        return advantage
 
     def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS, schedule: bool = True) -> dict[str, float]:
         """Backpropagate `loss` and take one clipped Adam step on the networks `names` (and, with `schedule`, one
@@ -110,13 +139,13 @@ class Learner:
         loss, delta = self.loss(batch)
         norms = self.descend(loss)
         self.updates += 1
-        return self.metrics(loss, delta, batch, norms, start)
+        return self.metrics(delta, batch, norms, start)
 
-    def metrics(self, loss: torch.Tensor, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
+    def metrics(self, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
                 start: float) -> dict[str, float]:
         """The namespaced metrics of an update that began at perf_counter() = start."""
         return {
-            "loss/td": float(loss.detach()),
+            "loss/td": float(0.5 * delta.detach().square().sum(0).mean()),
             "td/abs_mean": float(delta.detach().abs().mean()),
             "reward/terminal_mean": float(batch.terminal_rewards.mean()),
             "reward/running_mean": float((batch.running_rewards * self.grid.dt.unsqueeze(1)).sum(0).mean()),

@@ -173,6 +173,29 @@ def q_value(action: torch.Tensor, mean: torch.Tensor, g2: torch.Tensor, temperat
         2 * math.pi * temperature / g2)
 
 
+def rao_blackwell_surrogate(q: torch.Tensor, mean: torch.Tensor, target: torch.Tensor, advantage: torch.Tensor,
+                            g2: torch.Tensor, dt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-step policy loss dt [(theta g^2 dt / 2)|target - mu_psi|^2 - A q_psi] whose psi-gradient has (to first
+    order in dt) the expectation of the (E16) policy step -dt delta grad q_psi over the action noise.
+
+    q: q_psi(tau_k, Y_k, a_k) (E11), mean: mu_psi(tau_k, Y_k), both with psi's graph; target: s_hat(t_k, Y_k) (E13)
+    + (gain_k / (g^2 dt)) grad_y J(tau_{k+1}, Y'_{k+1}) (Y' the successor under the mean action, with the same
+    Brownian noise; gain_k = dY_{k+1} / da_k, g^2 dt for sde; the reward term left out at the last step) and
+    advantage: 0, or at the last step beta [h(Y_K) - h(Y'_K)]; both detached. q, advantage: (K, B); mean, target:
+    (K, B, d); g2, dt broadcastable to (K, B). -> (K, B).
+
+    With a = mu + xi, xi ~ N(0, theta / g^2 I), grad q = g^2 xi grad mu, and delta's running part
+    (r_hat - q) dt = [-(g^2/2)|s - mu|^2 + g^2 (s - mu).xi + c] dt (the |xi|^2 terms cancel) averages to
+    theta g^2 dt^2 (s - mu) grad mu. Its value part J(Y_{k+1}) - J(Y_k), less what does not depend on xi
+    (J(Y'_{k+1}) - J(Y_k)), is gain_k xi.grad J(Y'_{k+1}) to first order, which averages to
+    theta gain_k dt grad J grad mu. Together: minus the gradient of the regression of mu_psi on the target above,
+    the optimal policy's mean (score plus value gradient) with no sampled xi and so no noise growing with d. At the
+    last step h may be non-differentiable, and the sampled advantage stands in (still unbiased).
+    """
+    regression = 0.5 * temperature * g2 * dt * (target - mean).pow(2).sum(-1)
+    return (regression - advantage * q) * dt
+
+
 def policy_log_density(action: torch.Tensor, mean: torch.Tensor, g2: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi_psi(a | tau, y) = q_psi / theta (E10-E11); -> (...)."""
     return q_value(action, mean, g2, temperature) / temperature

@@ -8,6 +8,7 @@ moved to the rollout's device, so every device sees the same numbers; terminal r
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -28,7 +29,9 @@ Chunk = tuple[int, int]
 class Trajectories:
     """A batch of B trajectories of K steps: states Y_k and actions a_k (K, B, d), running rewards r_hat_k (K, B)
     (E14), final states Y_K (B, d), unweighted terminal rewards h(Y_K) (B,) and, in conditional runs, each
-    trajectory's condition index (B,)."""
+    trajectory's condition index (B,). For train.policy_gradient = rao_blackwell also the ratio scores s_hat_k
+    (K, B, d) of r_hat_k, the mean action's successors (the step from Y_k with a_k = mu_k and the same Brownian
+    noise) (K, B, d) and h at the last of them (B,)."""
 
     states: torch.Tensor
     actions: torch.Tensor
@@ -36,6 +39,9 @@ class Trajectories:
     final_states: torch.Tensor
     terminal_rewards: torch.Tensor
     conditions: Optional[torch.Tensor] = None
+    ratio_scores: Optional[torch.Tensor] = None
+    mean_successors: Optional[torch.Tensor] = None
+    mean_terminal_rewards: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -51,9 +57,12 @@ class Trajectories:
             first = getattr(parts[0], name)
             return None if first is None else torch.cat([getattr(p, name) for p in parts], dim)
 
-        return Trajectories(*(joined(name, dim) for name, dim in (("states", 1), ("actions", 1), ("running_rewards", 1),
-                                                                  ("final_states", 0), ("terminal_rewards", 0),
-                                                                  ("conditions", 0))))
+        return Trajectories(*(joined(field.name, 0 if field.name in _PER_TRAJECTORY else 1)
+                              for field in dataclasses.fields(Trajectories)))
+
+
+_PER_TRAJECTORY = ("final_states", "terminal_rewards", "conditions", "mean_terminal_rewards")
+"""Trajectories fields indexed by trajectory first; the others are (K, B, ...)."""
 
 
 def episode_chunks(seed: int, episode: int, batch_size: int, chunk_size: int) -> list[Chunk]:
@@ -68,17 +77,18 @@ class Rollout:
     def __init__(self, policy: PolicyMean, grid: TimeGrid, sampler: str, ratio: RatioEstimator,
                  terminal_reward: Callable[[torch.Tensor], torch.Tensor], temperature: float, prior_std: float,
                  running_rewards: bool = True, reference: Optional[PolicyMean] = None,
-                 labels: Optional[torch.Tensor] = None, device: torch.device = CPU):
+                 labels: Optional[torch.Tensor] = None, device: torch.device = CPU, rao_blackwell: bool = False):
         """running_rewards: whether `run` computes r_hat (E14) by default (the policy-gradient baselines use h(Y_K)
         alone). reference: a pretrained policy mean whose output replaces the ratio-estimated score in r_hat
         (ct_finetune, Scores as Actions). labels: the data's condition indices (N,) of a conditional run
         (Algorithm 2): each trajectory draws its condition from their shares, and its ratio score (E13) uses only
         the data of that condition. device: where the rollout computes; the networks (a policy shared with a learner
-        must be there already), grid and labels are moved there, the ratio estimator's data must be there."""
+        must be there already), grid and labels are moved there, the ratio estimator's data must be there.
+        rao_blackwell: batches carry what train.policy_gradient = rao_blackwell needs (see Trajectories)."""
         self.device, self.sampler, self.ratio = device, sampler, ratio
         self.policy, self.reference = to_device(policy, device), to_device(reference, device)
         self.grid = to_device(grid, device)
-        self.with_running_rewards = running_rewards
+        self.with_running_rewards, self.rao_blackwell = running_rewards, rao_blackwell
         self.class_ratios, self.class_probs = None, None
         if labels is not None:
             # the shares stay on the CPU, with the generators that draw from them
@@ -166,30 +176,39 @@ class Rollout:
         step = SAMPLERS[self.sampler]
         conditions = noise["conditions"]
         mean = StepMeans(self.policy, self._coefficients, conditions)
+        successors = y.new_empty(K, batch, self.dim) if self.rao_blackwell else None
         for k in range(K):
             states[k] = y
             if on_state is not None:
                 on_state(k, y)
-            action = mean(k, y).add_(noise["action"][k], alpha=stds[k])
+            step_noise = noise["step"][k] if "step" in noise else None
+            action = mean(k, y)
+            if successors is not None:
+                successors[k] = step(grid, k, y, action, step_noise)
+            action = action.add_(noise["action"][k], alpha=stds[k])
             actions[k] = action
-            y = step(grid, k, y, action, noise["step"][k] if "step" in noise else None)
+            y = step(grid, k, y, action, step_noise)
         if rewards is None:
             rewards = self.with_running_rewards
-        running = self.running_rewards(states, actions, chunks, noise["subsets"], conditions) if rewards else None
-        return Trajectories(states, actions, running, y, self.terminal_rewards(y, conditions), conditions)
+        trajectories = Trajectories(states, actions, None, y, self.terminal_rewards(y, conditions), conditions)
+        if rewards:
+            scores = self.step_scores(states, chunks, noise["subsets"], conditions)
+            trajectories.running_rewards = self.rewards_from_scores(scores, actions)
+            if successors is not None:
+                trajectories.ratio_scores, trajectories.mean_successors = scores, successors
+                trajectories.mean_terminal_rewards = self.terminal_rewards(successors[-1], conditions)
+        return trajectories
 
     @torch.inference_mode()
-    def running_rewards(self, states: torch.Tensor, actions: torch.Tensor, chunks: Sequence[Chunk],
-                        subsets: list, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """r_hat_k (E14) at the states (K, B, d) and actions (K, B, d) of the batch of `chunks` (and conditions)
-        -> (K, B); with a pretrained reference, its mean stands for the score."""
+    def step_scores(self, states: torch.Tensor, chunks: Sequence[Chunk], subsets: list,
+                    conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The scores of r_hat_k (E14) at the states (K, B, d) of the batch of `chunks` (and conditions) -> (K, B, d):
+        s_hat (E13), or with a pretrained reference its mean."""
         steps = range(self.grid.num_steps)
         if self.reference is not None:
             means = StepMeans(self.reference, self.reference.pre.coefficients(self.grid.tau), conditions)
-            scores = torch.stack([means(k, states[k]) for k in steps])
-        else:
-            scores = torch.stack([self.ratio_score(states[k], k, chunks, subsets, conditions) for k in steps])
-        return self.rewards_from_scores(scores, actions)
+            return torch.stack([means(k, states[k]) for k in steps])
+        return torch.stack([self.ratio_score(states[k], k, chunks, subsets, conditions) for k in steps])
 
     def terminal_rewards(self, y: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h(Y_K) (B,), or h(Y_K, c) with the trajectories' condition indices (B,), computed on the CPU."""

@@ -56,6 +56,14 @@ def heun_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor,
 SAMPLERS: dict[str, Step] = {"sde": sde_step, "ode_euler": ode_euler_step, "ddim": ddim_step}
 
 
+def action_gains(grid: TimeGrid, sampler: str) -> torch.Tensor:
+    """dY_{k+1} / da_k of each step (K,): the steps are affine in the action with a scalar gain (sde: g^2 dt)."""
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)
+    step = SAMPLERS[sampler]
+    return torch.tensor([float(step(grid, k, zero, one, zero) - step(grid, k, zero, zero, zero))
+                         for k in range(grid.num_steps)])
+
+
 def is_stochastic(sampler: str) -> bool:
     """Whether the sampler's step draws Brownian noise."""
     return sampler == "sde"

@@ -214,7 +214,7 @@ class TwoProcessBackend:
         self.learner.updates += 1
         if value_norm is not None:
             norms["value"] = value_norm
-        metrics = self.learner.metrics(loss, delta, batch, norms, collected)
+        metrics = self.learner.metrics(delta, batch, norms, collected)
         metrics["time/rollout_s"] = collected - began
         metrics["time/transfer_s"] = 0.0
         return metrics

@@ -115,6 +115,21 @@ def test_conditional_sync_updates_equal_the_in_process_run(ray_session, tmp_path
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
+def test_rao_blackwell_sync_updates_equal_the_in_process_run(ray_session):
+    """train.policy_gradient = rao_blackwell on actors: the scores and mean-action successors travel with the batch
+    from two workers to the learner actor, whose updates are the in-process ones."""
+    values = {**TINY, "train": {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0,
+                                "policy_gradient": "rao_blackwell"}}
+    config = config_from_dict(values)
+    dataset, reward = _inputs(config)
+    reference = _run(InProcessBackend(config, dataset, reward), 3)
+    actors = config_from_dict({**values, "parallel": {"workers": 2, "num_cpus_per_worker": 0.5,
+                                                      "learner_num_cpus": 0.5}})
+    state, metrics = _run(parallel.RayBackend(actors, dataset, reward, None), 3)
+    _assert_same_learner(state, reference[0])
+    assert [m["loss/td"] for m in metrics] == pytest.approx([m["loss/td"] for m in reference[1]], rel=1e-5)
+
+
 def _stale_policy_reference(config, dataset, reward, episodes):
     """Algorithm 1 where batch e >= 2 is generated with the weights after update e - 2 (one update behind)."""
     learner = build_learner(config, dataset.points, reward)

@@ -8,7 +8,8 @@ import torch
 
 from distq.components import build_policy, data_statistics
 from distq.config import config_from_dict
-from distq.policy import StepMeans, action_std, mlp, policy_log_density, q_value
+from distq.policy import StepMeans, action_std, mlp, policy_log_density, q_value, rao_blackwell_surrogate
+from distq.ratio import running_reward
 
 T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -213,3 +214,30 @@ def test_step_means_equal_the_policy_mean_at_each_step(precondition):
         for k in range(10):
             expected = policy(tau[k], y)
             assert torch.allclose(means(k, y), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_rao_blackwell_surrogate_is_the_expected_sampled_policy_gradient():
+    """Running part: over 400,000 actions a ~ pi (E10), the sampled (E16) loss gradient -(r_hat - q) dt^2 grad_mu q
+    averages to the closed form theta g^2 dt^2 (mu - s), which the surrogate's gradient is exactly (advantage 0).
+    Value part: the surrogate's gradient is -A dt grad_mu q = -A dt g^2 (a - mu) per action."""
+    gen = torch.Generator().manual_seed(0)
+    g2, dt, theta, n = 1.7, 0.3, 0.8, 400_000
+    mean, score = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    actions = mean + math.sqrt(theta / g2) * torch.randn(n, 3, generator=gen)
+    closed_form = theta * g2 * dt**2 * (mean - score)
+
+    mu = mean.expand(n, 3).clone().requires_grad_(True)
+    q = q_value(actions, mu, torch.tensor(g2), theta)
+    td_loss = -((running_reward(score, actions, g2) - q).detach() * dt * q * dt).sum()
+    sampled = torch.autograd.grad(td_loss, mu)[0].double()
+    stderr = sampled.std(0) / math.sqrt(n)
+    assert ((sampled.mean(0) - closed_form).abs() < 4 * stderr).all()
+    assert (closed_form.abs() > 20 * stderr).all()  # the check has the power to see it
+
+    advantage = torch.randn(n, generator=gen)
+    mu = mean.expand(n, 3).clone().requires_grad_(True)
+    surrogate = rao_blackwell_surrogate(q_value(actions, mu, torch.tensor(g2), theta), mu, score.expand(n, 3),
+                                        advantage, torch.tensor(g2), torch.tensor(dt), theta)
+    gradient = torch.autograd.grad(surrogate.sum(), mu)[0]
+    expected = closed_form - (advantage * dt * g2).unsqueeze(-1) * (actions - mean)
+    assert torch.allclose(gradient, expected, atol=1e-5)

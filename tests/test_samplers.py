@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distq.samplers import SAMPLERS, ddim_step, is_stochastic, ode_euler_step, sde_step
+from distq.samplers import SAMPLERS, action_gains, ddim_step, is_stochastic, ode_euler_step, sde_step
 from distq.schedules import OUSchedule, TimeGrid, prior_std, time_grid
 
 T = 5.0
@@ -47,6 +47,14 @@ def test_ddim_step_hand_values():
     x0_hat = torch.tensor([[1.32 / 0.6, -1.36 / 0.6]])
     expected = 0.8 * x0_hat - 0.6 * 0.8 * A
     assert torch.allclose(ddim_step(_hand_grid(), 0, Y, A, None), expected)
+
+
+def test_action_gains_are_the_steps_derivatives_in_the_action():
+    """dY_{k+1} / da_k: sde g^2 dt, ode_euler g^2 dt / 2, ddim sigma^2 mu' / mu - sigma sigma' (hand grid)."""
+    grid = _hand_grid()
+    assert torch.allclose(action_gains(grid, "sde"), torch.tensor([1.5, 1.0]))
+    assert torch.allclose(action_gains(grid, "ode_euler"), torch.tensor([0.75, 0.5]))
+    assert torch.allclose(action_gains(grid, "ddim"), torch.tensor([0.64 * 0.8 / 0.6 - 0.8 * 0.6, 0.36 / 0.8]))
 
 
 def test_ddim_last_step_returns_x0_hat():
