@@ -46,7 +46,8 @@ def _preconditioner(config: Config, points: torch.Tensor) -> Preconditioner:
 def build_policy(config: Config, points: torch.Tensor, classes: int = 0) -> PolicyMean:
     """A fresh policy-mean network mu_psi (E10), seeded by config.seed; conditional on C = classes > 0 conditions."""
     torch.manual_seed(config.seed)
-    return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points), classes)
+    return PolicyMean(points.shape[1], config.model.hidden, _preconditioner(config, points), classes,
+                      config.model.time_frequencies)
 
 
 def class_count(labels: Optional[torch.Tensor]) -> int:
@@ -63,7 +64,7 @@ def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward,
     rewards = terminal_reward(points) if labels is None else terminal_reward(points, labels)
     return ValueNet(points.shape[1], config.model.hidden, _preconditioner(config, points), config.train.temperature,
                     offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()),
-                    classes=class_count(labels))
+                    classes=class_count(labels), time_frequencies=config.model.time_frequencies)
 
 
 def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> Optional[PolicyMean]:

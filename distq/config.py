@@ -197,9 +197,14 @@ class ModelConfig:
     """Width of the two hidden layers."""
     precondition: str = "edm"
     """edm: mean through a denoiser with input/skip/output scaling; none: the paper's plain network."""
+    time_frequencies: int = 0
+    """0: the networks see time as tau / T (the paper). F > 0: also sin and cos of F learned frequencies of tau / T
+    (a learned time embedding, distq.policy.TimeEmbedding), each network its own."""
 
     def __post_init__(self) -> None:
         _require(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
+        _require(0 <= self.time_frequencies <= 64, "model.time_frequencies",
+                 f"must be between 0 and 64, got {self.time_frequencies}")
         _choice(self.precondition, "model.precondition", PRECONDITIONS)
 
 

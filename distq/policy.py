@@ -84,25 +84,44 @@ class Preconditioner(nn.Module):
         return {"time": time, "in_scale": c_in, "in_shift": -mu * c_in * m, "out_y": (mu * c_skip - 1) / sigma2,
                 "out_net": mu * c_out / sigma2, "out_shift": mu * (1 - mu * c_skip) * m / sigma2}
 
-    def features(self, coef: dict[str, torch.Tensor], y: torch.Tensor,
+    def features(self, coef: dict[str, torch.Tensor], y: torch.Tensor, embedding: "TimeEmbedding",
                  condition: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Network input (..., d + 1 [+ C]): the normalised state, tau / T, and the condition's one-hot code
-        (condition: (B,) one-hot rows (B, C) broadcast over the leading dimensions of y (..., B, d))."""
+        """Network input (..., d + E [+ C]): the normalised state, the time embedding of tau / T, and the condition's
+        one-hot code (condition: (B,) one-hot rows (B, C) broadcast over the leading dimensions of y (..., B, d))."""
         normalised = torch.addcmul(coef["in_shift"], y, coef["in_scale"])
-        parts = [normalised, coef["time"].expand(*y.shape[:-1], 1)]
+        time = embedding(coef["time"])
+        parts = [normalised, time.expand(*y.shape[:-1], time.shape[-1])]
         if condition is not None:
             parts.append(condition.expand(*y.shape[:-1], condition.shape[-1]))
         return torch.cat(parts, -1)
 
 
+class TimeEmbedding(nn.Module):
+    """tau / T (..., 1) -> (..., E): itself (E = 1, the paper), with sin and cos of F learned frequencies
+    (E = 1 + 2F; initialised at pi, 2 pi, ..., F pi, a Fourier basis on [0, 1] the network then tunes)."""
+
+    def __init__(self, frequencies: int = 0):
+        super().__init__()
+        self.size = 1 + 2 * frequencies
+        self.frequencies = nn.Parameter(math.pi * torch.arange(1.0, frequencies + 1)) if frequencies else None
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        if self.frequencies is None:
+            return time
+        phase = time * self.frequencies
+        return torch.cat([time, torch.sin(phase), torch.cos(phase)], -1)
+
+
 class PolicyMean(nn.Module):
     """mu_psi(tau, y), the mean of the Gaussian policy (E10); tau broadcastable to y.shape[:-1], y: (..., d)."""
 
-    def __init__(self, dim: int, hidden: int, preconditioner: Preconditioner, classes: int = 0):
-        """classes C > 0: conditional (Algorithm 2), the condition enters as a one-hot input."""
+    def __init__(self, dim: int, hidden: int, preconditioner: Preconditioner, classes: int = 0,
+                 time_frequencies: int = 0):
+        """classes C > 0: conditional (Algorithm 2), the condition enters as a one-hot input. time_frequencies:
+        of the network's own TimeEmbedding."""
         super().__init__()
-        self.pre, self.classes = preconditioner, classes
-        self.net = mlp(dim + 1 + classes, hidden, dim, zero_last=preconditioner.enabled)
+        self.pre, self.classes, self.time = preconditioner, classes, TimeEmbedding(time_frequencies)
+        self.net = mlp(dim + self.time.size + classes, hidden, dim, zero_last=preconditioner.enabled)
 
     def forward(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         """condition: (B,) condition indices of the B trajectories (conditional networks only)."""
@@ -110,7 +129,7 @@ class PolicyMean(nn.Module):
 
     def mean(self, coef: dict[str, torch.Tensor], y: torch.Tensor, code: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mu_psi from precomputed Preconditioner.coefficients; y: (..., d), code: one-hot (B, C) -> (..., d)."""
-        out = self.net(self.pre.features(coef, y, code))
+        out = self.net(self.pre.features(coef, y, self.time, code))
         return torch.addcmul(coef["out_shift"], y, coef["out_y"]).addcmul_(out, coef["out_net"])
 
 
@@ -119,7 +138,7 @@ class StepMeans:
 
     The same function as PolicyMean.mean at tau_k (to float rounding) in half the kernel calls, which is most of a
     rollout step's cost at small batches: with x = c_in (y - mu_t m) and tanh(u) = 2 sigmoid(2u) - 1,
-    layer 1 becomes (2 c_in W1_y) y + 2 (W1_y in_shift + W1_tau tau / T + b1), layer 2 takes sigmoid outputs
+    layer 1 becomes (2 c_in W1_y) y + 2 (W1_y in_shift + W1_tau e(tau) + b1) (e the time embedding), layer 2 takes sigmoid outputs
     with weights 2 W2 and bias b2 - W2 1, and the output map out_y y + out_shift + out_net (W3 h + b3) is one addmm
     plus out_y y. Built from the current weights (no autograd); rebuild after every update.
     """
@@ -129,12 +148,14 @@ class StepMeans:
         indices of a conditional policy's trajectories (their one-hot inputs become a per-row bias of layer 1)."""
         first, _, second, _, last = policy.net
         dim = last.out_features
-        w1_state, w1_time = first.weight[:, :dim], first.weight[:, dim]
+        embedding = policy.time(coef["time"])  # (K, E)
+        inputs = dim + embedding.shape[-1]
+        w1_state, w1_time = first.weight[:, :dim], first.weight[:, dim:inputs]
         code = one_hot(condition, policy.classes)
-        self.condition_bias = None if code is None else 2 * code @ first.weight[:, dim + 1:].T  # (B, H)
+        self.condition_bias = None if code is None else 2 * code @ first.weight[:, inputs:].T  # (B, H)
         in_shift = coef["in_shift"].expand(-1, dim)
         self.weight1 = (2 * coef["in_scale"].unsqueeze(-1) * w1_state.T).contiguous()  # (K, d, H)
-        self.bias1 = 2 * (in_shift @ w1_state.T + coef["time"] * w1_time + first.bias)  # (K, H)
+        self.bias1 = 2 * (in_shift @ w1_state.T + embedding @ w1_time.T + first.bias)  # (K, H)
         self.weight2 = (2 * second.weight.T).contiguous()  # (H, H)
         self.bias2 = second.bias - second.weight.sum(1)
         self.weight3 = (coef["out_net"].unsqueeze(-1) * last.weight.T).contiguous()  # (K, H, d)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distq.policy import Preconditioner, mlp, one_hot
+from distq.policy import Preconditioner, TimeEmbedding, mlp, one_hot
 from distq.schedules import Schedule
 
 _BASELINE_NODES = 1025
@@ -24,10 +24,10 @@ class ValueNet(nn.Module):
     """J_phi(tau, y) for tau in [0, T); tau broadcastable to y.shape[:-1], y: (..., d) -> (...)."""
 
     def __init__(self, dim: int, hidden: int, preconditioner: Preconditioner, temperature: float,
-                 offset: float = 0.0, scale: float = 1.0, classes: int = 0):
+                 offset: float = 0.0, scale: float = 1.0, classes: int = 0, time_frequencies: int = 0):
         super().__init__()
-        self.pre, self.classes = preconditioner, classes
-        self.net = mlp(dim + 1 + classes, hidden, 1, zero_last=True)
+        self.pre, self.classes, self.time = preconditioner, classes, TimeEmbedding(time_frequencies)
+        self.net = mlp(dim + self.time.size + classes, hidden, 1, zero_last=True)
         self.register_buffer("offset", torch.tensor(float(offset)))
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("baseline_table", entropy_baseline_table(preconditioner.schedule, preconditioner.T,
@@ -43,7 +43,7 @@ class ValueNet(nn.Module):
     def forward(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         """condition: (B,) condition indices (conditional networks only)."""
         code = one_hot(condition, self.classes)
-        out = self.net(self.pre.features(self.pre.coefficients(tau), y, code)).squeeze(-1)
+        out = self.net(self.pre.features(self.pre.coefficients(tau), y, self.time, code)).squeeze(-1)
         return self.baseline(tau) + self.offset + self.scale * out
 
 

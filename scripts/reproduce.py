@@ -6,8 +6,8 @@
 Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md
 (Swiss roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK and
 q-learning: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler /
-ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model, and an ablation of time grids against the
-perfect learner), the runs' sample plots as PNG, and the exact command. Each training is a run directory under results/runs/; a finished one (summary.json present) is not
+ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model, an ablation of time grids against the
+perfect learner and one of a learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory under results/runs/; a finished one (summary.json present) is not
 trained again, so an interrupted reproduction continues where it stopped.
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ FINE_CONFIG = "configs/swiss_roll_fine.yaml"
 (README, "Performance and results"), whose perfect-learner KL at reward 0.8 is below the paper's; models A and B
 are trained on it too."""
 GRID_POWERS = (1.0, 1.5, 2.0)
+TIME_FREQUENCIES = 8
+EMBEDDING_GRID_POWERS = (1.5, 2.0)
 
 
 def right_mode_mass(beta: float) -> float:
@@ -229,6 +231,36 @@ def grid_ablation(args) -> str:
             + "\n".join(rows) + "\n")
 
 
+def time_embedding_ablation(args) -> str:
+    """Table 5's few-step question for model A trained again with a learned time embedding (model.time_frequencies =
+    TIME_FREQUENCIES), beside model A, with ddim and Heun steps on the grids of EMBEDDING_GRID_POWERS."""
+    evaluated = []
+    for name, overrides in (("A", []), (f"A_time{TIME_FREQUENCIES}", [f"model.time_frequencies={TIME_FREQUENCIES}"])):
+        config, run_dir, _ = trained(f"model_{name}", FINE_CONFIG, ["train.beta=0", *overrides], args)
+        evaluated.append((config, run_dir, *trained_rollout(config, run_dir)))
+    rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL tau / T / learned embedding" for k in STEPS)
+            + " |", "|---|---|" + "---|" * len(STEPS)]
+    for sampler in ("ddim", "heun"):
+        for power in EMBEDDING_GRID_POWERS:
+            cells = []
+            for steps in STEPS:
+                kls = []
+                for config, _, dataset, reward, rollout in evaluated:
+                    cell = dataclasses.replace(config, sde=dataclasses.replace(
+                        config.sde, sampler="ode_euler" if sampler == "heun" else sampler, grid_power=power,
+                        dt=config.sde.T / steps))
+                    metrics = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
+                    kls.append(_ci(metrics["kl_mean"], metrics["kl_ci95"]))
+                cells.append(" / ".join(kls))
+            rows.append(f"| {sampler} | {power:g} | " + " | ".join(cells) + " |")
+    runs = " and ".join(f"`{run_dir.relative_to(args.out.parent)}`" for _, run_dir, *_ in evaluated)
+    return (f"## Ablation: a learned time embedding (models {runs}: `{FINE_CONFIG}` at beta = 0, the second with "
+            f"`model.time_frequencies: {TIME_FREQUENCIES}`)\n\n"
+            "The networks see tau / T (the paper) or also sin and cos of learned frequencies of it "
+            "(distq.policy.TimeEmbedding); each cell: KL without / with.\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def _header(args) -> str:
     mode = (f"**QUICK: {args.episodes:,} episodes per run (the paper: 50,000), eval {args.eval_batches} batches of 300**"
             if args.episodes < 50_000 else f"{args.episodes:,} episodes per run, eval {args.eval_batches} batches of 300")
@@ -255,7 +287,7 @@ def main(argv=None) -> None:
     (args.out / "tables5_6.md").write_text(tables5_6(args, models))
     (args.out / "tables3_4.md").write_text(tables3_4(args))
     with (args.out / "tables5_6.md").open("a") as tables:
-        tables.write("\n" + grid_ablation(args))
+        tables.write("\n" + grid_ablation(args) + "\n" + time_embedding_ablation(args))
     print(f"wrote {args.out}/figure1.md, figure3.md, tables5_6.md, tables3_4.md and the plots")
 
 

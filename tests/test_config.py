@@ -156,6 +156,7 @@ def test_wrong_type_names_field(override, field):
     (["sde.sampler=heun"], "sde.sampler"),
     (["model.precondition=fancy"], "model.precondition"),
     (["train.policy_gradient=exact"], "train.policy_gradient"),
+    (["model.time_frequencies=-1"], "model.time_frequencies"),
     (["train.policy_gradient=rao_blackwell", "train.algorithm=dsm"], "train.policy_gradient"),
     (["train.policy_gradient=rao_blackwell", "train.processes=2"], "train.policy_gradient"),
     (["sde.beta_min=2.0", "sde.beta_max=1.0"], "sde.beta_max"),

@@ -8,7 +8,7 @@ import torch
 
 from distq.components import build_policy, data_statistics
 from distq.config import config_from_dict
-from distq.policy import StepMeans, action_std, mlp, policy_log_density, q_value, rao_blackwell_surrogate
+from distq.policy import StepMeans, TimeEmbedding, action_std, mlp, policy_log_density, q_value, rao_blackwell_surrogate
 from distq.ratio import running_reward
 
 T = 5.0
@@ -26,10 +26,11 @@ def _closed_form(schedule, t):
     return math.exp(-0.5 * integral), 1 - math.exp(-integral)
 
 
-def _config(schedule="ou", precondition="edm", hidden=16, seed=0):
+def _config(schedule="ou", precondition="edm", hidden=16, seed=0, time_frequencies=0):
     return config_from_dict({"seed": seed, "sde": {"schedule": schedule, "T": T, "dt": 0.5, "beta_min": BETA_MIN,
                                                   "beta_max": BETA_MAX},
-                             "model": {"hidden": hidden, "precondition": precondition}})
+                             "model": {"hidden": hidden, "precondition": precondition,
+                                       "time_frequencies": time_frequencies}})
 
 
 def _gaussian_points(n=300, mean=(1.0, -2.0), std=0.5, seed=0):
@@ -198,11 +199,12 @@ def test_mlp_equals_the_plain_tanh_network():
         assert torch.allclose(folded.grad, reference.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("precondition", ["edm", "none"])
-def test_step_means_equal_the_policy_mean_at_each_step(precondition):
-    """The rollout's folded per-step mean against PolicyMean.forward, with every layer randomised."""
+@pytest.mark.parametrize("precondition, frequencies", [("edm", 0), ("none", 0), ("edm", 3)])
+def test_step_means_equal_the_policy_mean_at_each_step(precondition, frequencies):
+    """The rollout's folded per-step mean against PolicyMean.forward, with every layer (and the learned time
+    frequencies) randomised."""
     points = _gaussian_points()
-    policy = build_policy(_config(precondition=precondition), points)
+    policy = build_policy(_config(precondition=precondition, time_frequencies=frequencies), points)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in policy.parameters():
@@ -241,3 +243,23 @@ def test_rao_blackwell_surrogate_is_the_expected_sampled_policy_gradient():
     gradient = torch.autograd.grad(surrogate.sum(), mu)[0]
     expected = closed_form - (advantage * dt * g2).unsqueeze(-1) * (actions - mean)
     assert torch.allclose(gradient, expected, atol=1e-5)
+
+
+def test_time_embedding_is_tau_alone_or_its_learned_fourier_features():
+    time = torch.tensor([[0.0], [0.25], [1.0]])
+    assert torch.equal(TimeEmbedding(0)(time), time) and TimeEmbedding(0).size == 1
+    embedding = TimeEmbedding(2)
+    expected = torch.cat([time, torch.sin(math.pi * time), torch.sin(2 * math.pi * time),
+                          torch.cos(math.pi * time), torch.cos(2 * math.pi * time)], -1)
+    assert embedding.size == 5 and torch.allclose(embedding(time), expected, atol=1e-6)
+    embedding(time).sum().backward()
+    assert embedding.frequencies.grad.abs().min() > 0  # learned: the frequencies get gradients
+
+
+def test_default_networks_keep_the_paper_s_parameters():
+    """time_frequencies = 0 adds no parameter: old checkpoints load, and the fresh weights are as before."""
+    points = _gaussian_points()
+    plain, fourier = build_policy(_config(), points), build_policy(_config(time_frequencies=4), points)
+    assert set(plain.state_dict()) == {"pre.data_mean", "pre.data_scale", *(f"net.{i}.{w}" for i in (0, 2, 4)
+                                                                          for w in ("weight", "bias"))}
+    assert fourier.net[0].in_features == plain.net[0].in_features + 8 and "time.frequencies" in fourier.state_dict()

@@ -34,13 +34,18 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     runs = 1 + sum(len(b) for b in reproduce.FINETUNE_BETAS.values())
     assert tables34.count("| qlearning | ") == 2 * (1 + len(reproduce.FINETUNE_BETAS["qlearning"]))
     # the grid ablation: each sampler on each grid power, learned beside the perfect learner
-    ablation = tables[tables.index("## Ablation: time grids"):]
+    ablation = tables[tables.index("## Ablation: time grids"):tables.index("## Ablation: a learned time embedding")]
     assert ablation.count("\n| ddim | ") == len(reproduce.GRID_POWERS) and "| sde | 1.5 | " in ablation
     assert ablation.count("\n| heun | ") == len(reproduce.GRID_POWERS) and " / - |" in ablation
+    # the time-embedding ablation: ddim and heun on its grid powers, each cell without / with the embedding
+    embedding = tables[tables.index("## Ablation: a learned time embedding"):]
+    assert "runs/model_A_time8" in embedding and embedding.count(" | 2 | ") == 2
+    assert embedding.count("\n| ddim | ") == embedding.count("\n| heun | ") == len(reproduce.EMBEDDING_GRID_POWERS)
+    assert (tmp_path / "runs" / "model_A_time8" / "checkpoint.pt").is_file()
     capsys.readouterr()
     reproduce.main(argv)
-    # + ddpo_sf's run, + model A once more for the ablation
-    assert capsys.readouterr().out.count("finished earlier, kept") == 7 + 2 * runs + 2
+    # + ddpo_sf's run, + model A once more for each ablation, + the embedding's model
+    assert capsys.readouterr().out.count("finished earlier, kept") == 7 + 2 * runs + 4
 
 
 def test_kl_at_reward_interpolates_between_bracketing_runs():
