@@ -163,8 +163,9 @@ def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
     payload = load_checkpoint(path)
     theirs = flatten(payload["config"])
     for key, ours in (("model.hidden", config.model.hidden), ("model.precondition", config.model.precondition),
-                      ("data dimension", dataset.dim)):
-        other = len(payload["columns"]) if key == "data dimension" else theirs.get(key)
+                      ("model.time_frequencies", config.model.time_frequencies), ("data dimension", dataset.dim)):
+        # runs from before model.time_frequencies existed had its default, 0
+        other = len(payload["columns"]) if key == "data dimension" else theirs.get(key, 0)
         if other != ours:
             raise DistqError(f"train.init: the run in {config.train.init} has {key} {other!r}, this run {ours!r}")
     return payload["learner"]["policy"]

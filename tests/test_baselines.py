@@ -129,7 +129,11 @@ def test_init_starts_from_the_run_and_checks_it(pretrained, tmp_path):
     wider = config_from_dict({**_config(init=str(pretrained)).to_dict(), "model": {"hidden": 32}})
     with pytest.raises(DistqError, match="train.init: .* model.hidden 16, this run 32"):
         train(wider, tmp_path / "three", echo=_quiet)
-    assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()
+    embedded = config_from_dict({**_config(init=str(pretrained)).to_dict(), "model": {"hidden": 16,
+                                                                                      "time_frequencies": 4}})
+    with pytest.raises(DistqError, match="train.init: .* model.time_frequencies 0, this run 4"):
+        train(embedded, tmp_path / "four", echo=_quiet)
+    assert not any((tmp_path / name).exists() for name in ("two", "three", "four"))
 
 
 @pytest.mark.ray
