@@ -1,7 +1,7 @@
 """Shared fixtures. Every test runs torch on one thread. `ray_session`: one local Ray instance for all tests marked `ray`, started on first use and
 stopped at the end of the session (Ray's start-up costs seconds; code under test must neither re-init nor stop it).
 `fake_cuda`: a simulated CUDA device on this CPU-only machine (FakeCuda), to test a learner and rollouts on two
-devices."""
+devices. `requested_digit_rates`: how often a conditional digits run's images show the requested digit."""
 import itertools
 
 import pytest
@@ -147,3 +147,26 @@ class _NoNumpy(TorchFunctionMode):
 def fake_cuda() -> FakeCuda:
     """A FakeCuda to enter with `with` (what runs before it, e.g. a reference run, sees the real CPU-only torch)."""
     return FakeCuda()
+
+
+@pytest.fixture
+def requested_digit_rates():
+    """rates(config, run_dir) -> for each digit 0..9, the share of 100 images generated for it by the finished
+    class-conditional digits run in run_dir that the digits classifier (distq.rewards.DigitReward) takes for it."""
+    from distq.checkpoint import load_checkpoint
+    from distq.components import build_rollout
+    from distq.data import load_dataset
+    from distq.rewards import DigitReward
+
+    def rates(config, run_dir) -> list[float]:
+        dataset = load_dataset(config.data, config.seed)
+        rollout = build_rollout(config, dataset.points, None, labels=dataset.labels)
+        rollout.set_weights(load_checkpoint(run_dir / "checkpoint.pt")["learner"]["policy"])
+        classifier, generator = DigitReward(target=0), torch.Generator().manual_seed(1)
+        shares = []
+        for digit in range(10):
+            images = rollout.generate(100, generator, conditions=torch.full((100,), digit))
+            shares.append(float((classifier.probabilities(images).argmax(-1) == digit).double().mean()))
+        return shares
+
+    return rates

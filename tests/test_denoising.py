@@ -113,14 +113,11 @@ def test_dsm_with_learner_and_rollouts_on_different_devices_gives_the_cpu_number
 
 
 @pytest.mark.slow
-def test_class_conditional_digits_are_classified_as_the_requested_digit(tmp_path):
+def test_class_conditional_digits_are_classified_as_the_requested_digit(tmp_path, requested_digit_rates):
     """Issue 7's high-d check: digits (d = 64), class-conditional, beta = 0, 300 dsm updates (about 10 s). Generated
     images of each requested digit are classified as that digit by the digits classifier (distq.rewards.DigitReward,
     a logistic regression) far above chance (0.1): seeds 0-2 gave 95-97% overall, 84-90% for the worst digit.
-    (Algorithm 1's q-learning does not learn digits at this size yet: README, "Large data sets".)"""
-    from distq.checkpoint import load_checkpoint
-    from distq.rewards import DigitReward
-
+    (Algorithm 1's q-learning learns them with train.policy_gradient = rao_blackwell: tests/test_learner.py.)"""
     config = config_from_dict({
         "seed": 0, "data": {"source": "digits", "condition": "label"}, "reward": {"fn": "own_digit"},
         "sde": {"dt": 0.25, "grid_power": 2.0}, "ratio": {"bandwidth": 0.5}, "model": {"hidden": 256},
@@ -128,13 +125,6 @@ def test_class_conditional_digits_are_classified_as_the_requested_digit(tmp_path
                   "checkpoint_every": 10_000},
         "eval": {"n_samples": 100, "batches": 2, "pca": 16}})
     summary = train(config, tmp_path / "digits", echo=lambda _: None)
-    dataset = load_dataset(config.data, config.seed)
-    rollout = build_rollout(config, dataset.points, None, labels=dataset.labels)
-    rollout.set_weights(load_checkpoint(tmp_path / "digits" / "checkpoint.pt")["learner"]["policy"])
-    classifier, generator = DigitReward(target=0), torch.Generator().manual_seed(1)
-    rates = []
-    for digit in range(10):
-        images = rollout.generate(100, generator, conditions=torch.full((100,), digit))
-        rates.append(float((classifier.probabilities(images).argmax(-1) == digit).double().mean()))
+    rates = requested_digit_rates(config, tmp_path / "digits")
     assert sum(rates) / 10 > 0.8 and min(rates) > 0.5, rates
     assert summary["reward_mean"] > 0.6  # the mean probability of the own digit, from the run's own evaluation
