@@ -98,8 +98,9 @@ def evaluate_samples(
     generate(n, generator) -> (n, d) samples; reference(n, generator) -> (n, d) fresh data; reward_fn (B, d) -> (B,).
     Each batch gives one KL (generated vs a fresh data batch) and one floor value (a fresh data batch vs
     another, same n and m; `reference_pair(n, generator)` supplies the two when they must be drawn jointly);
-    `project` maps points to the space the KL is estimated in (e.g. principal components). Returns the metrics (reward_mean, reward_ci95 over all generated samples; kl_mean,
-    kl_ci95, kl_floor, kl_floor_ci95 over batches; n_samples = n * batches) and the generated samples (n * batches, d).
+    `project` maps points to the space the KL is estimated in (e.g. principal components). Returns the metrics
+    (reward_mean, reward_ci95 over all generated samples; kl_mean, kl_ci95, kl_floor, kl_floor_ci95 over batches;
+    n_samples = n * batches) and the generated samples (n * batches, d).
     """
     if n < k + 1 or batches < 1:
         raise DistqError(f"evaluate_samples needs n >= k + 1 and batches >= 1; got n={n}, k={k}, batches={batches}")

@@ -5,8 +5,9 @@ the reference; each actor computes on a zero-copy, read-only view of its node's 
 the object store's shared memory), so no actor holds a copy of the data. The learner's weights leave it once per
 update as one object that every worker reads, and the workers' batches go to the learner by reference (the driver
 never fetches them). A batch is split across the workers in whole chunks of distq.rollout.episode_chunks, so with
-the same seed the synchronous mode gives the same updates for any number of workers. A worker that dies is replaced and its chunks are generated again with the same seeds. Actors rebuild
-the rollout and the learner from the config (user reward callables are never pickled). Everything that leaves an
+the same seed the synchronous mode gives the same updates for any number of workers. A worker that dies is
+replaced and its chunks are generated again with the same seeds. Actors rebuild the rollout and the learner from
+the config (user reward callables are never pickled). Everything that leaves an
 actor (batches, weights, learner states) is CPU tensors, whatever device the actor computes on (distq.devices).
 """
 from __future__ import annotations

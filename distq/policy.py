@@ -138,9 +138,9 @@ class StepMeans:
 
     The same function as PolicyMean.mean at tau_k (to float rounding) in half the kernel calls, which is most of a
     rollout step's cost at small batches: with x = c_in (y - mu_t m) and tanh(u) = 2 sigmoid(2u) - 1,
-    layer 1 becomes (2 c_in W1_y) y + 2 (W1_y in_shift + W1_tau e(tau) + b1) (e the time embedding), layer 2 takes sigmoid outputs
-    with weights 2 W2 and bias b2 - W2 1, and the output map out_y y + out_shift + out_net (W3 h + b3) is one addmm
-    plus out_y y. Built from the current weights (no autograd); rebuild after every update.
+    layer 1 becomes (2 c_in W1_y) y + 2 (W1_y in_shift + W1_tau e(tau) + b1) (e the time embedding), layer 2
+    takes sigmoid outputs with weights 2 W2 and bias b2 - W2 1, and the output map
+    out_y y + out_shift + out_net (W3 h + b3) is one addmm plus out_y y. Built from the current weights (no autograd); rebuild after every update.
     """
 
     def __init__(self, policy: "PolicyMean", coef: dict[str, torch.Tensor], condition: Optional[torch.Tensor] = None):

@@ -3,12 +3,13 @@
     python scripts/reproduce.py --quick      # about 10 minutes on 2 cores, 3,000 episodes per run (says so)
     python scripts/reproduce.py              # the paper's 50,000 episodes per run: hours; resumable
 
-Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md
-(Swiss roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK and
-q-learning: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler /
-ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model, an ablation of time grids against the
-perfect learner and one of a learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory under results/runs/; a finished one (summary.json present) is not
-trained again, so an interrupted reproduction continues where it stopped.
+Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md (Swiss
+roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK and q-learning: KL
+at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5
+steps, beta = 0 and the reward-directed model, an ablation of time grids against the perfect learner and one of a
+learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory
+under results/runs/; a finished one (summary.json present) is not trained again, so an interrupted reproduction
+continues where it stopped.
 """
 from __future__ import annotations
 
