@@ -102,7 +102,7 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                 config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                 running_rewards=algorithm in ("qlearning", "ct_finetune"),
                 reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device,
-                **({"rao_blackwell": True} if config.train.policy_gradient == "rao_blackwell" else {}))
+                rao_blackwell=config.train.policy_gradient == "rao_blackwell")
 
 
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,

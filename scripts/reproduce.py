@@ -205,6 +205,13 @@ def tables5_6(args, models: dict) -> str:
             _header(args) + "\n\n".join(sections) + "\n")
 
 
+def on_grid(config: Config, sampler: str, power: float, steps: int) -> Config:
+    """The config of an evaluation cell: `sampler` at `steps` steps on grid power `power` (heun, a generation-only
+    sampler, stands on the ode_euler config and is passed to evaluate_policy by name)."""
+    return dataclasses.replace(config, sde=dataclasses.replace(
+        config.sde, sampler="ode_euler" if sampler == "heun" else sampler, grid_power=power, dt=config.sde.T / steps))
+
+
 def grid_ablation(args) -> str:
     """Table 5's question (beta = 0, few steps) for model A of Tables 3-4: each sampler (and Heun steps) at
     50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a perfect learner on
@@ -217,9 +224,7 @@ def grid_ablation(args) -> str:
         for power in GRID_POWERS:
             cells = []
             for steps in STEPS:
-                cell = dataclasses.replace(config, sde=dataclasses.replace(  # heun: generation only, on that grid
-                    config.sde, sampler="ode_euler" if sampler == "heun" else sampler, grid_power=power,
-                    dt=config.sde.T / steps))
+                cell = on_grid(config, sampler, power, steps)
                 learned = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
                 perfect = "-" if sampler == "heun" else f"{evaluate_perfect_learner(cell, dataset, reward)['kl_mean']:.3f}"
                 cells.append(f"{_ci(learned['kl_mean'], learned['kl_ci95'])} / {perfect}")
@@ -247,9 +252,7 @@ def time_embedding_ablation(args) -> str:
             for steps in STEPS:
                 kls = []
                 for config, _, dataset, reward, rollout in evaluated:
-                    cell = dataclasses.replace(config, sde=dataclasses.replace(
-                        config.sde, sampler="ode_euler" if sampler == "heun" else sampler, grid_power=power,
-                        dt=config.sde.T / steps))
+                    cell = on_grid(config, sampler, power, steps)
                     metrics = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
                     kls.append(_ci(metrics["kl_mean"], metrics["kl_ci95"]))
                 cells.append(" / ".join(kls))
