@@ -19,7 +19,7 @@ from distq.ratio import RatioEstimator
 from distq.rollout import Rollout
 from distq.samplers import action_gains
 from distq.schedules import TimeGrid, make_schedule, prior_std, time_grid
-from distq.value import ValueNet
+from distq.value import RewardPrior, ValueNet
 
 Reward = Callable[..., torch.Tensor]
 """h(x) (B, d) -> (B,), called as h(x, conditions) with condition indices (B,) in conditional runs (rewards.Reward)."""
@@ -58,13 +58,17 @@ def class_count(labels: Optional[torch.Tensor]) -> int:
 def build_value(config: Config, points: torch.Tensor, terminal_reward: Reward,
                 labels: Optional[torch.Tensor] = None) -> ValueNet:
     """A fresh value network J_phi (E12) whose output is put at the scale of beta h on the data (h(x0, c) with the
-    points' condition `labels` in conditional runs, whose network takes the condition)."""
+    points' condition `labels` in conditional runs, whose network takes the condition), with model.value_prior's
+    known part when beta > 0."""
     torch.manual_seed(config.seed + 1)
-    beta = config.train.beta
+    beta, pre = config.train.beta, _preconditioner(config, points)
     rewards = terminal_reward(points) if labels is None else terminal_reward(points, labels)
-    return ValueNet(points.shape[1], config.model.hidden, _preconditioner(config, points), config.train.temperature,
-                    offset=beta * float(rewards.mean()), scale=1.0 + beta * float(rewards.std()),
-                    classes=class_count(labels), time_frequencies=config.model.time_frequencies)
+    prior = (RewardPrior(points, pre, beta, terminal_reward, labels)
+             if config.model.value_prior == "posterior_reward" and beta > 0 else None)
+    return ValueNet(points.shape[1], config.model.hidden, pre, config.train.temperature,
+                    offset=0.0 if prior is not None else beta * float(rewards.mean()),
+                    scale=1.0 + beta * float(rewards.std()), classes=class_count(labels),
+                    time_frequencies=config.model.time_frequencies, prior=prior)
 
 
 def build_reference(config: Config, points: torch.Tensor, classes: int = 0) -> Optional[PolicyMean]:

@@ -24,6 +24,7 @@ SAMPLERS = ("sde", "ode_euler", "ddim")
 GENERATION_SAMPLERS = (*SAMPLERS, "heun")
 """heun (distq.samplers.heun_step) takes two actions per step: for generation (distq sample, evaluation) only."""
 PRECONDITIONS = ("edm", "none")
+VALUE_PRIORS = ("none", "posterior_reward")
 LR_SCHEDULES = ("constant", "cosine")
 RATIO_METHODS = ("auto", "exact", "minibatch", "knn")
 ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok", "dsm")
@@ -200,12 +201,17 @@ class ModelConfig:
     time_frequencies: int = 0
     """0: the networks see time as tau / T (the paper). F > 0: also sin and cos of F learned frequencies of tau / T
     (a learned time embedding, distq.policy.TimeEmbedding), each network its own."""
+    value_prior: str = "none"
+    """none | posterior_reward: the value network J_phi also has the known part beta h(E[X_0 | X_t = y]), the
+    terminal reward at the ratio estimator's denoised state (distq.value.RewardPrior), and learns the rest. For
+    rewards that are differentiable torch functions (e.g. digit); costs O(N d) per state (all N points)."""
 
     def __post_init__(self) -> None:
         _require(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
         _require(0 <= self.time_frequencies <= 64, "model.time_frequencies",
                  f"must be between 0 and 64, got {self.time_frequencies}")
         _choice(self.precondition, "model.precondition", PRECONDITIONS)
+        _choice(self.value_prior, "model.value_prior", VALUE_PRIORS)
 
 
 @dataclass(frozen=True)
@@ -243,6 +249,11 @@ class TrainConfig:
     replaces its running-reward part by the exact expectation over the action noise and centres the next-state
     value at the mean action's successor: the same expected update, with a variance that does not grow with the
     dimension (what makes q-learning learn 64-dimensional digits). Needs processes = 1."""
+    target_rate: float = 0.0
+    """> 0: a target value network, moved this fraction of the way to J_phi after every update (Polyak averaging),
+    gives the next-state values of the TD errors (E15) and rao_blackwell's grad J; 0 = off (the paper: J_phi
+    itself). A slowly moving target keeps the critic from chasing its own noise (64-dimensional digits).
+    Needs processes = 1."""
     kl_weight: float = 0.01
     """dpok: weight of the per-step KL to the pretrained policy."""
     is_clip: float = 1e-4
@@ -287,6 +298,11 @@ class TrainConfig:
                  "train.policy_gradient", f"rao_blackwell applies to qlearning and ct_finetune, not {self.algorithm}")
         _require(self.policy_gradient == "td" or self.processes == 1, "train.policy_gradient",
                  "rao_blackwell needs train.processes = 1 (the critic process does not send the ratio scores)")
+        _require(0 <= self.target_rate <= 1, "train.target_rate", f"must be between 0 and 1, got {self.target_rate}")
+        _require(self.target_rate == 0 or self.algorithm in ("qlearning", "ct_finetune"), "train.target_rate",
+                 f"applies to the value network of qlearning and ct_finetune, not {self.algorithm}")
+        _require(self.target_rate == 0 or self.processes == 1, "train.target_rate",
+                 "needs train.processes = 1 (the critic process has no target network)")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)

@@ -4,13 +4,15 @@ Minimising L = 1/2 sum_k delta_k^2 (mean over the batch) with next-state values 
 the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
 -dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
 Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
-processes (distq.split) on the same numbers. The learner returns metrics and never logs.
+processes (distq.split) on the same numbers. With train.target_rate > 0 the next-state values come from a
+Polyak-averaged copy of the value network instead (a target network, as in DQN). The learner returns metrics and never logs.
 
 The learner computes on its own device (train.device): batches move there in `update`, the one hand-off from the
 rollouts; the weights and states it hands out are CPU tensors (distq.devices).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Optional
@@ -62,6 +64,9 @@ class Learner:
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.lr_schedule, config.episodes))
                            for name, opt in self.optimizers.items()}
         self.updates = 0
+        # the target shares the value network's prior (and its copy of the data) rather than copying it
+        self.target = (None if value is None or config.target_rate == 0 else
+                       copy.deepcopy(self.value, {id(self.value.prior): self.value.prior}).requires_grad_(False))
 
     def q_values(self, batch: Trajectories) -> torch.Tensor:
         """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph."""
@@ -74,8 +79,12 @@ class Learner:
 
     def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15)."""
+        following = None
+        if self.target is not None:
+            with torch.no_grad():
+                following = self.target(self.grid.tau[1:].unsqueeze(1), batch.states[1:], batch.conditions)
         delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
-                          self.grid.dt.unsqueeze(1))
+                          self.grid.dt.unsqueeze(1), following)
         loss = 0.5 * delta.square().sum(0).mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
@@ -97,11 +106,12 @@ class Learner:
         return value_loss + surrogate.sum(0).mean(), delta
 
     def regression_targets(self, batch: Trajectories) -> torch.Tensor:
-        """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d),
-        detached; the score alone at the last step (distq.policy.rao_blackwell_surrogate)."""
+        """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d)
+        (J of the target network if train.target_rate > 0), detached; the score alone at the last step (distq.policy.rao_blackwell_surrogate)."""
         successors = batch.mean_successors[:-1].clone().requires_grad_(True)  # rollouts give inference tensors
         with torch.enable_grad():
-            values = self.value(self.grid.tau[1:].unsqueeze(1), successors, batch.conditions)
+            critic = self.value if self.target is None else self.target
+            values = critic(self.grid.tau[1:].unsqueeze(1), successors, batch.conditions)
             gradient, = torch.autograd.grad(values.sum(), successors)
         return batch.ratio_scores + torch.cat([self.value_gradient_scales * gradient, torch.zeros_like(gradient[:1])])
 
@@ -139,6 +149,10 @@ class Learner:
         start = time.perf_counter()
         loss, delta = self.loss(batch)
         norms = self.descend(loss)
+        if self.target is not None:
+            with torch.no_grad():
+                for target, current in zip(self.target.parameters(), self.value.parameters()):
+                    target.lerp_(current, self.config.target_rate)
         self.updates += 1
         return self.metrics(delta, batch, norms, start)
 
@@ -170,6 +184,8 @@ class Learner:
                  "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
+        if self.target is not None:
+            state["target"] = self.target.state_dict()
         return to_device(state, CPU)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,6 +195,8 @@ class Learner:
             net.load_state_dict(state[name])
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
         self.updates = state["updates"]
         for name in self.optimizers:
             self.optimizers[name].load_state_dict(state["optimizers"][name])

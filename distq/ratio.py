@@ -41,6 +41,27 @@ def ratio_score(x: torch.Tensor, data: torch.Tensor, mu: float, sigma2: float, e
     return torch.addmm(x, weights, data, beta=-1.0, alpha=mu).div_(sigma2)
 
 
+def posterior_means(x: torch.Tensor, data: torch.Tensor, mu: torch.Tensor, sigma2: torch.Tensor,
+                    labels: Optional[torch.Tensor] = None, conditions: Optional[torch.Tensor] = None,
+                    chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """E[X_0 | X_t = x] = sum_i w_i(x) x0_i of (E13), each query at its own time: x (M, d), mu, sigma2 (M,) -> (M, d).
+
+    labels (N,) and conditions (M,): only the data points of a query's own condition enter its weights (a conditional
+    run). Differentiable in x; computed in row chunks of at most chunk_elements weights.
+    """
+    rows = max(1, chunk_elements // data.shape[0])
+    data_sq = data.pow(2).sum(-1)
+    means = []
+    for start in range(0, x.shape[0], rows):
+        part = slice(start, start + rows)
+        scale = (mu[part] / sigma2[part]).unsqueeze(1)
+        logits = scale * (x[part] @ data.T) - 0.5 * scale * mu[part].unsqueeze(1) * data_sq
+        if labels is not None:
+            logits = logits.masked_fill(conditions[part].unsqueeze(1) != labels, -math.inf)
+        means.append(torch.softmax(logits, dim=-1) @ data)
+    return torch.cat(means) if means else x.new_zeros(x.shape)
+
+
 def smoothed_variance(mu: float, sigma2: float, bandwidth: float) -> float:
     """Kernel variance sigma_t^2 + mu_t^2 h^2 of (E13) for the data smoothed by N(0, h^2 I): then (E13) is the exact
     score of the forward marginal of that kernel density estimate, and h floors the kernels' width at small t,

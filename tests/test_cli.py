@@ -83,7 +83,7 @@ def assert_refused(code: int, err: str, *names) -> None:
 
 def learner_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     learner = load_checkpoint(checkpoint)["learner"]
-    return {f"{net}.{k}": v for net in ("policy", "value") for k, v in learner[net].items()}
+    return {f"{net}.{k}": v for net in ("policy", "value", "target") if net in learner for k, v in learner[net].items()}
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +151,12 @@ def test_train_accepts_exponent_floats_without_a_dot(tmp_path):
 
 # ---- resume ---------------------------------------------------------------------------------------------------
 
-def test_resume_matches_a_straight_run(tmp_path):
-    """20 episodes + resume to 40 == 40 episodes: optimiser state and counter-based randomness are restored."""
-    config = write_config(tmp_path)
+@pytest.mark.parametrize("sections", [{}, {"train": {"beta": 1.0, "target_rate": 0.05},
+                                           "model": {"value_prior": "posterior_reward"}}])
+def test_resume_matches_a_straight_run(tmp_path, sections):
+    """20 episodes + resume to 40 == 40 episodes: optimiser state, counter-based randomness and the target network
+    are restored."""
+    config = write_config(tmp_path, **sections)
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     assert run_cli("train", config, "--out", resumed)[0] == 0
     code, _, err = run_cli("train", "--resume", resumed, "--set", "train.episodes=40")
@@ -162,7 +165,7 @@ def test_resume_matches_a_straight_run(tmp_path):
 
     assert load_checkpoint(resumed / "checkpoint.pt")["episode"] == 40
     a, b = learner_tensors(resumed / "checkpoint.pt"), learner_tensors(straight / "checkpoint.pt")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(k.startswith("target") for k in a) == bool(sections)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
     rows_a = pq.read_table(resumed / "metrics.parquet").to_pylist()

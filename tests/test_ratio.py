@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from distq.ratio import RatioEstimator, choose_method, knn_ratio_score, ratio_score, ratio_weights, running_reward
+from distq.ratio import (RatioEstimator, choose_method, knn_ratio_score, posterior_means, ratio_score, ratio_weights,
+                         running_reward)
 
 
 
@@ -313,3 +314,31 @@ def test_a_condition_s_estimator_keeps_the_method_and_is_exact_when_it_covers_th
         subset = big.subset(torch.Generator().manual_seed(3))
         assert subset.max() < 60
         assert torch.allclose(big.score(x, mu, sigma2, subset), ratio_score(x, data[:60][subset], mu, sigma2))
+
+
+def test_posterior_means_are_the_gaussian_posterior_mean_at_each_query_s_own_time():
+    """E[X_0 | X_t = x] for N(m, s^2 I) data is m + mu s^2 / (mu^2 s^2 + sigma^2) (x - mu m), closed form; each row
+    of x at its own time."""
+    mean, std = [1.0, -0.5], 0.7
+    data = _gaussian_data(20000, mean, std, seed=4)
+    times = torch.tensor([0.1, 0.5, 1.5, 3.0], dtype=torch.float64).repeat_interleave(50)
+    mu, sigma2 = torch.exp(-times), 1 - torch.exp(-2 * times)
+    m = torch.tensor(mean, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    x = mu[:, None] * m + (mu**2 * std**2 + sigma2).sqrt()[:, None] * torch.randn(200, 2, generator=gen,
+                                                                                    dtype=torch.float64)
+    exact = m + (mu * std**2 / (mu**2 * std**2 + sigma2))[:, None] * (x - mu[:, None] * m)
+    got = posterior_means(x, data, mu, sigma2, chunk_elements=20000 * 7)  # several chunks
+    assert (got - exact).norm(dim=-1).max() < 0.05
+
+
+def test_posterior_means_of_a_condition_use_its_points_only():
+    gen = torch.Generator().manual_seed(6)
+    data, labels = torch.randn(40, 3, generator=gen), torch.arange(40) % 3
+    x, conditions = torch.randn(9, 3, generator=gen), torch.arange(9) % 3
+    mu, sigma2 = torch.full((9,), 0.8), torch.full((9,), 0.36)
+    got = posterior_means(x, data, mu, sigma2, labels, conditions)
+    for row in range(9):
+        own = data[labels == conditions[row]]
+        expected = (x[row:row + 1] + 0.36 * ratio_score(x[row:row + 1], own, 0.8, 0.36)) / 0.8  # Tweedie from (E13)
+        assert torch.allclose(got[row], expected[0], atol=1e-5)
