@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from distq import rundir
-from distq.config import Config, save_config
+from distq.config import Config
+from distq.configfile import save_config
 from distq.errors import DistqError
 
 Echo = Callable[[str], None]

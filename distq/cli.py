@@ -14,7 +14,8 @@ import torch
 from distq import rundir
 from distq.checkpoint import load_checkpoint
 from distq.components import build_rollout, make_grid
-from distq.config import DEVICES, GENERATION_SAMPLERS, Config, config_from_dict, load_config
+from distq.config import DEVICES, GENERATION_SAMPLERS, Config, config_from_dict
+from distq.configfile import load_config
 from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError

@@ -1,7 +1,8 @@
-"""Frozen configuration dataclasses, validation, YAML loading and dotted `--set section.key=value` overrides.
+"""Frozen configuration dataclasses and their validation, built from nested dicts (config_from_dict).
 
-Each section maps 1:1 onto a YAML mapping of the same name; the dotted paths are the same ones Ray Tune sweeps.
-Every check raises DistqError naming the offending field and its allowed range.
+Each section maps 1:1 onto a YAML mapping of the same name (files and `--set` overrides: distq.configfile); the
+dotted paths are the same ones Ray Tune sweeps. Every check raises DistqError naming the offending field and its
+allowed range.
 """
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from distq.errors import DistqError
 
@@ -500,63 +498,3 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (the YAML layout)."""
     return _build(Config, values, "")
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's multi-line diagnostic as one line: the problem and where."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (['section', 'key'], value parsed as YAML)."""
-    if "=" not in text:
-        raise DistqError(f"override {text!r} must look like section.key=value")
-    path, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise DistqError(f"override {text!r}: value is not valid YAML ({_yaml_problem(err)})") from None
-    return path.strip().split("."), value
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the nested dict with each `section.key=value` applied."""
-    values = _plain(values)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = values
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise DistqError(f"override {text!r}: '{key}' is not a config section")
-            node = child
-        node[keys[-1]] = value
-    return values
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistqError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DistqError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise DistqError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
-    return values
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file, apply overrides, validate."""
-    return config_from_dict(apply_overrides(read_yaml(path), list(overrides)))
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

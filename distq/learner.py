@@ -5,7 +5,8 @@ the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
 -dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
 Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
 processes (distq.split) on the same numbers. With train.target_rate > 0 the next-state values come from a
-Polyak-averaged copy of the value network instead (a target network, as in DQN). The learner returns metrics and never logs.
+Polyak-averaged copy of the value network instead (a target network, as in DQN). The learner returns metrics and
+never logs.
 
 The learner computes on its own device (train.device): batches move there in `update`, the one hand-off from the
 rollouts; the weights and states it hands out are CPU tensors (distq.devices).
@@ -107,7 +108,8 @@ class Learner:
 
     def regression_targets(self, batch: Trajectories) -> torch.Tensor:
         """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d)
-        (J of the target network if train.target_rate > 0), detached; the score alone at the last step (distq.policy.rao_blackwell_surrogate)."""
+        (J of the target network if train.target_rate > 0), detached; the score alone at the last step
+        (distq.policy.rao_blackwell_surrogate)."""
         successors = batch.mean_successors[:-1].clone().requires_grad_(True)  # rollouts give inference tensors
         with torch.enable_grad():
             critic = self.value if self.target is None else self.target

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distq.config import Config, config_from_dict, flatten, read_yaml
+from distq.config import Config, config_from_dict, flatten
+from distq.configfile import read_yaml
 from distq.errors import DistqError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")

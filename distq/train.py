@@ -14,7 +14,8 @@ import torch
 from distq import rundir
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout, learner_device, rollout_device
-from distq.config import Config, flatten, save_config
+from distq.config import Config, flatten
+from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy

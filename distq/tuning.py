@@ -28,7 +28,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 import distq
 from distq import rundir
-from distq.config import save_config
+from distq.configfile import save_config
 from distq.errors import DistqError
 from distq.sweep import Dimension, Sweep, config_from_flat, load_sweep
 

@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distq.components import build_learner, build_rollout  # noqa: E402
-from distq.config import config_from_dict, load_config  # noqa: E402
+from distq.config import config_from_dict  # noqa: E402
+from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.policy import StepMeans  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.config import Config, load_config  # noqa: E402
+from distq.config import Config  # noqa: E402
+from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.evaluation import evaluate_perfect_learner  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402

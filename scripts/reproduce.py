@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distq.checkpoint import load_checkpoint  # noqa: E402
 from distq.components import build_rollout, make_grid  # noqa: E402
-from distq.config import Config, load_config  # noqa: E402
+from distq.config import Config  # noqa: E402
+from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 
 from distq.calibrate import Probe, calibrate, next_beta, search_beta
 from distq.cli import main
-from distq.config import config_from_dict, load_config
+from distq.config import config_from_dict
+from distq.configfile import load_config
 from distq.data import load_dataset
 from distq.errors import DistqError
 

@@ -24,7 +24,7 @@ import yaml
 
 from distq.checkpoint import load_checkpoint
 from distq.cli import main
-from distq.config import load_config
+from distq.configfile import load_config
 
 TINY = {
     "seed": 0,

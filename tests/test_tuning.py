@@ -15,7 +15,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 
 from distq.cli import main
-from distq.config import load_config
+from distq.configfile import load_config
 from distq.errors import DistqError
 from distq.sweep import PENALTY, load_sweep
 from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, pareto_front, param_space, run_sweep,
