@@ -69,9 +69,13 @@ class Learner:
         self.target = (None if value is None or config.target_rate == 0 else
                        copy.deepcopy(self.value, {id(self.value.prior): self.value.prior}).requires_grad_(False))
 
-    def q_values(self, batch: Trajectories) -> torch.Tensor:
-        """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph."""
-        means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+    def policy_means(self, batch: Trajectories) -> torch.Tensor:
+        """mu_psi(tau_k, Y_k) (E10) of a batch, (K, B, d), with the policy's graph."""
+        return self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+
+    def q_values(self, batch: Trajectories, means: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph (through `means` if given)."""
+        means = self.policy_means(batch) if means is None else means
         return q_value(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature)
 
     def values(self, batch: Trajectories) -> torch.Tensor:
@@ -97,13 +101,12 @@ class Learner:
         TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell)."""
         if self.config.policy_gradient == "td":
             return self.td_loss(self.values(batch), self.q_values(batch), batch)
-        values, tau = self.values(batch), self.grid.tau.unsqueeze(1)
-        means = self.policy(tau, batch.states, batch.conditions)
-        g2, dt = self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1)
-        q = q_value(batch.actions, means, g2, self.config.temperature)
-        value_loss, delta = self.td_loss(values, q.detach(), batch)
+        means = self.policy_means(batch)
+        q = self.q_values(batch, means)
+        value_loss, delta = self.td_loss(self.values(batch), q.detach(), batch)
         surrogate = rao_blackwell_surrogate(q, means, self.regression_targets(batch), self.last_advantage(batch),
-                                            g2, dt, self.config.temperature)
+                                            self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1),
+                                            self.config.temperature)
         return value_loss + surrogate.sum(0).mean(), delta
 
     def regression_targets(self, batch: Trajectories) -> torch.Tensor:
