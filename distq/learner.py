@@ -82,12 +82,21 @@ class Learner:
         """J_phi(tau_k, Y_k) of a batch, (K, B), with the value network's graph."""
         return self.value(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
 
-    def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
-        """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15)."""
-        following = None
-        if self.target is not None:
-            with torch.no_grad():
-                following = self.target(self.grid.tau[1:].unsqueeze(1), batch.states[1:], batch.conditions)
+    def values_and_following(self, batch: Trajectories) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """J_phi(tau_k, Y_k) (K, B) with its graph, and the target network's J(tau_{k+1}, Y_{k+1}) (K - 1, B), or None
+        without a target; the parameter-free part of J (the reward prior's O(N d) per state) is computed once."""
+        tau = self.grid.tau.unsqueeze(1)
+        if self.target is None:
+            return self.value(tau, batch.states, batch.conditions), None
+        known = self.value.known(tau, batch.states, batch.conditions)
+        with torch.no_grad():
+            following = self.target(tau[1:], batch.states[1:], batch.conditions, known[1:])
+        return self.value(tau, batch.states, batch.conditions, known), following
+
+    def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories,
+                following: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15), bootstrapping from
+        `following` (K - 1, B) if given, else from `values`."""
         delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
                           self.grid.dt.unsqueeze(1), following)
         loss = 0.5 * delta.square().sum(0).mean()
@@ -99,11 +108,12 @@ class Learner:
     def loss(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss with both networks' graphs, and delta (K, B): the TD loss (train.policy_gradient = td), or the
         TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell)."""
+        values, following = self.values_and_following(batch)
         if self.config.policy_gradient == "td":
-            return self.td_loss(self.values(batch), self.q_values(batch), batch)
+            return self.td_loss(values, self.q_values(batch), batch, following)
         means = self.policy_means(batch)
         q = self.q_values(batch, means)
-        value_loss, delta = self.td_loss(self.values(batch), q.detach(), batch)
+        value_loss, delta = self.td_loss(values, q.detach(), batch, following)
         surrogate = rao_blackwell_surrogate(q, means, self.regression_targets(batch), self.last_advantage(batch),
                                             self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1),
                                             self.config.temperature)

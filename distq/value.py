@@ -83,14 +83,18 @@ class ValueNet(nn.Module):
         frac = position - lower
         return self.baseline_table[lower] * (1 - frac) + self.baseline_table[lower + 1] * frac
 
-    def forward(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """condition: (B,) condition indices (conditional networks only)."""
+    def known(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The part of J_phi without parameters: c(tau) + offset (+ the reward prior), (...)."""
+        known = self.baseline(tau) + self.offset
+        return known if self.prior is None else known + self.prior(tau, y, condition)
+
+    def forward(self, tau: torch.Tensor, y: torch.Tensor, condition: Optional[torch.Tensor] = None,
+                known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """condition: (B,) condition indices (conditional networks only); known: self.known(tau, y, condition) if
+        already computed (a target network's copy shares it: no parameters)."""
         code = one_hot(condition, self.classes)
         out = self.net(self.pre.features(self.pre.coefficients(tau), y, self.time, code)).squeeze(-1)
-        known = self.baseline(tau) + self.offset
-        if self.prior is not None:
-            known = known + self.prior(tau, y, condition)
-        return known + self.scale * out
+        return (self.known(tau, y, condition) if known is None else known) + self.scale * out
 
 
 def entropy_baseline_table(schedule: Schedule, T: float, temperature: float, dim: int) -> torch.Tensor:
