@@ -20,6 +20,7 @@ from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_given, evaluate_policy
+from distq.learner import deployed_policy
 from distq.rewards import load_reward
 
 
@@ -162,7 +163,7 @@ def _sample(args: argparse.Namespace) -> None:
     # Generation needs only the policy: a placeholder stands in for the data and the reward.
     rollout = build_rollout(config, torch.zeros(2, len(columns)), terminal_reward=None,
                             classes=len(known["values"]) if known else 0, device=_device(args, config))
-    rollout.set_weights(payload["learner"]["policy"])
+    rollout.set_weights(deployed_policy(payload["learner"]))
     if args.grid_power is not None:
         config = dataclasses.replace(config, sde=dataclasses.replace(config.sde, grid_power=args.grid_power))
     samples = rollout.generate(args.n, generator, make_grid(config, args.steps), args.sampler, conditions)
@@ -184,7 +185,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics["samples"] = str(args.samples)
     else:
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=_device(args, config))
-        rollout.set_weights(payload["learner"]["policy"])
+        rollout.set_weights(deployed_policy(payload["learner"]))
         metrics = evaluate_policy(rollout, dataset, reward, config)[0]
     rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
     print(json.dumps(metrics, indent=2))

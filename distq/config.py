@@ -252,6 +252,11 @@ class TrainConfig:
     gives the next-state values of the TD errors (E15) and rao_blackwell's grad J; 0 = off (the paper: J_phi
     itself). A slowly moving target keeps the critic from chasing its own noise (64-dimensional digits).
     Needs processes = 1."""
+    ema_rate: float = 0.0
+    """> 0: evaluate, sample and initialise other runs (train.init) with an exponential moving average of the
+    policy-mean weights, moved this fraction of the way to the trained weights after every optimiser step (Polyak
+    averaging, the EMA of diffusion models); rollouts during training still use the trained weights (on-policy).
+    It averages out the last updates' noise. 0 = off (the paper: the trained weights)."""
     kl_weight: float = 0.01
     """dpok: weight of the per-step KL to the pretrained policy."""
     is_clip: float = 1e-4
@@ -301,6 +306,7 @@ class TrainConfig:
                  f"applies to the value network of qlearning and ct_finetune, not {self.algorithm}")
         _require(self.target_rate == 0 or self.processes == 1, "train.target_rate",
                  "needs train.processes = 1 (the critic process has no target network)")
+        _require(0 <= self.ema_rate <= 1, "train.ema_rate", f"must be between 0 and 1, got {self.ema_rate}")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
         _choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)

@@ -5,8 +5,9 @@ the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
 -dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
 Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
 processes (distq.split) on the same numbers. With train.target_rate > 0 the next-state values come from a
-Polyak-averaged copy of the value network instead (a target network, as in DQN). The learner returns metrics and
-never logs.
+Polyak-averaged copy of the value network instead (a target network, as in DQN); with train.ema_rate > 0 a
+Polyak average of the policy network is what the run deploys (evaluation, sampling, train.init). The learner returns
+metrics and never logs.
 
 The learner computes on its own device (train.device): batches move there in `update`, the one hand-off from the
 rollouts; the weights and states it hands out are CPU tensors (distq.devices).
@@ -33,6 +34,19 @@ NETWORKS = ("policy", "value")
 
 class TrainingDiverged(DistqError):
     """The loss or the parameters became NaN or infinite."""
+
+
+def polyak_average(average: torch.nn.Module, current: torch.nn.Module, rate: float) -> None:
+    """Move every parameter of `average` the fraction `rate` of the way to the same parameter of `current`."""
+    with torch.no_grad():
+        for mean, param in zip(average.parameters(), current.parameters()):
+            mean.lerp_(param, rate)
+
+
+def deployed_policy(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The policy-mean weights to generate with from a learner state (a checkpoint's "learner"): the moving average
+    with train.ema_rate > 0, else the trained weights."""
+    return state.get("policy_average", state["policy"])
 
 
 def _lr_lambda(schedule: str, total: int):
@@ -68,6 +82,7 @@ class Learner:
         # the target shares the value network's prior (and its copy of the data) rather than copying it
         self.target = (None if value is None or config.target_rate == 0 else
                        copy.deepcopy(self.value, {id(self.value.prior): self.value.prior}).requires_grad_(False))
+        self.average = copy.deepcopy(self.policy).requires_grad_(False) if config.ema_rate > 0 else None
 
     def policy_means(self, batch: Trajectories) -> torch.Tensor:
         """mu_psi(tau_k, Y_k) (E10) of a batch, (K, B, d), with the policy's graph."""
@@ -152,6 +167,8 @@ class Learner:
             self.optimizers[name].step()
             if schedule:
                 self.schedulers[name].step()
+        if self.average is not None and "policy" in names:
+            polyak_average(self.average, self.policy, self.config.ema_rate)
         return norms
 
     def update(self, batch: Trajectories) -> dict[str, float]:
@@ -165,9 +182,7 @@ class Learner:
         loss, delta = self.loss(batch)
         norms = self.descend(loss)
         if self.target is not None:
-            with torch.no_grad():
-                for target, current in zip(self.target.parameters(), self.value.parameters()):
-                    target.lerp_(current, self.config.target_rate)
+            polyak_average(self.target, self.value, self.config.target_rate)
         self.updates += 1
         return self.metrics(delta, batch, norms, start)
 
@@ -184,10 +199,11 @@ class Learner:
             "time/update_s": time.perf_counter() - start,
         }
 
-    def policy_weights(self) -> dict[str, torch.Tensor]:
+    def policy_weights(self, deployed: bool = False) -> dict[str, torch.Tensor]:
         """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any), as CPU
-        tensors (a rollout's load_state_dict copies them onto its device)."""
-        weights = self.policy.state_dict()
+        tensors (a rollout's load_state_dict copies them onto its device); `deployed`: the moving average's, if
+        train.ema_rate > 0 (what the run evaluates with)."""
+        weights = (self.average if deployed and self.average is not None else self.policy).state_dict()
         if self.reference is not None:
             weights.update({REFERENCE + k: v for k, v in self.reference.state_dict().items()})
         return to_device(weights, CPU)
@@ -201,6 +217,8 @@ class Learner:
             state["reference"] = self.reference.state_dict()
         if self.target is not None:
             state["target"] = self.target.state_dict()
+        if self.average is not None:
+            state["policy_average"] = self.average.state_dict()
         return to_device(state, CPU)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -212,6 +230,8 @@ class Learner:
             self.reference.load_state_dict(state["reference"])
         if self.target is not None:
             self.target.load_state_dict(state["target"])
+        if self.average is not None:
+            self.average.load_state_dict(state["policy_average"])
         self.updates = state["updates"]
         for name in self.optimizers:
             self.optimizers[name].load_state_dict(state["optimizers"][name])

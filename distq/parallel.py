@@ -117,9 +117,9 @@ class Learner(_Actor):
         self.ready()
         return self.learner.update(Trajectories.concat(parts)), self.learner.policy_weights()
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self, deployed: bool = False) -> dict[str, torch.Tensor]:
         self.ready()
-        return self.learner.policy_weights()
+        return self.learner.policy_weights(deployed)
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
@@ -381,7 +381,8 @@ class RayBackend:
         self._weights, self._version = self._learner.weights.remote(), self._version + 1
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        return _get(self._weights)
+        """The weights the run evaluates with (the moving average with train.ema_rate > 0)."""
+        return _get(self._learner.weights.remote(deployed=True))
 
     def close(self) -> None:
         """Stop the actors; shut Ray down only if this backend started (or joined) it."""

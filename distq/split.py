@@ -232,7 +232,7 @@ class TwoProcessBackend:
         self._call("load", to_bytes(state))
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        return self.learner.policy_weights()
+        return self.learner.policy_weights(deployed=True)
 
     def close(self) -> None:
         """Stop the critic process (it also exits by itself when this process goes away)."""

@@ -19,7 +19,7 @@ from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy
-from distq.learner import TrainingDiverged
+from distq.learner import TrainingDiverged, deployed_policy
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
@@ -67,7 +67,8 @@ class InProcessBackend:
         self.learner.load_state_dict(state)
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        return self.learner.policy_weights()
+        """The weights the run evaluates with (the moving average with train.ema_rate > 0)."""
+        return self.learner.policy_weights(deployed=True)
 
     def close(self) -> None:
         """Nothing to stop."""
@@ -169,7 +170,7 @@ def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
         other = len(payload["columns"]) if key == "data dimension" else theirs.get(key, 0)
         if other != ours:
             raise DistqError(f"train.init: the run in {config.train.init} has {key} {other!r}, this run {ours!r}")
-    return payload["learner"]["policy"]
+    return deployed_policy(payload["learner"])
 
 
 def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
@@ -214,7 +215,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
             backend.load_learner_state(payload["learner"])
         elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
             state = backend.learner_state()
-            state.update({name: init for name in ("policy", "reference") if name in state})
+            state.update({name: init for name in ("policy", "reference", "policy_average") if name in state})
             backend.load_learner_state(state)
         log = MetricsLog(config, rows, start, echo)
         began = time.perf_counter()

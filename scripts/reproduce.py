@@ -33,6 +33,7 @@ from distq.config import Config  # noqa: E402
 from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
+from distq.learner import deployed_policy  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.train import train  # noqa: E402
 
@@ -181,7 +182,7 @@ def trained_rollout(config: Config, run_dir: Path):
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points[:8])
     rollout = build_rollout(config, dataset.points, reward)
-    rollout.set_weights(load_checkpoint(run_dir / "checkpoint.pt")["learner"]["policy"])
+    rollout.set_weights(deployed_policy(load_checkpoint(run_dir / "checkpoint.pt")["learner"]))
     return dataset, reward, rollout
 
 

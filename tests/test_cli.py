@@ -175,6 +175,41 @@ def test_resume_matches_a_straight_run(tmp_path, sections):
     assert json.loads((resumed / "summary.json").read_text())["episodes"] == 40
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_policy_average_is_what_a_run_evaluates_samples_and_hands_on(tmp_path, processes):
+    """train.ema_rate: training's own evaluation, `distq evaluate`, `distq sample` and --init use the moving average
+    (at rate 1e-9 still the initial policy), not the trained weights."""
+    run, config = tmp_path / "run", write_config(tmp_path, train={"ema_rate": 1e-9, "processes": processes})
+    assert run_cli("train", config, "--out", run)[0] == 0
+    payload = load_checkpoint(run / "checkpoint.pt")
+    average, trained = payload["learner"]["policy_average"], payload["learner"]["policy"]
+    assert not all(torch.allclose(average[k], trained[k], atol=1e-4) for k in trained)
+
+    def outputs() -> tuple[dict, np.ndarray]:
+        code, stdout, err = run_cli("evaluate", run)
+        assert code == 0, err
+        assert run_cli("sample", run, "-n", 40, "--out", tmp_path / "s.parquet")[0] == 0
+        return json.loads(stdout), np.array(pq.read_table(tmp_path / "s.parquet").to_pylist()[0]["x1"])
+
+    summary = json.loads((run / "summary.json").read_text())
+    evaluated, sampled = outputs()
+    assert evaluated["kl_mean"] == pytest.approx(summary["kl_mean"], abs=1e-9)
+    plain = {k: v for k, v in payload["learner"].items() if k != "policy_average"}
+    for weights, same in ((average, True), (trained, False)):  # the checkpoint without an average
+        torch.save({**payload, "learner": {**plain, "policy": weights}}, run / "checkpoint.pt")
+        other_evaluation, other_samples = outputs()
+        assert (other_evaluation["kl_mean"] == pytest.approx(evaluated["kl_mean"], abs=1e-9)) == same
+        assert np.allclose(other_samples, sampled, atol=1e-6) == same
+    torch.save(payload, run / "checkpoint.pt")
+
+    # one update at a negligible learning rate from --init: the new run's policy is the average it started from
+    code, _, err = run_cli("train", write_config(tmp_path, "plain.yaml"), "--init", run, "--out", tmp_path / "tuned",
+                           "--set", "train.episodes=1", "--set", "train.lr_policy=1e-12")
+    assert code == 0, err
+    tuned = load_checkpoint(tmp_path / "tuned" / "checkpoint.pt")["learner"]["policy"]
+    assert all(torch.allclose(tuned[k], average[k], atol=1e-8) for k in average)
+
+
 def test_resume_with_explicit_config_and_same_out(tmp_path):
     config = write_config(tmp_path)
     run = tmp_path / "run"

@@ -9,7 +9,7 @@ import torch
 from distq.components import build_learner, build_rollout
 from distq.config import config_from_dict
 from distq.errors import DistqError
-from distq.learner import TrainingDiverged
+from distq.learner import TrainingDiverged, deployed_policy
 from distq.rollout import Trajectories, episode_chunks
 
 T, DT, D, B = 5.0, 0.5, 2, 12
@@ -20,7 +20,7 @@ METRIC_KEYS = {"loss/td", "td/abs_mean", "reward/terminal_mean", "reward/running
 
 
 def _config(seed=3, episodes=100, lr_schedule="constant", grad_clip=None, sampler="sde", policy_gradient="td",
-            batch_size=B, target_rate=0.0):
+            batch_size=B, target_rate=0.0, ema_rate=0.0):
     return config_from_dict({
         "seed": seed,
         "data": {"source": "gaussian", "mean": [1.0, -1.0], "std": 0.7},
@@ -29,7 +29,8 @@ def _config(seed=3, episodes=100, lr_schedule="constant", grad_clip=None, sample
         "model": {"hidden": 16},
         "train": {"batch_size": batch_size, "chunk_size": 5, "temperature": THETA, "beta": BETA, "episodes": episodes,
                   "lr_schedule": lr_schedule, "grad_clip": grad_clip, "lr_policy": 1e-3, "lr_value": 2e-3,
-                  "policy_gradient": policy_gradient, "target_rate": target_rate},
+                  "policy_gradient": policy_gradient, "target_rate": target_rate,
+                  "ema_rate": ema_rate},
     })
 
 
@@ -57,6 +58,8 @@ def _setup(config=None, episode=1):
     _perturb(learner.value.net, 12)
     if learner.target is not None:  # the target starts as a copy of J_phi
         learner.target.load_state_dict(learner.value.state_dict())
+    if learner.average is not None:  # and the policy's average as a copy of the policy
+        learner.average.load_state_dict(learner.policy.state_dict())
     rollout = build_rollout(config, points, _reward, policy=learner.policy)
     return learner, rollout, config
 
@@ -238,6 +241,43 @@ def test_state_dict_round_trip_keeps_the_target():
     batch = _batch(rollout, config, 3)
     assert learner.update(batch)["loss/td"] == other.update(batch)["loss/td"]
     assert all(torch.equal(a, b) for a, b in zip(_params(learner), _params(other)))
+
+
+def test_policy_average_moves_by_the_rate_and_is_what_the_run_deploys():
+    """avg <- avg + rate (psi - avg) after each optimiser step of the policy; rollouts keep the trained weights."""
+    learner, rollout, config = _setup(_config(ema_rate=0.25))
+    average = [p.detach().clone() for p in learner.policy.parameters()]  # starts as the initial policy
+    for episode in (1, 2, 3):
+        learner.update(_batch(rollout, config, episode))
+        average = [a + 0.25 * (p.detach() - a) for a, p in zip(average, learner.policy.parameters())]
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(average, learner.average.parameters()))
+    deployed, trained = learner.policy_weights(deployed=True), learner.policy_weights()
+    assert all(torch.equal(a, b) for a, b in zip(learner.average.state_dict().values(), deployed.values()))
+    assert all(torch.equal(a, b) for a, b in zip(learner.policy.state_dict().values(), trained.values()))
+    assert not all(torch.allclose(a, b) for a, b in zip(deployed.values(), trained.values()))
+    assert deployed_policy(learner.state_dict()).keys() == trained.keys()
+    assert all(torch.equal(a, b) for a, b in zip(deployed_policy(learner.state_dict()).values(), deployed.values()))
+
+
+def test_without_an_average_the_trained_policy_is_deployed():
+    learner, rollout, config = _setup()
+    learner.update(_batch(rollout, config, 1))
+    assert learner.average is None and "policy_average" not in learner.state_dict()
+    for weights in (learner.policy_weights(deployed=True), deployed_policy(learner.state_dict())):
+        assert all(torch.equal(a, b) for a, b in zip(weights.values(), learner.policy.state_dict().values()))
+
+
+def test_state_dict_round_trip_keeps_the_policy_average():
+    config = _config(ema_rate=0.1)
+    learner, rollout, _ = _setup(config)
+    for episode in (1, 2):
+        learner.update(_batch(rollout, config, episode))
+    other = build_learner(_config(seed=9, ema_rate=0.1), _points(), _reward)
+    other.load_state_dict(copy.deepcopy(learner.state_dict()))
+    batch = _batch(rollout, config, 3)
+    learner.update(batch)
+    other.update(batch)
+    assert all(torch.equal(a, b) for a, b in zip(learner.average.parameters(), other.average.parameters()))
 
 
 def test_cosine_schedule_decays_to_zero():

@@ -117,17 +117,26 @@ def test_conditional_sync_updates_equal_the_in_process_run(ray_session, tmp_path
 
 def test_rao_blackwell_sync_updates_equal_the_in_process_run(ray_session):
     """train.policy_gradient = rao_blackwell on actors: the scores and mean-action successors travel with the batch
-    from two workers to the learner actor, whose updates are the in-process ones."""
+    from two workers to the learner actor, whose updates are the in-process ones; the learner actor keeps the
+    policy's moving average (train.ema_rate) and deploys it."""
     values = {**TINY, "train": {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0,
-                                "policy_gradient": "rao_blackwell"}}
+                                "policy_gradient": "rao_blackwell", "ema_rate": 0.5}}
     config = config_from_dict(values)
     dataset, reward = _inputs(config)
     reference = _run(InProcessBackend(config, dataset, reward), 3)
     actors = config_from_dict({**values, "parallel": {"workers": 2, "num_cpus_per_worker": 0.5,
                                                       "learner_num_cpus": 0.5}})
-    state, metrics = _run(parallel.RayBackend(actors, dataset, reward, None), 3)
+    backend = parallel.RayBackend(actors, dataset, reward, None)
+    try:
+        metrics = [backend.step(episode) for episode in (1, 2, 3)]
+        state, deployed = backend.learner_state(), backend.policy_weights()
+    finally:
+        backend.close()
     _assert_same_learner(state, reference[0])
     assert [m["loss/td"] for m in metrics] == pytest.approx([m["loss/td"] for m in reference[1]], rel=1e-5)
+    for name, tensor in reference[0]["policy_average"].items():
+        assert torch.allclose(deployed[name], tensor, atol=1e-6), name
+    assert not torch.allclose(deployed["net.0.weight"], state["policy"]["net.0.weight"])
 
 
 def _stale_policy_reference(config, dataset, reward, episodes):
