@@ -8,8 +8,8 @@ roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B
 at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5
 steps, beta = 0 and the reward-directed model, an ablation of time grids against the perfect learner and one of a
 learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory
-under results/runs/; a finished one (summary.json present) is not trained again, so an interrupted reproduction
-continues where it stopped.
+under results/runs/; a finished one (summary.json present) is not trained again and an interrupted one continues
+from its last checkpoint, so an interrupted reproduction continues where it stopped.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from distq.components import build_rollout, make_grid  # noqa: E402
 from distq.config import Config  # noqa: E402
 from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
+from distq.errors import DistqError  # noqa: E402
 from distq.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
 from distq.learner import deployed_policy  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
@@ -78,8 +79,16 @@ def trained(name: str, config_file: str, overrides: list[str], args,
     if summary_path.is_file():
         print(f"{name}: finished earlier, kept", flush=True)
         return config, run_dir, json.loads(summary_path.read_text())
+    echo = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    if (run_dir / "checkpoint.pt").is_file():  # interrupted: continue from its last checkpoint
+        try:
+            episode = load_checkpoint(run_dir / "checkpoint.pt")["episode"]
+            print(f"{name}: continuing from episode {episode} to {episodes}", flush=True)
+            return config, run_dir, train(config, run_dir, resume=True, echo=echo)
+        except DistqError as err:  # another config or a damaged file: start again
+            print(f"{name}: cannot continue ({err}); training afresh", flush=True)
     print(f"{name}: training {episodes} episodes", flush=True)
-    return config, run_dir, train(config, run_dir, overwrite=True, echo=lambda line: print(f"  {line}", flush=True))
+    return config, run_dir, train(config, run_dir, overwrite=True, echo=echo)
 
 
 def _ci(mean: float, half: float) -> str:
@@ -273,7 +282,8 @@ def _header(args) -> str:
     return f"{mode}. Command: `{args.command}`. Hardware: the machine that ran it.\n\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with each option's default filled in and the command recorded for the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3,000 episodes and 5 evaluation batches per run")
     parser.add_argument("--episodes", type=int, help="episodes per run (default 50,000; --quick 3,000)")
@@ -286,6 +296,11 @@ def main(argv=None) -> None:
     args.episodes = args.episodes or (3000 if args.quick else 50_000)
     args.eval_batches = args.eval_batches or (5 if args.quick else 20)
     args.finetune_episodes = args.finetune_episodes or (300 if args.quick else 10_000)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figure1.md").write_text(figure1(args))
     text, models = figure3(args)

@@ -62,3 +62,29 @@ def test_right_mode_mass_is_the_closed_form_tilt():
     reproduce = _reproduce()
     assert reproduce.right_mode_mass(0.0) == 0.5
     assert abs(reproduce.right_mode_mass(0.1) - 0.599) < 1e-3 and abs(reproduce.right_mode_mass(1.0) - 0.982) < 1e-3
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, capsys):
+    """A run with a checkpoint but no summary (stopped mid-training) resumes: its metrics keep the first episodes'
+    rows and its weights equal a straight run's; an incompatible checkpoint is trained afresh."""
+    import torch
+    from distq.checkpoint import load_checkpoint
+
+    reproduce = _reproduce()
+    args = reproduce.parse_args(["--episodes", "20", "--eval-batches", "2", "--out", str(tmp_path)])
+    overrides = ["train.log_every=5", "train.checkpoint_every=10"]
+    straight = reproduce.trained("straight", "configs/gmm1d.yaml", overrides, args)[1]
+    reproduce.trained("stopped", "configs/gmm1d.yaml", overrides, args, episodes=10)
+    (tmp_path / "runs" / "stopped" / "summary.json").unlink()  # as if stopped after the checkpoint at episode 10
+    rows_before = (tmp_path / "runs" / "stopped" / "metrics.parquet").read_bytes()
+    capsys.readouterr()
+    _, stopped, summary = reproduce.trained("stopped", "configs/gmm1d.yaml", overrides, args)
+    assert "stopped: continuing from episode 10 to 20" in capsys.readouterr().out and summary["episodes"] == 20
+    ours, theirs = (load_checkpoint(run / "checkpoint.pt")["learner"]["policy"] for run in (stopped, straight))
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+    assert rows_before != (stopped / "metrics.parquet").read_bytes()
+
+    (stopped / "summary.json").unlink()
+    reproduce.trained("stopped", "configs/gmm1d.yaml", [*overrides, "train.beta=1"], args)
+    assert "cannot continue" in capsys.readouterr().out
+    assert load_checkpoint(stopped / "checkpoint.pt")["config"]["train"]["beta"] == 1.0
