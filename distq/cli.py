@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating (conditional "
                                             "runs: with the condition column, as distq sample writes it)")
+    evaluate.add_argument("--batches", type=int, help="batches of eval.n_samples (default: the run's eval.batches; "
+                                                      "the paper uses 100; with --samples, as many as the file holds)")
     for command in (sample, evaluate):
         command.add_argument("--device", choices=DEVICES, help="where to generate (default: the run's "
                                                                "parallel.rollout_device)")
@@ -175,6 +177,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     config, payload = _load_run(args.run_dir)
+    if args.batches is not None:
+        if args.batches < 2:
+            raise DistqError(f"--batches must be >= 2 (a confidence interval needs two batches), got {args.batches}")
+        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batches=args.batches))
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     if args.samples:

@@ -390,6 +390,22 @@ def test_evaluate_given_samples(run_dir, tmp_path):
     assert all(math.isfinite(json.loads(stdout)[k]) for k in ("reward_mean", "kl_mean", "kl_floor"))
 
 
+def test_evaluate_batches(run_dir, tmp_path):
+    """--batches overrides eval.batches (tiny run: 2 of 50): generated, 5 batches; from a file of 123 samples, the 2
+    whole batches it holds; below 2, refused without touching the run."""
+    code, stdout, err = run_cli("evaluate", run_dir, "--batches", 5)
+    assert code == 0, err
+    assert json.loads(stdout)["n_samples"] == 250
+    sampled = tmp_path / "sampled.parquet"
+    assert run_cli("sample", run_dir, "-n", 123, "--out", sampled)[0] == 0
+    code, stdout, err = run_cli("evaluate", run_dir, "--samples", sampled, "--batches", 5)
+    assert code == 0, err
+    assert json.loads(stdout)["n_samples"] == 100
+    before = snapshot(run_dir)
+    assert_refused(*run_cli("evaluate", run_dir, "--batches", 1)[::2], "--batches")
+    assert snapshot(run_dir) == before
+
+
 def test_evaluate_bad_samples_files_refused(run_dir, tmp_path):
     before = snapshot(run_dir)
     missing = tmp_path / "missing.parquet"
