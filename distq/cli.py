@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, required=True, help="number of samples")
     sample.add_argument("--out", required=True, help="Parquet file to write")
     sample.add_argument("--sampler", choices=GENERATION_SAMPLERS, help="sampler (default: the run's; heun: second-order "
-                                                                       "probability-flow ODE)")
+                                                                       "probability-flow ODE, two evaluations per step; "
+                                                                       "dpmpp_2m: DPM-Solver++(2M), second-order ddim, "
+                                                                       "one evaluation per step)")
     sample.add_argument("--steps", type=int, help="number of steps over [0, T] (default: the run's)")
     sample.add_argument("--grid-power", type=float, help="grid t_k = T ((K - k) / K)^P (default: the run's "
                                                          "sde.grid_power)")

@@ -19,7 +19,7 @@ from distq.errors import DistqError
 SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
-GENERATION_SAMPLERS = (*SAMPLERS, "heun")
+GENERATION_SAMPLERS = (*SAMPLERS, "heun", "dpmpp_2m")
 """heun (distq.samplers.heun_step) takes two actions per step: for generation (distq sample, evaluation) only."""
 PRECONDITIONS = ("edm", "none")
 VALUE_PRIORS = ("none", "posterior_reward")

@@ -12,7 +12,7 @@ from distq.errors import DistqError
 from distq.metrics import evaluate_samples, principal_projection
 from distq.ratio import smoothed_variance, tilted_ratio_score
 from distq.rollout import Rollout
-from distq.samplers import SAMPLERS, is_stochastic
+from distq.samplers import reverse_process
 from distq.schedules import TimeGrid, make_schedule, prior_std
 
 # Evaluation draws from its own stream, apart from training's (seed, episode, chunk) streams.
@@ -73,27 +73,31 @@ def _per_condition(dataset: Dataset, indices, evaluate: Callable[[int], dict]) -
 
 
 @torch.inference_mode()
-def perfect_learner_samples(config: Config, dataset: Dataset, reward, n: int, generator: torch.Generator) -> torch.Tensor:
+def perfect_learner_samples(config: Config, dataset: Dataset, reward, n: int, generator: torch.Generator,
+                            sampler: Optional[str] = None) -> torch.Tensor:
     """n samples (n, d) of the reverse process whose action at every step is the exact tilted ratio score
     (distq.ratio.tilted_ratio_score with log-weights beta h(x0_i), ratio.bandwidth included): the optimal policy's
-    mean (E10) for the tilt (E7) of the training data, on the config's grid and sampler. What a perfect learner of
-    Algorithm 1 generates; a learned policy's gap above its metrics is the learner's."""
-    data, grid, step = dataset.points, make_grid(config), SAMPLERS[config.sde.sampler]
+    mean (E10) for the tilt (E7) of the training data, on the config's grid with its sampler (or `sampler`, which may
+    be a generation-only one). What a perfect learner of Algorithm 1 generates; a learned policy's gap above its
+    metrics is the learner's."""
+    data, grid = dataset.points, make_grid(config)
     log_weights = config.train.beta * reward(data)
     y = torch.randn(n, dataset.dim, generator=generator) * prior_std(make_schedule(config.sde), config.sde.T)
-    for k in range(grid.num_steps):
+
+    def action(k: int, y: torch.Tensor) -> torch.Tensor:
         mu = float(grid.mu[k])
-        action = tilted_ratio_score(y, data, mu, smoothed_variance(mu, float(grid.sigma2[k]), config.ratio.bandwidth),
-                                    log_weights)
-        y = step(grid, k, y, action, torch.randn(y.shape, generator=generator) if is_stochastic(config.sde.sampler)
-                 else None)
-    return y
+        return tilted_ratio_score(y, data, mu, smoothed_variance(mu, float(grid.sigma2[k]), config.ratio.bandwidth),
+                                  log_weights)
+
+    return reverse_process(grid, sampler or config.sde.sampler, y, action,
+                           lambda: torch.randn(n, dataset.dim, generator=generator))
 
 
-def evaluate_perfect_learner(config: Config, dataset: Dataset, reward) -> dict[str, float]:
-    """The evaluation (as evaluate_given) of eval.batches x eval.n_samples perfect_learner_samples."""
+def evaluate_perfect_learner(config: Config, dataset: Dataset, reward, sampler: Optional[str] = None) -> dict[str, float]:
+    """The evaluation (as evaluate_given) of eval.batches x eval.n_samples perfect_learner_samples (with `sampler`)."""
     generator = torch.Generator().manual_seed(config.seed * 100003 + _EVAL_STREAM + 1)
-    samples = perfect_learner_samples(config, dataset, reward, config.eval.n_samples * config.eval.batches, generator)
+    samples = perfect_learner_samples(config, dataset, reward, config.eval.n_samples * config.eval.batches, generator,
+                                      sampler)
     return evaluate_given(samples, dataset, reward, config)
 
 

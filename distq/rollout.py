@@ -18,7 +18,7 @@ import torch
 from distq.devices import CPU, to_device
 from distq.policy import REFERENCE, PolicyMean, StepMeans, action_std
 from distq.ratio import RatioEstimator, running_reward
-from distq.samplers import SAMPLERS, heun_step, is_stochastic
+from distq.samplers import SAMPLERS, is_stochastic, reverse_process
 from distq.schedules import TimeGrid
 
 Chunk = tuple[int, int]
@@ -231,7 +231,7 @@ class Rollout:
     def generate(self, n: int, generator: torch.Generator, grid: Optional[TimeGrid] = None,
                  sampler: Optional[str] = None, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n samples (n, d), on the CPU, from the reverse process driven by the mean action mu_psi (section 5), with
-        `sampler` (default: the run's; or heun, for generation only),
+        `sampler` (default: the run's; or heun or dpmpp_2m, for generation only),
         generated on the rollout's device; a conditional policy needs the samples' condition indices (n,)
         (draw_conditions draws them in the data's shares)."""
         if grid is None:
@@ -244,10 +244,6 @@ class Rollout:
             conditions = self.draw_conditions(n, generator)
         mean = StepMeans(self.policy, coefficients, to_device(conditions, self.device))
         y = to_device(torch.randn(n, self.dim, generator=generator) * self.prior_std, self.device)
-        for k in range(grid.num_steps):
-            if sampler == "heun":
-                y = heun_step(grid, k, y, mean(k, y), lambda predicted, k=k: mean(k + 1, predicted))
-                continue
-            noise = torch.randn(n, self.dim, generator=generator) if is_stochastic(sampler) else None
-            y = SAMPLERS[sampler](grid, k, y, mean(k, y), to_device(noise, self.device))
+        y = reverse_process(grid, sampler, y, mean,
+                            lambda: to_device(torch.randn(n, self.dim, generator=generator), self.device))
         return to_device(y, CPU)

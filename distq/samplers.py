@@ -5,6 +5,7 @@ y, action, noise: (B, d); grid constants are scalars of step k.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -53,7 +54,52 @@ def heun_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor,
     return y + (drift + drift_next) * (0.5 * dt)
 
 
+def _half_log_snr(mu: float, sigma2: float) -> float:
+    """lambda_t = log(mu_t / sigma_t)."""
+    return math.log(mu) - 0.5 * math.log(sigma2)
+
+
+def dpmpp_2m_step(grid: TimeGrid, k: int, y: torch.Tensor, action: torch.Tensor,
+                  previous_x0: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPM-Solver++(2M) (Lu et al. 2022, multistep, second order): the exact integral of the probability-flow ODE's
+    linear part in lambda = log(mu_t / sigma_t), with the data prediction x0_hat = (Y + sigma_t^2 a) / mu_t taken
+    linear in lambda through this step's and the previous step's x0_hat:
+    Y_{k+1} = (sigma_{k+1} / sigma_k) Y - mu_{k+1} (e^{-h} - 1) D, h = lambda_{k+1} - lambda_k,
+    D = (1 + 1 / (2 r)) x0_hat_k - x0_hat_{k-1} / (2 r), r = h_{k-1} / h. With D = x0_hat_k (the first step, and the
+    last, into t = 0 where lambda is infinite: it returns x0_hat) it is ddim exactly. One action per step, as ddim,
+    but it needs the previous step's x0_hat, so for generation only. -> (Y_{k+1}, x0_hat_k to pass on)."""
+    mu, sigma2 = float(grid.mu[k]), float(grid.sigma2[k])
+    mu_next, sigma2_next = float(grid.mu_next[k]), float(grid.sigma2_next[k])
+    x0_hat = (y + action * sigma2) / mu
+    if sigma2_next == 0:
+        return x0_hat, x0_hat
+    lam = _half_log_snr(mu, sigma2)
+    h = _half_log_snr(mu_next, sigma2_next) - lam
+    direction = x0_hat
+    if previous_x0 is not None:
+        r = (lam - _half_log_snr(float(grid.mu[k - 1]), float(grid.sigma2[k - 1]))) / h
+        direction = x0_hat * (1 + 0.5 / r) - previous_x0 * (0.5 / r)
+    return y * (sigma2_next / sigma2) ** 0.5 - direction * (mu_next * math.expm1(-h)), x0_hat
+
+
 SAMPLERS: dict[str, Step] = {"sde": sde_step, "ode_euler": ode_euler_step, "ddim": ddim_step}
+
+
+def reverse_process(grid: TimeGrid, sampler: str, y: torch.Tensor, action: Callable[[int, torch.Tensor], torch.Tensor],
+                    noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Y_K from Y_0 = y (B, d) over the grid's K steps with `sampler` (SAMPLERS, heun or dpmpp_2m), the action at
+    step k being action(k, Y_k) (B, d); noise() draws the Brownian increments (B, d) of stochastic samplers, step by
+    step after the action."""
+    previous_x0 = None
+    for k in range(grid.num_steps):
+        a = action(k, y)
+        if sampler == "heun":
+            y = heun_step(grid, k, y, a, lambda predicted, k=k: action(k + 1, predicted))
+        elif sampler == "dpmpp_2m":
+            y, previous_x0 = dpmpp_2m_step(grid, k, y, a, previous_x0)
+        else:
+            y = SAMPLERS[sampler](grid, k, y, a, noise() if is_stochastic(sampler) else None)
+    return y
 
 
 def action_gains(grid: TimeGrid, sampler: str) -> torch.Tensor:

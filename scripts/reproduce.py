@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distq.checkpoint import load_checkpoint  # noqa: E402
 from distq.components import build_rollout, make_grid  # noqa: E402
-from distq.config import Config  # noqa: E402
+from distq.config import SAMPLERS, Config  # noqa: E402
 from distq.configfile import load_config  # noqa: E402
 from distq.data import load_dataset  # noqa: E402
 from distq.errors import DistqError  # noqa: E402
@@ -57,6 +57,7 @@ FINE_CONFIG = "configs/swiss_roll_fine.yaml"
 (README, "Performance and results"), whose perfect-learner KL at reward 0.8 is below the paper's; models A and B
 are trained on it too."""
 GRID_POWERS = (1.0, 1.5, 2.0)
+SECOND_ORDER = ("heun", "dpmpp_2m")  # generation-only samplers of the ablations
 TIME_FREQUENCIES = 8
 EMBEDDING_GRID_POWERS = (1.5, 2.0)
 
@@ -217,47 +218,49 @@ def tables5_6(args, models: dict) -> str:
 
 
 def on_grid(config: Config, sampler: str, power: float, steps: int) -> Config:
-    """The config of an evaluation cell: `sampler` at `steps` steps on grid power `power` (heun, a generation-only
-    sampler, stands on the ode_euler config and is passed to evaluate_policy by name)."""
+    """The config of an evaluation cell: `sampler` at `steps` steps on grid power `power` (heun and dpmpp_2m,
+    generation-only samplers, stand on the ode_euler config and are passed to the evaluations by name)."""
     return dataclasses.replace(config, sde=dataclasses.replace(
-        config.sde, sampler="ode_euler" if sampler == "heun" else sampler, grid_power=power, dt=config.sde.T / steps))
+        config.sde, sampler=sampler if sampler in SAMPLERS else "ode_euler", grid_power=power, dt=config.sde.T / steps))
 
 
 def grid_ablation(args) -> str:
-    """Table 5's question (beta = 0, few steps) for model A of Tables 3-4: each sampler (and Heun steps) at
+    """Table 5's question (beta = 0, few steps) for model A of Tables 3-4: each sampler (and the SECOND_ORDER ones) at
     50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a perfect learner on
     the same grid."""
     config, run_dir, _ = pretrained_model("A", 1.0, args)
     dataset, reward, rollout = trained_rollout(config, run_dir)
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL learned / perfect learner" for k in STEPS) + " |",
             "|---|---|" + "---|" * len(STEPS)]
-    for sampler in (*PAPER_TABLE5, "heun"):
+    for sampler in (*PAPER_TABLE5, *SECOND_ORDER):
         for power in GRID_POWERS:
             cells = []
             for steps in STEPS:
                 cell = on_grid(config, sampler, power, steps)
                 learned = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
-                perfect = "-" if sampler == "heun" else f"{evaluate_perfect_learner(cell, dataset, reward)['kl_mean']:.3f}"
-                cells.append(f"{_ci(learned['kl_mean'], learned['kl_ci95'])} / {perfect}")
+                perfect = evaluate_perfect_learner(cell, dataset, reward, sampler)["kl_mean"]
+                cells.append(f"{_ci(learned['kl_mean'], learned['kl_ci95'])} / {perfect:.3f}")
             rows.append(f"| {sampler} | {power:g} | " + " | ".join(cells) + " |")
     return (f"## Ablation: time grids (model A: `{run_dir.relative_to(args.out.parent)}`, `{FINE_CONFIG}`, trained "
             f"with sde at {config.sde.num_steps} steps on grid power {config.sde.grid_power:g})\n\n"
             "Paper, Table 5 at 5 steps: ddim 0.72, ode_euler 0.56, sde 0.83 (uniform grid). The perfect learner is "
-            "the reverse process driven by the exact ratio score (ratio.bandwidth included) on the same grid. heun: "
-            "second-order probability-flow ODE, two policy evaluations per step (generation only).\n\n"
+            "the reverse process driven by the exact ratio score (ratio.bandwidth included) on the same grid and sampler. "
+            "heun: second-order probability-flow ODE, two policy evaluations per step; dpmpp_2m: DPM-Solver++(2M), "
+            "ddim made second order with the previous step's denoised state, one evaluation per step (both "
+            "generation only).\n\n"
             + "\n".join(rows) + "\n")
 
 
 def time_embedding_ablation(args) -> str:
     """Table 5's few-step question for model A trained again with a learned time embedding (model.time_frequencies =
-    TIME_FREQUENCIES), beside model A, with ddim and Heun steps on the grids of EMBEDDING_GRID_POWERS."""
+    TIME_FREQUENCIES), beside model A, with ddim and the SECOND_ORDER samplers on the grids of EMBEDDING_GRID_POWERS."""
     evaluated = []
     for name, overrides in (("A", []), (f"A_time{TIME_FREQUENCIES}", [f"model.time_frequencies={TIME_FREQUENCIES}"])):
         config, run_dir, _ = trained(f"model_{name}", FINE_CONFIG, ["train.beta=0", *overrides], args)
         evaluated.append((config, run_dir, *trained_rollout(config, run_dir)))
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL tau / T / learned embedding" for k in STEPS)
             + " |", "|---|---|" + "---|" * len(STEPS)]
-    for sampler in ("ddim", "heun"):
+    for sampler in ("ddim", *SECOND_ORDER):
         for power in EMBEDDING_GRID_POWERS:
             cells = []
             for steps in STEPS:

@@ -32,6 +32,18 @@ def test_perfect_learner_samples_the_tilted_gaussian():
     assert torch.allclose(smoothed.std(0), torch.full((2,), 2 ** 0.5), atol=0.1)
 
 
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m"])
+def test_perfect_learner_with_a_generation_only_sampler_samples_the_tilted_gaussian(sampler):
+    """The deterministic generation-only samplers, driven by the exact tilted score over 100 steps, land on the tilt
+    N(m + beta e_0, I) too."""
+    beta = 0.8
+    config, dataset, reward = _setup(beta)
+    samples = perfect_learner_samples(config, dataset, reward, 4000, torch.Generator().manual_seed(1), sampler)
+    shift = samples.mean(0) - dataset.points.mean(0)
+    assert abs(float(shift[0]) - beta) < 0.1 and abs(float(shift[1])) < 0.1, shift
+    assert torch.allclose(samples.std(0), torch.ones(2), atol=0.1)
+
+
 def test_evaluate_perfect_learner_reports_the_run_metrics():
     config, dataset, reward = _setup(0.0)
     metrics = evaluate_perfect_learner(config, dataset, reward)
