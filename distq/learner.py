@@ -100,9 +100,9 @@ class Learner:
     def values_and_following(self, batch: Trajectories) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """J_phi(tau_k, Y_k) (K, B) with its graph, and the target network's J(tau_{k+1}, Y_{k+1}) (K - 1, B), or None
         without a target; the parameter-free part of J (the reward prior's O(N d) per state) is computed once."""
-        tau = self.grid.tau.unsqueeze(1)
         if self.target is None:
-            return self.value(tau, batch.states, batch.conditions), None
+            return self.values(batch), None
+        tau = self.grid.tau.unsqueeze(1)
         known = self.value.known(tau, batch.states, batch.conditions)
         with torch.no_grad():
             following = self.target(tau[1:], batch.states[1:], batch.conditions, known[1:])

@@ -230,17 +230,22 @@ def test_rao_blackwell_takes_grad_j_from_the_target():
     assert not torch.allclose(got, from_value, rtol=1e-3, atol=1e-4)
 
 
-def test_state_dict_round_trip_keeps_the_target():
-    config = _config(target_rate=0.1)
+@pytest.mark.parametrize("rate, copy_name", [("target_rate", "target"), ("ema_rate", "average")])
+def test_state_dict_round_trip_keeps_the_averaged_copies(rate, copy_name):
+    """The target value network and the policy's moving average survive a state_dict round trip, and the next update
+    moves them (and everything else) identically."""
+    config = _config(**{rate: 0.1})
     learner, rollout, _ = _setup(config)
     for episode in (1, 2):
         learner.update(_batch(rollout, config, episode))
-    other = build_learner(_config(seed=9, target_rate=0.1), _points(), _reward)
+    other = build_learner(_config(seed=9, **{rate: 0.1}), _points(), _reward)
     other.load_state_dict(copy.deepcopy(learner.state_dict()))
-    assert all(torch.equal(a, b) for a, b in zip(learner.target.parameters(), other.target.parameters()))
+    ours, theirs = getattr(learner, copy_name), getattr(other, copy_name)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
     batch = _batch(rollout, config, 3)
     assert learner.update(batch)["loss/td"] == other.update(batch)["loss/td"]
     assert all(torch.equal(a, b) for a, b in zip(_params(learner), _params(other)))
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_policy_average_moves_by_the_rate_and_is_what_the_run_deploys():
@@ -265,19 +270,6 @@ def test_without_an_average_the_trained_policy_is_deployed():
     assert learner.average is None and "policy_average" not in learner.state_dict()
     for weights in (learner.policy_weights(deployed=True), deployed_policy(learner.state_dict())):
         assert all(torch.equal(a, b) for a, b in zip(weights.values(), learner.policy.state_dict().values()))
-
-
-def test_state_dict_round_trip_keeps_the_policy_average():
-    config = _config(ema_rate=0.1)
-    learner, rollout, _ = _setup(config)
-    for episode in (1, 2):
-        learner.update(_batch(rollout, config, episode))
-    other = build_learner(_config(seed=9, ema_rate=0.1), _points(), _reward)
-    other.load_state_dict(copy.deepcopy(learner.state_dict()))
-    batch = _batch(rollout, config, 3)
-    learner.update(batch)
-    other.update(batch)
-    assert all(torch.equal(a, b) for a, b in zip(learner.average.parameters(), other.average.parameters()))
 
 
 def test_cosine_schedule_decays_to_zero():
