@@ -33,6 +33,10 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     # per model: the pretrained row and one row per fine-tuning run (ddpo_sf for model A only)
     runs = 1 + sum(len(b) for b in reproduce.FINETUNE_BETAS.values())
     assert tables34.count("| qlearning | ") == 2 * (1 + len(reproduce.FINETUNE_BETAS["qlearning"]))
+    # every method also sampled at FINER_SAMPLING_STEPS: one more KL-at-reward row per model, two more columns per run
+    assert tables34.count("| dpok, sampled at 40 steps | ") == 2 and "| KL, 40 steps |" in tables34
+    assert sum(line.count(" | ") == 5 for line in tables34.splitlines()
+               if line.startswith("| qlearning | ")) == 2 * len(reproduce.FINETUNE_BETAS["qlearning"])
     # the grid ablation: each sampler on each grid power, learned beside the perfect learner
     ablation = tables[tables.index("## Ablation: time grids"):tables.index("## Ablation: a learned time embedding")]
     assert ablation.count("\n| ddim | ") == len(reproduce.GRID_POWERS) and "| sde | 1.5 | " in ablation
