@@ -30,6 +30,8 @@ from distq.schedules import TimeGrid
 from distq.value import ValueNet, td_errors
 
 NETWORKS = ("policy", "value")
+POLICY_COPIES = ("policy", "reference", "policy_average")
+"""Learner-state entries holding policy-mean weights: the trained policy, dpok's reference, the moving average."""
 
 
 class TrainingDiverged(DistqError):
@@ -47,6 +49,12 @@ def deployed_policy(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The policy-mean weights to generate with from a learner state (a checkpoint's "learner"): the moving average
     with train.ema_rate > 0, else the trained weights."""
     return state.get("policy_average", state["policy"])
+
+
+def with_initial_policy(state: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`state` (a learner state) with each policy copy it holds set to `weights` (train.init's pretrained policy);
+    the value network and the optimisers keep theirs."""
+    return {**state, **{name: weights for name in POLICY_COPIES if name in state}}
 
 
 def _lr_lambda(schedule: str, total: int):

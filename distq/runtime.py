@@ -1,4 +1,4 @@
-"""Process-level CPU settings for training: torch threads and the C allocator.
+"""Process-level CPU settings for training (torch threads and the C allocator), and what the machine is.
 
 Each update allocates activation buffers of a few MB (K B rows by the hidden width). glibc serves blocks that
 large with mmap and returns them to the OS when freed, so every episode page-faults its buffers in again;
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -32,3 +35,26 @@ def configure_cpu(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()
+
+
+def machine() -> dict[str, object]:
+    """What benchmark and result files record of the machine: CPU model and logical cores, memory, OS, torch and the
+    GPU (None without CUDA)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        memory = None
+    return {"cpu": models[0] if models else platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "memory_gib": memory, "platform": platform.platform(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def describe_machine() -> str:
+    """machine() in one line, for result tables."""
+    info = machine()
+    memory = f", {info['memory_gib']} GiB" if info["memory_gib"] else ""
+    return (f"{info['cpu']}, {info['cpus']} logical CPUs{memory}, {info['gpu'] or 'no GPU'}, torch {info['torch']}, "
+            f"{info['platform']}")

@@ -19,7 +19,7 @@ from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy
-from distq.learner import TrainingDiverged, deployed_policy
+from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
@@ -214,9 +214,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         if payload is not None:
             backend.load_learner_state(payload["learner"])
         elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
-            state = backend.learner_state()
-            state.update({name: init for name in ("policy", "reference", "policy_average") if name in state})
-            backend.load_learner_state(state)
+            backend.load_learner_state(with_initial_policy(backend.learner_state(), init))
         log = MetricsLog(config, rows, start, echo)
         began = time.perf_counter()
         _loop(config, run_dir, backend, dataset, log, start)

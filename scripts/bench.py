@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from distq.data import load_dataset  # noqa: E402
 from distq.policy import StepMeans  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
 from distq.rollout import episode_chunks  # noqa: E402
-from distq.runtime import keep_freed_memory  # noqa: E402
+from distq.runtime import keep_freed_memory, machine  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
 PAPER_SCALE = {"data": {"source": "swiss_roll", "n_samples": 300}, "reward": {"fn": "swiss_roll_rectangle"},
@@ -501,8 +500,7 @@ def main() -> None:
         plot_scale(result, OUT / "scale.png")
     else:
         result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                         "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
+    result["machine"] = {**machine(), "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
     path = OUT / (args.name or f"{args.what}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -36,6 +36,7 @@ from distq.errors import DistqError  # noqa: E402
 from distq.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
 from distq.learner import deployed_policy  # noqa: E402
 from distq.rewards import load_reward  # noqa: E402
+from distq.runtime import describe_machine  # noqa: E402
 from distq.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,11 @@ FINER_SAMPLING_STEPS = 40
 """Tables 3-4 also evaluate every run with the sde at 40 steps, twice its training grid's 20: the policy and value
 are functions of continuous time, and the finer grid's smaller discretisation error lowers KL at equal reward."""
 SECOND_ORDER = ("heun", "dpmpp_2m")  # generation-only samplers of the ablations
-TIME_FREQUENCIES = 8
+TIME_FREQUENCIES = 16
+EMBEDDING = (f"model.time_frequencies={TIME_FREQUENCIES}",)
+"""Tables 3-4's models A and B, and so every fine-tuning of them, see a learned time embedding: with it and 40
+sampling steps, q-learning from scratch reaches KL 0.25-0.27 at reward 0.8 (benchmarks/finer_sampling.md). The
+ablations compare it with the paper's tau / T input."""
 EMBEDDING_GRID_POWERS = (1.5, 2.0)
 
 
@@ -81,8 +86,10 @@ def trained(name: str, config_file: str, overrides: list[str], args,
                                               f"eval.batches={args.eval_batches}", "train.progress_seconds=60"])
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        print(f"{name}: finished earlier, kept", flush=True)
-        return config, run_dir, json.loads(summary_path.read_text())
+        if load_config(run_dir / "config.yaml") == config:
+            print(f"{name}: finished earlier, kept", flush=True)
+            return config, run_dir, json.loads(summary_path.read_text())
+        print(f"{name}: finished earlier with another config", flush=True)
     echo = lambda line: print(f"  {line}", flush=True)  # noqa: E731
     if (run_dir / "checkpoint.pt").is_file():  # interrupted: continue from its last checkpoint
         try:
@@ -142,7 +149,7 @@ def kl_at_reward(points: list[tuple[float, float]], target: float) -> Optional[f
 def _finetuned(model: str, model_dir: Path, method: str, beta: float, args) -> tuple[dict, dict]:
     """`method` fine-tuning `model_dir` at `beta` for args.finetune_episodes: its summary (evaluated on its training
     grid) and its evaluation with the sde at FINER_SAMPLING_STEPS."""
-    overrides = [f"train.init={model_dir}", f"train.algorithm={method}", f"train.beta={beta}"]
+    overrides = [*EMBEDDING, f"train.init={model_dir}", f"train.algorithm={method}", f"train.beta={beta}"]
     if method != "qlearning":
         overrides.append("train.processes=1")
     config, run_dir, summary = trained(f"table_{model}_{method}_beta{beta:g}", FINE_CONFIG, overrides, args,
@@ -161,9 +168,11 @@ def _reward_kl(metrics: dict) -> str:
     return f"{_ci(metrics['reward_mean'], metrics['reward_ci95'])} | {_ci(metrics['kl_mean'], metrics['kl_ci95'])}"
 
 
-def pretrained_model(name: str, share: float, args) -> tuple[Config, Path, dict]:
-    """Model A (share 1: args.episodes at beta = 0) or B (share 0.6: the paper's 30,000 of 50,000)."""
-    return trained(f"model_{name}", FINE_CONFIG, ["train.beta=0"], args, round(share * args.episodes))
+def pretrained_model(name: str, share: float, args, embedded: bool = True) -> tuple[Config, Path, dict]:
+    """Model A (share 1: args.episodes at beta = 0) or B (share 0.6: the paper's 30,000 of 50,000), with the learned
+    time embedding (EMBEDDING) or, `embedded` False, with the paper's tau / T input."""
+    return trained(f"model_{name}_time{TIME_FREQUENCIES}" if embedded else f"model_{name}", FINE_CONFIG,
+                   ["train.beta=0", *(EMBEDDING if embedded else ())], args, round(share * args.episodes))
 
 
 def tables3_4(args) -> str:
@@ -201,7 +210,8 @@ def tables3_4(args) -> str:
                         "\n\nThe runs behind it (KL at a reward is interpolated linearly between the two runs of a "
                         "method whose rewards bracket it):\n\n" + "\n".join(sweep))
     return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK and q-learning\n\n" + _header(args) +
-            f"Every run: `{FINE_CONFIG}`; fine-tuning runs start from the model's policy (`train.init`) and take "
+            f"Every run: `{FINE_CONFIG}` with `model.time_frequencies: {TIME_FREQUENCIES}` (a learned time "
+            "embedding); fine-tuning runs start from the model's policy (`train.init`) and take "
             f"{args.finetune_episodes:,} episodes. Each is evaluated with the sde on its training grid "
             f"({model_config.sde.num_steps} steps) and at {FINER_SAMPLING_STEPS} steps (rows `sampled at "
             f"{FINER_SAMPLING_STEPS} steps`: the same policy, a finer discretisation of the same continuous-time "
@@ -247,10 +257,10 @@ def on_grid(config: Config, sampler: str, power: float, steps: int) -> Config:
 
 
 def grid_ablation(args) -> str:
-    """Table 5's question (beta = 0, few steps) for model A of Tables 3-4: each sampler (and the SECOND_ORDER ones) at
+    """Table 5's question (beta = 0, few steps) for model A with the paper's tau / T input: each sampler (and the SECOND_ORDER ones) at
     50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a perfect learner on
     the same grid."""
-    config, run_dir, _ = pretrained_model("A", 1.0, args)
+    config, run_dir, _ = pretrained_model("A", 1.0, args, embedded=False)
     dataset, reward, rollout = trained_rollout(config, run_dir)
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL learned / perfect learner" for k in STEPS) + " |",
             "|---|---|" + "---|" * len(STEPS)]
@@ -274,11 +284,11 @@ def grid_ablation(args) -> str:
 
 
 def time_embedding_ablation(args) -> str:
-    """Table 5's few-step question for model A trained again with a learned time embedding (model.time_frequencies =
-    TIME_FREQUENCIES), beside model A, with ddim and the SECOND_ORDER samplers on the grids of EMBEDDING_GRID_POWERS."""
+    """Table 5's few-step question for model A with and without the learned time embedding (model.time_frequencies =
+    TIME_FREQUENCIES), with ddim and the SECOND_ORDER samplers on the grids of EMBEDDING_GRID_POWERS."""
     evaluated = []
-    for name, overrides in (("A", []), (f"A_time{TIME_FREQUENCIES}", [f"model.time_frequencies={TIME_FREQUENCIES}"])):
-        config, run_dir, _ = trained(f"model_{name}", FINE_CONFIG, ["train.beta=0", *overrides], args)
+    for embedded in (False, True):
+        config, run_dir, _ = pretrained_model("A", 1.0, args, embedded)
         evaluated.append((config, run_dir, *trained_rollout(config, run_dir)))
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL tau / T / learned embedding" for k in STEPS)
             + " |", "|---|---|" + "---|" * len(STEPS)]
@@ -304,7 +314,7 @@ def time_embedding_ablation(args) -> str:
 def _header(args) -> str:
     mode = (f"**QUICK: {args.episodes:,} episodes per run (the paper: 50,000), eval {args.eval_batches} batches of 300**"
             if args.episodes < 50_000 else f"{args.episodes:,} episodes per run, eval {args.eval_batches} batches of 300")
-    return f"{mode}. Command: `{args.command}`. Hardware: the machine that ran it.\n\n"
+    return f"{mode}. Command: `{args.command}`. Hardware: {describe_machine()}.\n\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

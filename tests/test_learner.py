@@ -9,7 +9,7 @@ import torch
 from distq.components import build_learner, build_rollout
 from distq.config import config_from_dict
 from distq.errors import DistqError
-from distq.learner import TrainingDiverged, deployed_policy
+from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
 from distq.rollout import Trajectories, episode_chunks
 
 T, DT, D, B = 5.0, 0.5, 2, 12
@@ -270,6 +270,20 @@ def test_without_an_average_the_trained_policy_is_deployed():
     assert learner.average is None and "policy_average" not in learner.state_dict()
     for weights in (learner.policy_weights(deployed=True), deployed_policy(learner.state_dict())):
         assert all(torch.equal(a, b) for a, b in zip(weights.values(), learner.policy.state_dict().values()))
+
+
+def test_an_initial_policy_sets_every_policy_copy_and_keeps_the_value_network():
+    """train.init: the policy, the moving average (ema_rate > 0) and what it deploys become the pretrained weights;
+    the value network and the optimisers are untouched."""
+    pretrained = build_learner(_config(seed=9), _points(), _reward).policy_weights()
+    learner = build_learner(_config(ema_rate=0.1), _points(), _reward)
+    state = learner.state_dict()
+    learner.load_state_dict(with_initial_policy(state, pretrained))
+    for net in (learner.policy, learner.average):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), pretrained.values()))
+    assert all(torch.equal(a, b) for a, b in zip(deployed_policy(learner.state_dict()).values(), pretrained.values()))
+    assert all(torch.equal(a, b) for a, b in zip(learner.value.state_dict().values(), state["value"].values()))
+    assert "reference" not in with_initial_policy(state, pretrained)  # only the copies the learner has
 
 
 def test_cosine_schedule_decays_to_zero():

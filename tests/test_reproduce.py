@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from distq.configfile import load_config
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,7 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     reproduce.main(argv)
     figure1, tables = (tmp_path / "figure1.md").read_text(), (tmp_path / "tables5_6.md").read_text()
     assert "QUICK: 10 episodes per run" in figure1 and "| 1 |" in figure1 and "0.982" in figure1
+    assert "logical CPUs" in figure1  # the hardware the numbers come from
     assert "(0.14)" in tables and "(1.29)" in tables and "runs/swiss_roll_beta2.25" in tables
     assert (tmp_path / "figure3.md").read_text().count("\n| ") == 5
     assert all((tmp_path / f"figure3_beta{b}.png").is_file() for b in ("0", "1", "2.25", "4"))
@@ -44,10 +47,11 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     assert " / - |" not in ablation  # every sampler beside its perfect learner
     # the time-embedding ablation: ddim, heun and dpmpp_2m on its grid powers, each cell without / with the embedding
     embedding = tables[tables.index("## Ablation: a learned time embedding"):]
-    assert "runs/model_A_time8" in embedding and embedding.count(" | 2 | ") == 1 + len(reproduce.SECOND_ORDER)
+    assert "runs/model_A_time16" in embedding and embedding.count(" | 2 | ") == 1 + len(reproduce.SECOND_ORDER)
     assert (embedding.count("\n| ddim | ") == embedding.count("\n| heun | ") == embedding.count("\n| dpmpp_2m | ")
             == len(reproduce.EMBEDDING_GRID_POWERS))
-    assert (tmp_path / "runs" / "model_A_time8" / "checkpoint.pt").is_file()
+    assert (tmp_path / "runs" / "model_A_time16" / "checkpoint.pt").is_file()
+    assert "runs/model_A_time16" in tables34 and "`model.time_frequencies: 16`" in tables34
     capsys.readouterr()
     reproduce.main(argv)
     # + ddpo_sf's run, + model A once more for each ablation, + the embedding's model
@@ -94,3 +98,17 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, capsys):
     reproduce.trained("stopped", "configs/gmm1d.yaml", [*overrides, "train.beta=1"], args)
     assert "cannot continue" in capsys.readouterr().out
     assert load_checkpoint(stopped / "checkpoint.pt")["config"]["train"]["beta"] == 1.0
+
+
+def test_a_finished_run_is_kept_only_with_the_same_config(tmp_path, capsys):
+    """A finished run of another config (an older reproduce.py's, say) is not quoted: it is trained again."""
+    reproduce = _reproduce()
+    args = reproduce.parse_args(["--episodes", "5", "--eval-batches", "2", "--out", str(tmp_path)])
+    reproduce.trained("run", "configs/gmm1d.yaml", [], args)
+    capsys.readouterr()
+    reproduce.trained("run", "configs/gmm1d.yaml", [], args)
+    assert "run: finished earlier, kept" in capsys.readouterr().out
+    _, run_dir, _ = reproduce.trained("run", "configs/gmm1d.yaml", ["train.beta=1"], args)
+    out = capsys.readouterr().out
+    assert "run: finished earlier with another config" in out and "finished earlier, kept" not in out
+    assert load_config(run_dir / "config.yaml").train.beta == 1.0
