@@ -20,7 +20,8 @@ SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
 GENERATION_SAMPLERS = (*SAMPLERS, "heun", "dpmpp_2m")
-"""heun (distq.samplers.heun_step) takes two actions per step: for generation (distq sample, evaluation) only."""
+"""heun (distq.samplers.heun_step: two actions per step) and dpmpp_2m (dpmpp_2m_step: it carries the previous step's
+denoised state) are for generation (distq sample, evaluation) only."""
 PRECONDITIONS = ("edm", "none")
 VALUE_PRIORS = ("none", "posterior_reward")
 LR_SCHEDULES = ("constant", "cosine")

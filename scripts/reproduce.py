@@ -185,7 +185,8 @@ def tables3_4(args) -> str:
                 "|---|" + "---|" * len(TARGETS),
                 "| exponential tilt of the data (least possible) | " + " | ".join(f"{f:.2f}" for f in TILT_FLOOR) + " |"]
         finer = finer_sampling(model_config, model_dir)
-        sweep = [f"| method | beta | reward | KL | reward, {FINER_SAMPLING_STEPS} steps | KL, {FINER_SAMPLING_STEPS} steps |",
+        finer_columns = f"reward, {FINER_SAMPLING_STEPS} steps | KL, {FINER_SAMPLING_STEPS} steps"
+        sweep = [f"| method | beta | reward | KL | {finer_columns} |",
                  "|---|---|---|---|---|---|",
                  f"| pretrained model {model} (paper: reward {paper['pretrained'][0]}, KL {paper['pretrained'][1]}) | 0 | "
                  f"{_reward_kl(pretrained)} | {_reward_kl(finer)} |"]
@@ -257,9 +258,9 @@ def on_grid(config: Config, sampler: str, power: float, steps: int) -> Config:
 
 
 def grid_ablation(args) -> str:
-    """Table 5's question (beta = 0, few steps) for model A with the paper's tau / T input: each sampler (and the SECOND_ORDER ones) at
-    50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a perfect learner on
-    the same grid."""
+    """Table 5's question (beta = 0, few steps) for model A with the paper's tau / T input: each sampler (and the
+    SECOND_ORDER ones) at 50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a
+    perfect learner on the same grid."""
     config, run_dir, _ = pretrained_model("A", 1.0, args, embedded=False)
     dataset, reward, rollout = trained_rollout(config, run_dir)
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL learned / perfect learner" for k in STEPS) + " |",
@@ -276,7 +277,8 @@ def grid_ablation(args) -> str:
     return (f"## Ablation: time grids (model A: `{run_dir.relative_to(args.out.parent)}`, `{FINE_CONFIG}`, trained "
             f"with sde at {config.sde.num_steps} steps on grid power {config.sde.grid_power:g})\n\n"
             "Paper, Table 5 at 5 steps: ddim 0.72, ode_euler 0.56, sde 0.83 (uniform grid). The perfect learner is "
-            "the reverse process driven by the exact ratio score (ratio.bandwidth included) on the same grid and sampler. "
+            "the reverse process driven by the exact ratio score (ratio.bandwidth included) on the same grid and "
+            "sampler. "
             "heun: second-order probability-flow ODE, two policy evaluations per step; dpmpp_2m: DPM-Solver++(2M), "
             "ddim made second order with the previous step's denoised state, one evaluation per step (both "
             "generation only).\n\n"
