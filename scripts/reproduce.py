@@ -113,8 +113,7 @@ def figure1(args) -> str:
         config, run_dir, summary = trained(f"gmm1d_beta{beta:g}", "configs/gmm1d.yaml", [f"train.beta={beta}"], args)
         samples = torch.tensor(pq.read_table(run_dir / "samples.parquet").column("x0").to_numpy())
         rows.append(f"| {beta:g} | {float((samples > 0).float().mean()):.3f} | {right_mode_mass(beta):.3f} | "
-                    f"{_ci(summary['reward_mean'], summary['reward_ci95'])} | {_ci(summary['kl_mean'], summary['kl_ci95'])} "
-                    f"| {summary['kl_floor']:.3f} |")
+                    f"{_reward_kl(summary)} | {summary['kl_floor']:.3f} |")
         shutil.copy(run_dir / "samples.png", args.out / f"figure1_beta{beta:g}.png")
     return ("# Figure 1: 1D Gaussian mixture, reward -|x - 6|\n\n" + _header(args) +
             "The paper's figure is qualitative: at beta = 0.1 more samples near the right mode, at beta = 1 samples "
@@ -159,9 +158,7 @@ def _finetuned(model: str, model_dir: Path, method: str, beta: float, args) -> t
 
 def finer_sampling(config: Config, run_dir: Path) -> dict:
     """The finished run's metrics with the sde at FINER_SAMPLING_STEPS on its own grid power."""
-    dataset, reward, rollout = trained_rollout(config, run_dir)
-    cell = on_grid(config, "sde", config.sde.grid_power, FINER_SAMPLING_STEPS)
-    return evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), "sde")[0]
+    return evaluate_on(trained_rollout(config, run_dir), config, "sde", config.sde.grid_power, FINER_SAMPLING_STEPS)
 
 
 def _reward_kl(metrics: dict) -> str:
@@ -183,13 +180,14 @@ def tables3_4(args) -> str:
         model_config, model_dir, pretrained = pretrained_model(model, share, args)
         rows = ["| method | " + " | ".join(f"KL at reward {r:g} (paper)" for r in TARGETS) + " |",
                 "|---|" + "---|" * len(TARGETS),
-                "| exponential tilt of the data (least possible) | " + " | ".join(f"{f:.2f}" for f in TILT_FLOOR) + " |"]
+                "| exponential tilt of the data (least possible) | " + " | ".join(f"{f:.2f}" for f in TILT_FLOOR)
+                + " |"]
         finer = finer_sampling(model_config, model_dir)
         finer_columns = f"reward, {FINER_SAMPLING_STEPS} steps | KL, {FINER_SAMPLING_STEPS} steps"
         sweep = [f"| method | beta | reward | KL | {finer_columns} |",
                  "|---|---|---|---|---|---|",
-                 f"| pretrained model {model} (paper: reward {paper['pretrained'][0]}, KL {paper['pretrained'][1]}) | 0 | "
-                 f"{_reward_kl(pretrained)} | {_reward_kl(finer)} |"]
+                 f"| pretrained model {model} (paper: reward {paper['pretrained'][0]}, KL "
+                 f"{paper['pretrained'][1]}) | 0 | {_reward_kl(pretrained)} | {_reward_kl(finer)} |"]
         for method, betas in FINETUNE_BETAS.items():
             points: tuple[list, list] = ([], [])
             for beta in betas:
@@ -206,8 +204,9 @@ def tables3_4(args) -> str:
             evaluations = _finetuned(model, model_dir, "ddpo_sf", 1.0, args)
             sweep.append(f"| ddpo_sf (paper: reward {paper['ddpo_sf'][0]}, KL {paper['ddpo_sf'][1]}) | any | "
                          + " | ".join(map(_reward_kl, evaluations)) + " |")
-        sections.append(f"## Table {3 if model == 'A' else 4}: model {model} (`{model_dir.relative_to(args.out.parent)}`, "
-                        f"{round(share * args.episodes):,} episodes at beta = 0)\n\n" + "\n".join(rows) +
+        sections.append(f"## Table {3 if model == 'A' else 4}: model {model} "
+                        f"(`{model_dir.relative_to(args.out.parent)}`, {round(share * args.episodes):,} episodes at "
+                        "beta = 0)\n\n" + "\n".join(rows) +
                         "\n\nThe runs behind it (KL at a reward is interpolated linearly between the two runs of a "
                         "method whose rewards bracket it):\n\n" + "\n".join(sweep))
     return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK and q-learning\n\n" + _header(args) +
@@ -241,7 +240,8 @@ def tables5_6(args, models: dict) -> str:
             cells = []
             for steps, paper_kl in zip(STEPS, numbers):
                 metrics = evaluate_policy(rollout, dataset, reward, config, make_grid(config, steps), sampler)[0]
-                cells.append(f"{_ci(metrics['kl_mean'], metrics['kl_ci95'])} ({paper_kl}) / {metrics['reward_mean']:.3f}")
+                cells.append(f"{_ci(metrics['kl_mean'], metrics['kl_ci95'])} ({paper_kl}) / "
+                             f"{metrics['reward_mean']:.3f}")
             rows.append(f"| {sampler} | " + " | ".join(cells) + " |")
         sections.append(f"## {title}\n\nModel: `{run_dir.relative_to(args.out.parent)}` (beta = {beta:g}, trained with "
                         f"{config.sde.sampler} at {config.sde.num_steps} steps; reward {summary['reward_mean']:.3f})."
@@ -257,21 +257,29 @@ def on_grid(config: Config, sampler: str, power: float, steps: int) -> Config:
         config.sde, sampler=sampler if sampler in SAMPLERS else "ode_euler", grid_power=power, dt=config.sde.T / steps))
 
 
+def evaluate_on(trained: tuple, config: Config, sampler: str, power: float, steps: int) -> dict:
+    """The metrics of a trained run's policy (trained_rollout's (dataset, reward, rollout) of `config`'s run) with
+    `sampler` at `steps` steps on grid power `power`."""
+    dataset, reward, rollout = trained
+    cell = on_grid(config, sampler, power, steps)
+    return evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
+
+
 def grid_ablation(args) -> str:
     """Table 5's question (beta = 0, few steps) for model A with the paper's tau / T input: each sampler (and the
     SECOND_ORDER ones) at 50 / 10 / 5 steps on grids t_k = T ((K - k) / K)^p, p = 1 (the paper's) / 1.5 / 2, beside a
     perfect learner on the same grid."""
     config, run_dir, _ = pretrained_model("A", 1.0, args, embedded=False)
-    dataset, reward, rollout = trained_rollout(config, run_dir)
+    trained = trained_rollout(config, run_dir)
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL learned / perfect learner" for k in STEPS) + " |",
             "|---|---|" + "---|" * len(STEPS)]
     for sampler in (*PAPER_TABLE5, *SECOND_ORDER):
         for power in GRID_POWERS:
             cells = []
             for steps in STEPS:
-                cell = on_grid(config, sampler, power, steps)
-                learned = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
-                perfect = evaluate_perfect_learner(cell, dataset, reward, sampler)["kl_mean"]
+                learned = evaluate_on(trained, config, sampler, power, steps)
+                perfect = evaluate_perfect_learner(on_grid(config, sampler, power, steps), *trained[:2],
+                                                   sampler)["kl_mean"]
                 cells.append(f"{_ci(learned['kl_mean'], learned['kl_ci95'])} / {perfect:.3f}")
             rows.append(f"| {sampler} | {power:g} | " + " | ".join(cells) + " |")
     return (f"## Ablation: time grids (model A: `{run_dir.relative_to(args.out.parent)}`, `{FINE_CONFIG}`, trained "
@@ -291,7 +299,7 @@ def time_embedding_ablation(args) -> str:
     evaluated = []
     for embedded in (False, True):
         config, run_dir, _ = pretrained_model("A", 1.0, args, embedded)
-        evaluated.append((config, run_dir, *trained_rollout(config, run_dir)))
+        evaluated.append((config, run_dir, trained_rollout(config, run_dir)))
     rows = ["| sampler | grid power | " + " | ".join(f"{k} steps: KL tau / T / learned embedding" for k in STEPS)
             + " |", "|---|---|" + "---|" * len(STEPS)]
     for sampler in ("ddim", *SECOND_ORDER):
@@ -299,13 +307,12 @@ def time_embedding_ablation(args) -> str:
             cells = []
             for steps in STEPS:
                 kls = []
-                for config, _, dataset, reward, rollout in evaluated:
-                    cell = on_grid(config, sampler, power, steps)
-                    metrics = evaluate_policy(rollout, dataset, reward, cell, make_grid(cell), sampler)[0]
+                for config, _, trained in evaluated:
+                    metrics = evaluate_on(trained, config, sampler, power, steps)
                     kls.append(_ci(metrics["kl_mean"], metrics["kl_ci95"]))
                 cells.append(" / ".join(kls))
             rows.append(f"| {sampler} | {power:g} | " + " | ".join(cells) + " |")
-    runs = " and ".join(f"`{run_dir.relative_to(args.out.parent)}`" for _, run_dir, *_ in evaluated)
+    runs = " and ".join(f"`{run_dir.relative_to(args.out.parent)}`" for _, run_dir, _ in evaluated)
     return (f"## Ablation: a learned time embedding (models {runs}: `{FINE_CONFIG}` at beta = 0, the second with "
             f"`model.time_frequencies: {TIME_FREQUENCIES}`)\n\n"
             "The networks see tau / T (the paper) or also sin and cos of learned frequencies of it "
@@ -314,8 +321,9 @@ def time_embedding_ablation(args) -> str:
 
 
 def _header(args) -> str:
-    mode = (f"**QUICK: {args.episodes:,} episodes per run (the paper: 50,000), eval {args.eval_batches} batches of 300**"
-            if args.episodes < 50_000 else f"{args.episodes:,} episodes per run, eval {args.eval_batches} batches of 300")
+    evaluation = f"eval {args.eval_batches} batches of 300"
+    mode = (f"**QUICK: {args.episodes:,} episodes per run (the paper: 50,000), {evaluation}**"
+            if args.episodes < 50_000 else f"{args.episodes:,} episodes per run, {evaluation}")
     return f"{mode}. Command: `{args.command}`. Hardware: {describe_machine()}.\n\n"
 
 
