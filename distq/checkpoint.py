@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from distq.config import Config, config_from_dict, flatten
+from distq.config import Config, config_from_dict
 from distq.errors import DistqError
+from distq.schema import flatten
 
 FORMAT = 1
 # Fields that may change between a run and its resumption: how long, how it reports and where it computes (a

@@ -7,14 +7,11 @@ allowed range.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from distq.errors import DistqError
+from distq.schema import build, fail, plain
 
 SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
@@ -43,7 +40,7 @@ POLICY_GRADIENTS = ("td", "rao_blackwell")
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise DistqError(f"config field '{name}' {message}")
+        raise fail("config field", name, message)
 
 
 def _positive(value: float, name: str) -> None:
@@ -420,88 +417,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists instead of tuples), ready for YAML."""
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _yaml_number(text: str) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number everyone means."""
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {dotted path: value}."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check `value` against a field's type hint, converting lists to tuples and ints to floats."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], name)
-    if origin is tuple:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        _require(isinstance(value, (list, tuple)), name, f"must be a list, got {value!r}")
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, str) and hint in (float, int):
-        value = _yaml_number(value)
-    if hint is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(value, float) and value.is_integer():
-            value, ok = int(value), True
-        _require(ok, name, f"must be a whole number, got {value!r}")
-        return value
-    if hint is str:
-        _require(isinstance(value, str), name, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {name}")
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    where = prefix or "the config"
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise DistqError(f"config section '{where}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise DistqError(f"unknown config key '{path}'{hint} (allowed: {', '.join(names)})")
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, path)
-        else:
-            kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+        return plain(dataclasses.asdict(self))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (the YAML layout)."""
-    return _build(Config, values, "")
+    return build(Config, values, "", "config field")

@@ -15,28 +15,29 @@ and both ends of every range by building the training config they give. No Ray i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distq.config import Config, config_from_dict, flatten
+from distq.config import Config, config_from_dict
 from distq.configfile import read_yaml
 from distq.errors import DistqError
+from distq.schema import base_type, build, coerce, fail, flatten, unknown
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 ALGORITHMS = ("random", "grid", "optuna")
 METRICS = ("kl_mean", "reward_mean")
 SCHEDULERS = ("asha", "none")
+KIND = "sweep field"
 PENALTY = 10.0
 """Constrained objective: KL plus PENALTY per unit of mean reward below the target (what ASHA and TPE see)."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise DistqError(f"sweep field '{name}' {message}")
+        raise fail(KIND, name, message)
 
 
 @dataclass(frozen=True)
@@ -160,57 +161,6 @@ _SECTIONS = {"search": SearchConfig, "scheduler": SchedulerConfig, "resources": 
              "tracking": TrackingConfig}
 
 
-def _unknown(key: str, allowed: tuple[str, ...], where: str) -> DistqError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return DistqError(f"unknown {where} '{key}'{hint} (allowed: {', '.join(allowed)})")
-
-
-def _base_type(hint: Any) -> Any:
-    """Optional[X] -> X."""
-    if typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _scalar(value: Any, hint: Any, name: str) -> Any:
-    """A sweep field's value checked against its type hint (ints become floats where a float is expected)."""
-    if value is None and typing.get_origin(hint) is typing.Union:
-        return None
-    hint = _base_type(hint)
-    if hint is bool:
-        _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
-    elif hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name, f"must be a whole number, got {value!r}")
-    elif hint is float:
-        if isinstance(value, str):
-            value = _number(value)
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name,
-                 f"must be a number, got {value!r}")
-        value = float(value)
-    else:
-        _require(isinstance(value, str), name, f"must be a string, got {value!r}")
-    return value
-
-
-def _number(text: str) -> Any:
-    """YAML 1.1 reads `1e-3` as a string; accept it as the number everyone means."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _section(cls: type, values: Any, prefix: str) -> Any:
-    _require(isinstance(values, dict), prefix, f"must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = tuple(f.name for f in dataclasses.fields(cls))
-    for key in values:
-        if key not in names:
-            raise _unknown(f"{prefix}.{key}", tuple(f"{prefix}.{n}" for n in names), "sweep field")
-    return cls(**{key: _scalar(value, hints[key], f"{prefix}.{key}") for key, value in values.items()})
-
-
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     """{dotted path: value} -> nested config dict; numpy scalars (as Tune draws them) become Python numbers."""
     nested: dict[str, Any] = {}
@@ -235,7 +185,7 @@ def field_type(path: str) -> Any:
         names = tuple(f.name for f in dataclasses.fields(cls))
         prefix = ".".join(parts[:depth])
         if part not in names:
-            raise _unknown(path, tuple(f"{prefix}.{n}" if prefix else n for n in names), "config path")
+            raise unknown(path, tuple(f"{prefix}.{n}" if prefix else n for n in names), "config path")
         hint = typing.get_type_hints(cls)[part]
         if dataclasses.is_dataclass(hint):
             if depth == len(parts) - 1:
@@ -260,7 +210,7 @@ def _dimension(path: str, spec: Any, base: dict[str, Any]) -> Dimension:
     """One search_space entry, e.g. `train.beta: {grid: [0, 1]}`, checked against the Config field it names."""
     name = f"search_space.{path}"
     try:
-        hint = _base_type(field_type(path))
+        hint = base_type(field_type(path))
     except DistqError as err:
         raise DistqError(f"sweep field '{name}': {err}") from None
     _require(isinstance(spec, dict) and len(spec) == 1, name,
@@ -268,7 +218,7 @@ def _dimension(path: str, spec: Any, base: dict[str, Any]) -> Dimension:
              f"got {spec!r}")
     ((kind, values),) = spec.items()
     if kind not in DISTRIBUTIONS:
-        raise _unknown(str(kind), DISTRIBUTIONS, f"distribution of sweep field '{name}':")
+        raise unknown(str(kind), DISTRIBUTIONS, f"distribution of sweep field '{name}':")
     _require(isinstance(values, list) and len(values) > 0, name, f"{kind} needs a non-empty list, got {values!r}")
     if kind in ("grid", "choice"):
         return Dimension(path, kind, tuple(_check_value(base, path, v, name) for v in values))
@@ -276,7 +226,7 @@ def _dimension(path: str, spec: Any, base: dict[str, Any]) -> Dimension:
     wanted = int if kind == "randint" else float
     _require(hint is wanted, name, f"{kind} needs a {wanted.__name__} field, but '{path}' holds {hint}; "
                                    "use grid or choice")
-    low, high = (_scalar(v, wanted, name) for v in values)
+    low, high = (coerce(v, wanted, name, KIND) for v in values)
     _require(low < high, name, f"{kind} range [{low}, {high}] is empty: low must be < high")
     _require(kind != "loguniform" or low > 0, name, f"loguniform needs low > 0, got {low}")
     for value in (low, high - 1 if kind == "randint" else high):
@@ -346,22 +296,22 @@ def load_sweep(path: str | Path, num_samples: Optional[int] = None, storage: Opt
     try:
         for key in values:
             if key not in TOP_LEVEL:
-                raise _unknown(str(key), TOP_LEVEL, "sweep key")
+                raise unknown(str(key), TOP_LEVEL, "sweep key")
         base = _base(values, path)
         space = values.get("search_space") or {}
         _require(isinstance(space, dict), "search_space", f"must be a mapping of dotted paths, got {space!r}")
-        sections = {key: _section(cls, values.get(key) or {}, key) for key, cls in _SECTIONS.items()}
+        sections = {key: build(cls, values.get(key), key, KIND) for key, cls in _SECTIONS.items()}
         if num_samples is not None:
             sections["search"] = dataclasses.replace(sections["search"], num_samples=num_samples)
         report_every = values.get("report_every", 500)
         _require(isinstance(report_every, int) and not isinstance(report_every, bool) and report_every >= 1,
                  "report_every", f"must be a whole number >= 1, got {report_every!r}")
-        name = _scalar(values.get("name", path.stem), str, "name")
+        name = coerce(values.get("name", path.stem), str, "name", KIND)
         _require(bool(name) and "/" not in name and name not in (".", ".."), "name",
                  f"must be a plain directory name, got {name!r}")
         sweep = Sweep(name=name, base=base, search_space=tuple(_dimension(str(p), s, base) for p, s in space.items()),
-                      report_every=report_every, storage=storage or _scalar(values.get("storage", "runs/tune"),
-                                                                            str, "storage"), **sections)
+                      report_every=report_every, storage=storage or coerce(values.get("storage", "runs/tune"),
+                                                                           str, "storage", KIND), **sections)
         _check_plan(sweep)
     except DistqError as err:
         raise DistqError(f"sweep file {path}: {err}") from None

@@ -14,7 +14,7 @@ import torch
 from distq import rundir
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout, learner_device, rollout_device
-from distq.config import Config, flatten
+from distq.config import Config
 from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
@@ -24,6 +24,7 @@ from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
 from distq.runtime import configure_cpu
+from distq.schema import flatten
 
 Echo = Callable[[str], None]
 
