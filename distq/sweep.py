@@ -303,9 +303,8 @@ def load_sweep(path: str | Path, num_samples: Optional[int] = None, storage: Opt
         sections = {key: build(cls, values.get(key), key, KIND) for key, cls in _SECTIONS.items()}
         if num_samples is not None:
             sections["search"] = dataclasses.replace(sections["search"], num_samples=num_samples)
-        report_every = values.get("report_every", 500)
-        _require(isinstance(report_every, int) and not isinstance(report_every, bool) and report_every >= 1,
-                 "report_every", f"must be a whole number >= 1, got {report_every!r}")
+        report_every = coerce(values.get("report_every", 500), int, "report_every", KIND)
+        _require(report_every >= 1, "report_every", f"must be >= 1, got {report_every}")
         name = coerce(values.get("name", path.stem), str, "name", KIND)
         _require(bool(name) and "/" not in name and name not in (".", ".."), "name",
                  f"must be a plain directory name, got {name!r}")
