@@ -363,6 +363,9 @@ class ParallelConfig:
     """MiB of memory Ray reserves for the Learner actor (None: no reservation)."""
     ray_num_cpus: Optional[int] = None
     """CPUs of an embedded Ray instance (None = all of this machine's)."""
+    connect_timeout_s: float = 60.0
+    """Seconds to wait for a Ray cluster to answer at --address, and for the actors to be placed and built, before
+    stopping with what was asked and what the cluster has."""
 
     def __post_init__(self) -> None:
         _require(self.workers >= 0, "parallel.workers", f"must be >= 0, got {self.workers}")
@@ -371,6 +374,7 @@ class ParallelConfig:
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"parallel.{name}", f"must be >= 0, got {value}")
         _require(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "parallel.ray_num_cpus", "must be >= 1")
+        _positive(self.connect_timeout_s, "parallel.connect_timeout_s")
         _choice(self.rollout_device, "parallel.rollout_device", DEVICES)
         for name in ("memory_per_worker_mb", "learner_memory_mb"):
             value = getattr(self, name)

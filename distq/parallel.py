@@ -13,7 +13,6 @@ actor (batches, weights, learner states) is CPU tensors, whatever device the act
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 import warnings
@@ -29,6 +28,7 @@ from distq.components import build_learner, build_rollout
 from distq.config import Config, ParallelConfig
 from distq.devices import CPU, to_device
 from distq.errors import DistqError
+from distq.ray_cluster import connect_ray, wait_placed
 from distq.rewards import load_reward
 from distq.rollout import Chunk, Trajectories, episode_chunks
 from distq.runtime import configure_cpu
@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # actor processes import this module: keep distq.data (sklear
 
 ATTEMPTS = 3
 """Replacements of one worker in a row (for one batch) before the run gives up."""
+LOST = "lost_parts"
+"""The Learner's answer, instead of metrics, when parts of a batch could not be read."""
 
 
 def _nbytes(tensors) -> int:
@@ -112,10 +114,29 @@ class Learner(_Actor):
         self.learner = build_learner(config, points, reward, labels)
 
     @ray.method(num_returns=2)
-    def update(self, *parts: Trajectories) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One update on the batch's parts (in chunk order); returns the metrics and the new weights."""
+    def update(self, parts: list[ray.ObjectRef]) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+        """One update on the batch's parts (refs in chunk order); returns the metrics and the new weights, or, if a
+        part could not be read, ({LOST: its indices}, None) and no update."""
         self.ready()
-        return self.learner.update(Trajectories.concat(parts)), self.learner.policy_weights()
+        read, lost = self.read_parts(parts)
+        if lost:
+            return {LOST: lost}, None
+        return self.learner.update(Trajectories.concat(read)), self.learner.policy_weights()
+
+    def read_parts(self, parts: list[ray.ObjectRef]) -> tuple[list[Trajectories], list[int]]:
+        """The parts that can be read, and the indices of those that cannot: their worker died before finishing, or
+        the node that held the finished part was lost (Ray cannot rebuild it: workers are never restarted). The
+        learner reads them itself, not as task arguments, so that a loss is reported part by part instead of failing
+        the call, whenever it happens."""
+        read, lost = [], []
+        for index, ref in enumerate(parts):
+            try:
+                read.append(ray.get(ref))
+            except (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError):
+                lost.append(index)
+            except ray.exceptions.RayTaskError as err:  # the worker's own error, e.g. a bad reward: one line
+                raise (err.cause if isinstance(err.cause, DistqError) else err) from None
+        return read, lost
 
     def weights(self, deployed: bool = False) -> dict[str, torch.Tensor]:
         self.ready()
@@ -171,22 +192,6 @@ def _memory(mebibytes: Optional[float]) -> dict[str, int]:
     return {} if mebibytes is None else {"memory": int(mebibytes * 2**20)}
 
 
-def _connect(parallel: ParallelConfig, address: Optional[str]) -> bool:
-    """Join `address` (a cluster) or start an embedded instance, unless Ray is already up; True if it ran ray.init."""
-    if ray.is_initialized():
-        return False
-    # Actors' output and Ray's info lines would break the driver's progress line.
-    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(address="local", num_cpus=parallel.ray_num_cpus, include_dashboard=False, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise DistqError(f"could not start or join Ray (address {address or 'local'}): {err}") from None
-    return True
-
-
 def _check_fits(parallel: ParallelConfig) -> None:
     """Actors that cannot all be placed would wait forever: fail now, naming the fields to change."""
     cpus = parallel.workers * parallel.num_cpus_per_worker + parallel.learner_num_cpus
@@ -204,6 +209,16 @@ def _check_fits(parallel: ParallelConfig) -> None:
             f"parallel.workers={parallel.workers} actors x parallel.memory_per_worker_mb="
             f"{parallel.memory_per_worker_mb} + parallel.learner_memory_mb={parallel.learner_memory_mb} reserve "
             f"{memory:g} MiB, but the embedded Ray has {have.get('memory', 0) / 2**20:.0f} MiB; lower those fields")
+
+
+def _asked(parallel: ParallelConfig) -> str:
+    """The actors' resources, as the fields that set them."""
+    memory = (f", parallel.memory_per_worker_mb={parallel.memory_per_worker_mb}, parallel.learner_memory_mb="
+              f"{parallel.learner_memory_mb}" if parallel.memory_per_worker_mb or parallel.learner_memory_mb else "")
+    return (f"parallel.workers={parallel.workers} RolloutWorkers x (parallel.num_cpus_per_worker="
+            f"{parallel.num_cpus_per_worker} CPU, parallel.num_gpus_per_worker={parallel.num_gpus_per_worker} GPU) + "
+            f"a Learner (parallel.learner_num_cpus={parallel.learner_num_cpus} CPU, parallel.learner_num_gpus="
+            f"{parallel.learner_num_gpus} GPU){memory}")
 
 
 def _discard(refs: list, timeout: Optional[float] = None) -> None:
@@ -242,20 +257,21 @@ class RayBackend:
         self.rollout_workers: list = []
         self._learner, self._pending = None, None
         address = address or os.environ.get("RAY_ADDRESS")
-        self._started = _connect(config.parallel, address)
+        parallel = config.parallel
+        self._started = connect_ray(address, parallel.connect_timeout_s, parallel.ray_num_cpus)
         try:
             if self._started and not address:
                 _check_fits(config.parallel)
             # the condition labels (conditional runs) travel as the points do: put once, read in place
             self._data = [ray.put(array.numpy()) for array in (dataset.points, dataset.labels) if array is not None]
             self._condition_values = dataset.condition_values
-            parallel = config.parallel
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
                                             max_restarts=0, **_memory(parallel.learner_memory_mb)
                                             ).remote(self.config, self._data, self._condition_values)
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
-            for actor in (self._learner, *self.rollout_workers):
-                _get(actor.ready.remote())
+            ready = [actor.ready.remote() for actor in (self._learner, *self.rollout_workers)]
+            for ref in wait_placed(ready, parallel.connect_timeout_s, _asked(parallel)):
+                _get(ref)
             self._weights, self._version = self._learner.weights.remote(), 0
         except BaseException:
             self.close()
@@ -289,65 +305,48 @@ class RayBackend:
             self.rollout_workers[slot] = self._new_worker()
             self.restarts += 1
 
-    def _gather(self, batch: _Batch) -> tuple[list, dict[int, dict]]:
-        """The batch's trajectory refs in chunk order and each slot's stats (see `_wait`)."""
-        try:
-            stats = {slot: self._wait(batch, slot) for slot in batch.groups}
-        except DistqError:
-            _discard(_outstanding(batch))
-            raise
-        return [batch.calls[slot][1] for slot in sorted(batch.calls)], stats
-
-    def _wait(self, batch: _Batch, slot: int) -> dict[str, float]:
-        """A slot's stats; a dead worker is replaced and its chunks generated again (same seeds and weights, so no
-        trajectory is lost or counted twice)."""
+    def _regenerate(self, batch: _Batch, slot: int) -> None:
+        """Generate a slot's chunks again with the batch's weights, replacing its worker while it is dead."""
         for attempt in range(ATTEMPTS + 1):
-            actor, trajectories, stats = batch.calls[slot]
+            actor, trajectories, stats = batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
             try:
-                return _get(stats, trajectories)
+                _get(stats, trajectories)
+                return
             except ray.exceptions.RayActorError as err:
                 if attempt == ATTEMPTS:
                     raise DistqError(f"RolloutWorker {slot} died {ATTEMPTS + 1} times in a row generating episode "
                                      f"{batch.episode}: {str(err).splitlines()[0]}") from None
                 self._replace(slot, actor)
-                batch.calls[slot] = self._call(slot, batch.weights, batch.groups[slot])
 
-    def _update(self, batch: _Batch, parts: list) -> tuple[dict[str, float], ray.ObjectRef]:
-        """One learner update on the gathered batch."""
-        metrics, weights = self._learner.update.remote(*parts)
-        try:
-            return _get(metrics, weights), weights
-        except ray.exceptions.ObjectLostError:
-            # a finished part was lost with its node before the learner read it: generate the batch again, once
-            calls = {slot: self._call(slot, batch.weights, group) for slot, group in batch.groups.items()}
-            metrics, weights = self._learner.update.remote(*self._gather(dataclasses.replace(batch, calls=calls))[0])
-            return _get(metrics, weights), weights
-        except ray.exceptions.RayActorError as err:
-            raise DistqError(f"the Learner actor died ({str(err).splitlines()[0]}); its state is lost: continue "
-                             "from the last checkpoint with --resume RUN_DIR") from None
+    def _update(self, batch: _Batch) -> tuple[dict[str, float], ray.ObjectRef]:
+        """The learner's update on the batch and its new weights; in async mode the next batch starts meanwhile.
 
-    def _chained_update(self, batch: _Batch) -> tuple[dict[str, float], ray.ObjectRef, dict[int, dict]]:
-        """The update on the workers' results as they come (Ray hands them to the learner; the driver does not wait
-        in between). In async mode the next batch starts meanwhile. If a worker died, the update did not run (its
-        input failed): the batch is completed by replacement workers (`_gather`) and the update made then."""
-        parts = [batch.calls[slot][1] for slot in sorted(batch.calls)]
-        metrics, weights = self._learner.update.remote(*parts)
-        if self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
-            self._pending = self._submit(batch.episode + 1)
-        stats_refs = [batch.calls[slot][2] for slot in sorted(batch.calls)]
-        try:
-            values = ray.get([metrics, *stats_refs])
-            return values[0], weights, dict(zip(sorted(batch.calls), values[1:]))
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-            _discard([metrics, weights])
-        except ray.exceptions.RayTaskError as err:
-            _discard([weights, *parts, *stats_refs])  # read every failed result, else Ray reports it as unhandled
-            if isinstance(err.cause, DistqError):
-                raise err.cause from None
-            raise
-        parts, stats = self._gather(batch)
-        metrics, weights = self._update(batch, parts)
-        return metrics, weights, stats
+        Exactness under failures is kept here, not left to Ray: workers are never restarted and their calls never
+        retried by Ray (a restarted actor would not know which weights and chunks were lost), and Ray's lineage
+        reconstruction cannot rebuild a non-restartable actor's results, so a part lost with its node fails to
+        read. Whenever that happens, before or while the learner reads the batch, the learner reports the parts it
+        could not read and does not update; only those parts are generated again, with the same weights and chunks
+        (so the same seeds), and the learner reads the batch again. A part lost after the learner read it is no
+        longer needed. So every chunk enters exactly one update, as in an uninterrupted run."""
+        for attempt in range(ATTEMPTS + 1):
+            slots = sorted(batch.calls)
+            metrics, weights = self._learner.update.remote([batch.calls[slot][1] for slot in slots])
+            if attempt == 0 and self.config.parallel.mode == "async" and batch.episode < self.config.train.episodes:
+                self._pending = self._submit(batch.episode + 1)
+            try:
+                result = _get(metrics, weights)
+            except ray.exceptions.RayActorError as err:
+                raise DistqError(f"the Learner actor died ({str(err).splitlines()[0]}); its state is lost: continue "
+                                 "from the last checkpoint with --resume RUN_DIR") from None
+            if LOST not in result:
+                return result, weights
+            for index in result[LOST]:
+                self._regenerate(batch, slots[index])
+        raise DistqError(f"parts of episode {batch.episode}'s batch were lost {ATTEMPTS + 1} times in a row")
+
+    def _stats(self, batch: _Batch) -> dict[int, dict[str, float]]:
+        """Each slot's stats (small results, kept by the driver: they outlive a lost node)."""
+        return dict(zip(sorted(batch.calls), ray.get([batch.calls[slot][2] for slot in sorted(batch.calls)])))
 
     def step(self, episode: int) -> dict[str, float]:
         """One episode: the batch from the workers, one learner update; the learner's metrics plus time/rollout_s
@@ -356,7 +355,12 @@ class RayBackend:
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         batch = pending if pending is not None and pending.episode == episode else self._submit(episode)
-        metrics, weights, stats = self._chained_update(batch)
+        try:
+            metrics, weights = self._update(batch)
+            stats = self._stats(batch)
+        except BaseException:
+            _discard(_outstanding(batch))  # read every failed result, else Ray reports each as unhandled
+            raise
         lag = self._version - batch.version
         self._weights, self._version = weights, self._version + 1
         rollout = max(s["generate_s"] for s in stats.values())

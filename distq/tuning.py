@@ -28,8 +28,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 import distq
 from distq import rundir
+from distq.config import ParallelConfig
 from distq.configfile import save_config
 from distq.errors import DistqError
+from distq.ray_cluster import connect_ray
 from distq.sweep import Dimension, Sweep, config_from_flat, load_sweep
 
 RUN = "run"
@@ -151,21 +153,6 @@ def new_tuner(sweep: Sweep, storage: str) -> tune.Tuner:
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 
 
-def _connect(address: Optional[str]) -> bool:
-    """Join `address` / RAY_ADDRESS, or start an embedded instance, unless Ray is up; True if this called ray.init."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise DistqError(f"could not start or join Ray (address {address or 'local'}): {err}") from None
-    return True
-
-
 def default_sweep() -> Path:
     """tuning/smoke.yaml of the working directory, else of the distq checkout (as on a cluster's head node)."""
     for root in (Path.cwd(), Path(distq.__file__).resolve().parent.parent):
@@ -204,7 +191,9 @@ def run_sweep(path: str | Path, address: Optional[str] = None, resume: bool = Fa
                          "or change `name` / --storage")
     # Checkpoints are kept two per trial; Tune warns each time that forces a state snapshot, which is what we want.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = _connect(address)
+    # Tune's own lines (trial table, errors) are what a sweep's user reads: not quiet
+    timeout = float(sweep.base.get("parallel.connect_timeout_s", ParallelConfig.connect_timeout_s))
+    started = connect_ray(address, timeout, quiet=False)
     try:
         if resume:
             tuner = tune.Tuner.restore(experiment, trainable=trainable(sweep), resume_unfinished=True)
