@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from distq.checkpoint import load_checkpoint
+from distq.checkpoint import load_checkpoint, save_checkpoint
 from distq.cli import main
 from distq.configfile import load_config
 
@@ -196,11 +196,11 @@ def test_the_policy_average_is_what_a_run_evaluates_samples_and_hands_on(tmp_pat
     assert evaluated["kl_mean"] == pytest.approx(summary["kl_mean"], abs=1e-9)
     plain = {k: v for k, v in payload["learner"].items() if k != "policy_average"}
     for weights, same in ((average, True), (trained, False)):  # the checkpoint without an average
-        torch.save({**payload, "learner": {**plain, "policy": weights}}, run / "checkpoint.pt")
+        save_checkpoint(run / "checkpoint.pt", {**payload, "learner": {**plain, "policy": weights}})
         other_evaluation, other_samples = outputs()
         assert (other_evaluation["kl_mean"] == pytest.approx(evaluated["kl_mean"], abs=1e-9)) == same
         assert np.allclose(other_samples, sampled, atol=1e-6) == same
-    torch.save(payload, run / "checkpoint.pt")
+    save_checkpoint(run / "checkpoint.pt", payload)
 
     # one update at a negligible learning rate from --init: the new run's policy is the average it started from
     code, _, err = run_cli("train", write_config(tmp_path, "plain.yaml"), "--init", run, "--out", tmp_path / "tuned",
@@ -625,7 +625,7 @@ def test_binary_garbage_checkpoint_message_is_one_line(run_dir):
 
 
 def test_checkpoint_missing_fields_refused(run_dir):
-    torch.save({"format": 1, "episode": 3}, run_dir / "checkpoint.pt")
+    save_checkpoint(run_dir / "checkpoint.pt", {"episode": 3})
     assert_refused(*run_cli("evaluate", run_dir)[::2], run_dir / "checkpoint.pt", "config")
 
 
@@ -693,8 +693,6 @@ def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path)
 def _as_if_trained_on_a_gpu(run: Path) -> None:
     """The run's config.yaml and checkpoint name cuda for the learner and the rollouts (its tensors are CPU tensors,
     as distq saves them whatever the device)."""
-    from distq.checkpoint import save_checkpoint
-
     payload = load_checkpoint(run / "checkpoint.pt")
     payload["config"]["train"]["device"] = payload["config"]["parallel"]["rollout_device"] = "cuda"
     save_checkpoint(run / "checkpoint.pt", {k: v for k, v in payload.items() if k != "format"})
