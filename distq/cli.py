@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples",
                               description="Evaluate a trained run or a file of its samples, writing "
                                           "RUN_DIR/evaluation.json. Security: this imports and runs the reward file "
-                                          "named in the run's config (reward.fn, data files too): evaluate only run "
+                                          "named in the run's config (reward.fn): evaluate only run "
                                           "directories you trust.")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating (conditional "
