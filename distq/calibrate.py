@@ -18,6 +18,7 @@ from distq import rundir
 from distq.config import Config
 from distq.configfile import save_config
 from distq.errors import DistqError
+from distq.interrupt import Interrupted
 
 Echo = Callable[[str], None]
 CALIBRATED, TABLE, REPORT = "calibrated.yaml", "calibration.parquet", "calibration.md"
@@ -89,7 +90,7 @@ def _write_report(out: Path, probes: list[Probe], target: float, tolerance: floa
     lines += [f"| {r['probe']} | {r['beta']:.6g} | {r['reward_mean']:.4f} | {r['reward_ci95']:.4f} | "
               f"{r['kl_mean']:.4f} | {r['kl_ci95']:.4f} | {r['run_dir']} |"
               for r in sorted(rows, key=lambda r: r["beta"])]
-    (out / REPORT).write_text("\n".join(lines) + "\n")
+    rundir.atomic_write(out / REPORT, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 def _check_args(target: float, tolerance: float, max_probes: int, beta_start: Optional[float]) -> None:
@@ -106,16 +107,20 @@ def _check_args(target: float, tolerance: float, max_probes: int, beta_start: Op
 def calibrate(config: Config, target: float, out: str | Path, tolerance: float = 0.05, max_probes: int = 8,
               beta_start: Optional[float] = None, overwrite: bool = False, echo: Echo = print) -> dict[str, Any]:
     """Find beta with |reward_mean - target| <= tolerance; writes OUT/calibrated.yaml (the config with that beta),
-    OUT/calibration.parquet and OUT/calibration.md (reward vs beta). DistqError if no probe gets there."""
-    from distq.train import train
-
+    OUT/calibration.parquet and OUT/calibration.md (reward vs beta). DistqError if no probe gets there; OUT is locked
+    throughout (and each probe's run directory while it trains)."""
     _check_args(target, tolerance, max_probes, beta_start)
     out = Path(out)
     if (out / TABLE).exists() and not overwrite:
         raise DistqError(f"{out} already holds a calibration ({TABLE}); pass --overwrite to replace it")
-    rundir.check_writable_dir(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
-    start = beta_start or (config.train.beta if config.train.beta > 0 else 1.0)
+    with rundir.locked(out, "--out"):
+        return _calibrate(config, target, out, tolerance, max_probes,
+                          beta_start or (config.train.beta if config.train.beta > 0 else 1.0), echo)
+
+
+def _calibrate(config: Config, target: float, out: Path, tolerance: float, max_probes: int, start: float,
+               echo: Echo) -> dict[str, Any]:
+    from distq.train import train
 
     def measure(beta: float) -> Probe:
         run_dir = out / f"probe-{len(probes_done):02d}"
@@ -130,6 +135,8 @@ def calibrate(config: Config, target: float, out: str | Path, tolerance: float =
     probes_done: list[Probe] = []
     try:
         probes, reached = search_beta(measure, target, tolerance, max_probes, start)
+    except Interrupted as stop:
+        raise Interrupted(stop.signum, f"calibration stopped in probe {len(probes_done)}: {stop}") from None
     finally:
         if probes_done:
             chosen = _closest(probes_done, target)

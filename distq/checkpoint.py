@@ -3,20 +3,27 @@
 A checkpoint holds the resolved config, the episode reached, the learner's networks, optimisers and schedulers,
 and the data's column names. Rollout randomness is counter-based (rollout.episode_chunks), so the episode number
 is the whole random state needed to continue exactly.
+
+The file is one header line, `distq checkpoint sha256 <hex digest of the rest>`, then torch.save's bytes: a byte
+changed anywhere fails the comparison (torch's zip format alone loads many damaged files without a complaint).
+Format 1 files (torch.save's bytes alone, from before the header) are read without a check.
 """
 from __future__ import annotations
 
-import os
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distq import rundir
 from distq.config import Config, config_from_dict
 from distq.errors import DistqError
 from distq.schema import flatten
 
-FORMAT = 1
+FORMAT, UNCHECKED_FORMAT = 2, 1
+HEADER = b"distq checkpoint sha256 "
 # Fields that may change between a run and its resumption: how long, how it reports and where it computes (a
 # GPU-trained run continues on a laptop), not what it learns.
 RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
@@ -30,28 +37,51 @@ _REQUIRED = ("format", "config", "episode", "learner", "columns")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` via a temporary file and an atomic rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    """Write `payload` with its checksum to `path` via a temporary file and an atomic rename, so a crash never leaves
+    half a file; DistqError naming `path` if it cannot be written (the previous checkpoint is kept)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    body = buffer.getvalue()
+    header = HEADER + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    rundir.atomic_write(Path(path), lambda tmp: tmp.write_bytes(header + body))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint; DistqError if it is missing, corrupt or of another format."""
+    """Read a checkpoint written by save_checkpoint; DistqError if it is missing, damaged or of another format."""
     path = Path(path)
     if not path.is_file():
         raise DistqError(f"checkpoint {path} does not exist")
+    body, expected = _verified_body(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
         raise DistqError(f"checkpoint {path} is corrupt or not a distq checkpoint ({_reason(err)})") from None
     missing = [key for key in _REQUIRED if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise DistqError(f"checkpoint {path} is not a distq checkpoint (missing {', '.join(missing)})")
-    if payload["format"] != FORMAT:
-        raise DistqError(f"checkpoint {path} has format {payload['format']}; this distq reads format {FORMAT}")
+    if payload["format"] != expected:
+        raise DistqError(f"checkpoint {path} has format {payload['format']}"
+                         + (" but no checksum header" if expected == UNCHECKED_FORMAT else "")
+                         + f"; this distq reads format {FORMAT} (and {UNCHECKED_FORMAT}, unchecked)")
     return payload
+
+
+def _verified_body(path: Path) -> tuple[bytes, int]:
+    """The torch.save bytes of a checkpoint file, checked against its header's digest, and the format they must
+    hold (UNCHECKED_FORMAT for a file without a header: torch's zip archives start with PK)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DistqError(f"cannot read checkpoint {path} ({err.strerror or err})") from None
+    if data.startswith(b"PK"):
+        return data, UNCHECKED_FORMAT
+    if not data.startswith(HEADER):
+        raise DistqError(f"checkpoint {path} is corrupt or not a distq checkpoint (no distq checkpoint header)")
+    digest, _, body = data[len(HEADER):].partition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise DistqError(f"checkpoint {path} is corrupt (checksum mismatch): it changed after distq wrote it; "
+                         "restore it from a copy or train again")
+    return body, FORMAT
 
 
 def _reason(err: Exception) -> str:

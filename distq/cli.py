@@ -20,6 +20,7 @@ from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_given, evaluate_policy
+from distq.interrupt import Interrupted, Signals, raise_interrupted
 from distq.learner import deployed_policy
 from distq.rewards import load_reward
 
@@ -34,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--method", choices=("qlearning", "dsm"),
                           help="qlearning: Algorithm 1 at beta = 0 (the paper's models A and B); dsm: denoising score "
                                "matching (default: qlearning; with --resume: the run's)")
-    sample = sub.add_parser("sample", help="generate samples from a trained run")
+    sample = sub.add_parser("sample", help="generate samples from a trained run",
+                            description="Generate samples from a trained run. Reads only the run's checkpoint "
+                                        "(checked against its checksum); runs no code from the run directory.")
     sample.add_argument("run_dir")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
     sample.add_argument("--out", required=True, help="Parquet file to write")
@@ -48,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--condition", help="generate for this condition value only (conditional runs; default: "
                                             "conditions in the training data's shares)")
-    evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples")
+    evaluate = sub.add_parser("evaluate", help="evaluate a trained run or a file of its samples",
+                              description="Evaluate a trained run or a file of its samples, writing "
+                                          "RUN_DIR/evaluation.json. Security: this imports and runs the reward file "
+                                          "named in the run's config (reward.fn): evaluate only run "
+                                          "directories you trust.")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", help="Parquet file of samples to evaluate instead of generating (conditional "
                                             "runs: with the condition column, as distq sample writes it)")
@@ -195,7 +202,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=_device(args, config))
         rollout.set_weights(deployed_policy(payload["learner"]))
         metrics = evaluate_policy(rollout, dataset, reward, config)[0]
-    rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
+    with rundir.locked(Path(args.run_dir), "run directory"):
+        rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
     print(json.dumps(metrics, indent=2))
 
 
@@ -215,15 +223,21 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 2 a bad input or a failure (DistqError), 128 + the signal's number after SIGINT (130) or
+    SIGTERM (143); each failure is one line on stderr."""
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "pretrain": _train, "sample": _sample, "evaluate": _evaluate, "tune": _tune,
-         "calibrate": _calibrate}[args.command](args)
+        with Signals(raise_interrupted):  # SIGTERM too ends in one line, not a silent death
+            {"train": _train, "pretrain": _train, "sample": _sample, "evaluate": _evaluate, "tune": _tune,
+             "calibrate": _calibrate}[args.command](args)
     except DistqError as err:
         print(f"distq: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("distq: interrupted; the last checkpoint is kept (continue with --resume RUN_DIR)", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"distq: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # raised where distq's handler was not installed
+        print("distq: interrupted by SIGINT", file=sys.stderr)
         return 130
     return 0
 

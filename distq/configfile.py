@@ -68,5 +68,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Atomically write the fully resolved config as YAML; DistqError naming `path` if it cannot be written."""
+    from distq.rundir import atomic_write  # pyarrow and torch stay out of reading configs
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -4,6 +4,7 @@ Uses matplotlib's Agg canvas directly (no pyplot, no global figure state); every
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -33,17 +34,21 @@ def _as_array(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 
 
 def _save_atomically(fig: Figure, path) -> None:
-    """Write `fig` as PNG to a temp file beside `path`, then rename, so readers never see a partial file."""
+    """Write `fig` as PNG to a temp file beside `path`, then rename, so readers never see a partial file; an OSError
+    (full disk, no permission) is a DistqError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name opened with "xb" (not mkstemp, whose files are 0600) keeps the user's umask.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as handle:
             FigureCanvasAgg(fig).print_png(handle)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise DistqError(f"cannot write {path} ({err.strerror or err}); any earlier version of it is kept") from None
         raise
 
 

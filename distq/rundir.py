@@ -1,11 +1,14 @@
-"""The run directory: which files a run writes, atomic writers, and the guard against clobbering a run."""
+"""The run directory: which files a run writes, atomic writers, its lock, and the guard against clobbering a run."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Hashable
+import shutil
+from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -17,19 +20,87 @@ from distq.errors import DistqError
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.parquet", "checkpoint.pt"
 SAMPLES, PLOT, SUMMARY = "samples.parquet", "samples.png", "summary.json"
 OUTPUTS = (CONFIG, METRICS, CHECKPOINT, SAMPLES, PLOT, SUMMARY, "training.png", "evaluation.json")
+LOCK, PROBE = ".lock", ".write-probe"
+MARGIN = 16 * 2**20
+"""Free bytes asked for beyond the checkpoints and samples: metrics, plots, summary, config."""
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run over an existing one unless asked; a resumed run needs its checkpoint."""
+    """Refuse to start a fresh run over an existing one unless asked; a resumed run needs its checkpoint. Only a
+    checkpoint makes a directory a run: what a start that failed before its first checkpoint left is replaced."""
     if resume:
         if not (run_dir / CHECKPOINT).is_file():
             raise DistqError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
         return
     check_writable_dir(run_dir, "--out")
-    existing = [name for name in OUTPUTS if (run_dir / name).exists()]
-    if existing and not overwrite:
+    if (run_dir / CHECKPOINT).exists() and not overwrite:
+        existing = [name for name in OUTPUTS if (run_dir / name).exists()]
         raise DistqError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it or --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, flag: str) -> Iterator[None]:
+    """Hold RUN_DIR/.lock (an flock, with this pid written in it) inside `with`, creating the directory if needed;
+    DistqError naming the holder's pid if another process holds it. The kernel drops the lock of a dead process, so
+    a file left behind blocks nothing; the holder removes it before unlocking."""
+    check_writable_dir(run_dir, flag)
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = _acquire(path)
+    except OSError as err:
+        raise DistqError(f"{flag} {run_dir}: cannot create its lock file {path} ({_reason(err)})") from None
+    if handle is None:
+        holder = _read_pid(path)
+        raise DistqError(f"{run_dir} is in use by process {holder} (it holds {path}); wait for it to end or stop it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(handle)
+
+
+def _acquire(path: Path) -> Optional[int]:
+    """A descriptor holding the flock of the file now at `path`, or None if another process holds it. A holder
+    unlinks the file before unlocking, so a lock won on a file no longer at `path` is retried on the new one."""
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                with contextlib.suppress(OSError):  # the pid is for the message only
+                    os.ftruncate(handle, 0)
+                    os.write(handle, f"{os.getpid()}\n".encode())
+                return handle
+        os.close(handle)
+
+
+def _read_pid(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or "(pid not yet written)"
+    return "(pid unknown)"
+
+
+def check_space(run_dir: Path, needed: int) -> None:
+    """DistqError unless a file can be written in `run_dir` and it has `needed` bytes (plus MARGIN) free."""
+    probe = run_dir / PROBE
+    try:
+        probe.write_bytes(b"distq")
+    except OSError as err:
+        raise DistqError(f"cannot write in {run_dir}: {probe} ({_reason(err)})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    free, wanted = shutil.disk_usage(run_dir).free, needed + MARGIN
+    if free < wanted:
+        raise DistqError(f"{run_dir} has {free / 2**20:.0f} MiB free; this run needs about {wanted / 2**20:.0f} MiB "
+                         "(checkpoint and its temporary copy, samples, plots)")
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -47,22 +118,38 @@ def clear_outputs(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(tmp) beside `path`, then rename: a failure or an interruption leaves any earlier `path` intact and
+    removes the temporary file; an OSError (full disk, no permission) is a DistqError naming `path`."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise DistqError(f"cannot write {path} ({_reason(err)}); any earlier version of it is kept") from None
+        raise
+
+
+def _reason(err: OSError) -> str:
+    """'No space left on device' and the like; pyarrow's OSErrors carry only a message."""
+    lines = str(err).splitlines()
+    return err.strerror or (lines[0] if lines else type(err).__name__)
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Atomically write a JSON object."""
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2) + "\n"))
 
 
 def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Atomically write rows of scalars as Parquet; a key missing from some rows is null there."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = pa.table({key: [row.get(key) for row in rows] for key in columns})
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_table_rows(path: Path) -> list[dict[str, Any]]:
@@ -77,7 +164,7 @@ def write_samples(path: Path, samples: torch.Tensor, columns: Sequence[str],
     values = samples.detach().cpu().numpy().astype(np.float32)
     table = pa.table({**{name: values[:, i] for i, name in enumerate(columns)},
                       **({condition[0]: condition[1]} if condition else {})})
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _read_samples_table(path: Path) -> pa.Table:

@@ -4,7 +4,9 @@ Episodes run on a backend (in-process here; Ray actors in distq.parallel), so th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +21,8 @@ from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy
+from distq.interrupt import Interrupted, StopRequest
+from distq.interrupt import name as signal_name
 from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
@@ -174,23 +178,44 @@ def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
     return deployed_policy(payload["learner"])
 
 
-def prepare(config: Config, run_dir: Path, resume: bool, overwrite: bool):
-    """Check every input before anything is written: devices, data, reward, run directory, checkpoint, initial run."""
+def check_inputs(config: Config, resume: bool):
+    """Check the inputs before the run directory is touched: devices, data, reward, initial run."""
     rollout_device(config)  # this process evaluates the run
     if config.parallel.workers == 0:  # else the Learner actor checks its own, on its node
         learner_device(config)
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
     init = initial_policy(config, dataset) if config.train.init and not resume else None
+    return dataset, reward, init
+
+
+def check_run(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
+    """Check the run directory (its lock held) and, with `resume`, load its checkpoint."""
     rundir.check_run_dir(run_dir, resume, overwrite)
-    payload = None
-    if resume:
-        payload = load_checkpoint(run_dir / rundir.CHECKPOINT)
-        check_compatible(payload, config, run_dir / rundir.CHECKPOINT)
-        if config.train.episodes < payload["episode"]:
-            raise DistqError(f"train.episodes={config.train.episodes} is below the {payload['episode']} episodes "
-                             f"already trained in {run_dir}; resume to at least that many")
-    return dataset, reward, payload, init
+    if not resume:
+        return None
+    payload = load_checkpoint(run_dir / rundir.CHECKPOINT)
+    check_compatible(payload, config, run_dir / rundir.CHECKPOINT)
+    if config.train.episodes < payload["episode"]:
+        raise DistqError(f"train.episodes={config.train.episodes} is below the {payload['episode']} episodes "
+                         f"already trained in {run_dir}; resume to at least that many")
+    return payload
+
+
+@dataclasses.dataclass
+class Kept:
+    """The episode of the checkpoint this run leaves in run_dir (None: none yet), for an interruption's message."""
+
+    run_dir: Path
+    episode: Optional[int]
+
+    def message(self, signum: int) -> str:
+        stopped, path = f"interrupted by {signal_name(signum)}", self.run_dir / rundir.CHECKPOINT
+        if self.episode is not None:
+            return f"{stopped}; kept {path} at episode {self.episode} (continue with --resume {self.run_dir})"
+        if path.exists():  # --overwrite stopped before it replaced anything
+            return f"{stopped} before training started; the run in {self.run_dir} is unchanged"
+        return f"{stopped} before the first checkpoint; no checkpoint was written (start again, {self.run_dir} holds no run)"
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, echo: Echo = print,
@@ -198,54 +223,101 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents.
 
     `address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded instance).
+    The run directory is locked throughout. SIGINT or SIGTERM stops the run after its current episode, with a
+    checkpoint of it: Interrupted, whose message says which checkpoint is kept.
     """
     run_dir = Path(run_dir)
     configure_cpu(config.train.threads)
-    dataset, reward, payload, init = prepare(config, run_dir, resume, overwrite)
-    start, rows = 0, []
-    if payload is not None:
-        start = payload["episode"]
-        rows = [r for r in rundir.read_table_rows(run_dir / rundir.METRICS) if r["episode"] <= start]
-    elif overwrite:
-        rundir.clear_outputs(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / rundir.CONFIG)
+    dataset, reward, init = check_inputs(config, resume)
+    with rundir.locked(run_dir, "--resume" if resume else "--out"):
+        payload = check_run(config, run_dir, resume, overwrite)
+        kept = Kept(run_dir, payload["episode"] if payload is not None else None)
+        try:
+            return _train(config, run_dir, dataset, reward, payload, init, kept, echo, address)
+        except KeyboardInterrupt:  # before the run's own handlers were up
+            raise Interrupted(signal.SIGINT, kept.message(signal.SIGINT)) from None
+        except Interrupted as stop:
+            raise Interrupted(stop.signum, kept.message(stop.signum)) from None
+
+
+def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init, kept: Kept,
+           echo: Echo, address: Optional[str]) -> dict[str, Any]:
+    start = payload["episode"] if payload is not None else 0
     backend = make_backend(config, dataset, reward, address)
-    try:
-        if payload is not None:
-            backend.load_learner_state(payload["learner"])
-        elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
-            backend.load_learner_state(with_initial_policy(backend.learner_state(), init))
-        log = MetricsLog(config, rows, start, echo)
-        began = time.perf_counter()
-        _loop(config, run_dir, backend, dataset, log, start)
-        wall = time.perf_counter() - began
-        weights = backend.policy_weights()
-        workers, restarts = backend.workers, backend.restarts
-    finally:
-        backend.close()
-    rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
-    rollout.set_weights(weights)
-    extra = {"workers": workers, "worker_restarts": restarts}
-    return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo, extra)
+    with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
+        try:
+            log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo)
+            began = time.perf_counter()
+            _loop(config, run_dir, backend, dataset, log, start, stop, kept)
+            wall = time.perf_counter() - began
+            stop.stop_deferring()
+            weights = backend.policy_weights()
+            workers, restarts = backend.workers, backend.restarts
+        finally:
+            backend.close()
+        rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
+        rollout.set_weights(weights)
+        extra = {"workers": workers, "worker_restarts": restarts}
+        try:
+            return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo, extra)
+        except DistqError as err:
+            raise DistqError(f"{err}; training finished and {run_dir / rundir.CHECKPOINT} (episode {kept.episode}) "
+                             f"is kept: `distq evaluate {run_dir}` evaluates it") from None
 
 
-def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int) -> None:
+def _begin(config: Config, run_dir: Path, backend, dataset: Dataset, payload: Optional[dict], init) -> list[dict]:
+    """Load the starting state into the backend, check the disk, write config.yaml: the first write of a run, once
+    its backend is up. -> the metrics rows kept from before."""
+    if payload is not None:
+        backend.load_learner_state(payload["learner"])
+    elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
+        backend.load_learner_state(with_initial_policy(backend.learner_state(), init))
+    # The new checkpoint is written beside the old one; samples are float32.
+    samples = 4 * dataset.dim * config.eval.n_samples * config.eval.batches
+    rundir.check_space(run_dir, 2 * _nbytes(backend.learner_state()) + samples)
+    if payload is None:  # an --overwrite run's files, or a failed start's
+        rundir.clear_outputs(run_dir)
+    save_config(config, run_dir / rundir.CONFIG)
+    if payload is None:
+        return []
+    return [r for r in rundir.read_table_rows(run_dir / rundir.METRICS) if r["episode"] <= payload["episode"]]
+
+
+def _nbytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_nbytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_nbytes(value) for value in state)
+    return 0
+
+
+def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int, stop: StopRequest,
+          kept: Kept) -> None:
+    """Episodes start + 1 .. train.episodes; after a signal, the episode under way is checkpointed and the loop stops."""
     for episode in range(start + 1, config.train.episodes + 1):
+        stop.check()
         began = time.perf_counter()
         try:
             metrics = backend.step(episode)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}. Training stopped at episode {episode}; the last good checkpoint "
                                    f"{run_dir / rundir.CHECKPOINT} is kept (if one was written)") from None
+        except Exception:
+            stop.check()  # the signal that stopped a critic process or a Ray worker as well is the cause
+            raise
         metrics["time/episode_s"] = time.perf_counter() - began
         log.add(episode, metrics)
-        if episode % config.train.checkpoint_every == 0:
+        if episode % config.train.checkpoint_every == 0 or stop.signum is not None:
             _save(run_dir, config, backend, dataset, episode, log.rows)
+            kept.episode = episode
     if log.rows and log.rows[-1]["episode"] == config.train.episodes and config.train.episodes > start:
         log.progress(config.train.episodes, {k: v for k, v in log.rows[-1].items()
                                              if k == "reward/terminal_mean" or k.startswith("loss/")})
     _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
+    kept.episode = config.train.episodes
 
 
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog, start: int,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,6 +32,8 @@ from distq import rundir
 from distq.config import ParallelConfig
 from distq.configfile import save_config
 from distq.errors import DistqError
+from distq.interrupt import Interrupted, Signals, raise_interrupted
+from distq.interrupt import name as signal_name
 from distq.ray_cluster import connect_ray
 from distq.sweep import Dimension, Sweep, config_from_flat, load_sweep
 
@@ -191,15 +194,23 @@ def run_sweep(path: str | Path, address: Optional[str] = None, resume: bool = Fa
                          "or change `name` / --storage")
     # Checkpoints are kept two per trial; Tune warns each time that forces a state snapshot, which is what we want.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # _SweepStop hands SIGINT and SIGTERM alike to Tune's stop
     # Tune's own lines (trial table, errors) are what a sweep's user reads: not quiet
     timeout = float(sweep.base.get("parallel.connect_timeout_s", ParallelConfig.connect_timeout_s))
     started = connect_ray(address, timeout, quiet=False)
     try:
-        if resume:
-            tuner = tune.Tuner.restore(experiment, trainable=trainable(sweep), resume_unfinished=True)
-        else:
-            tuner = new_tuner(sweep, root)
-        grid = tuner.fit()
+        with _SweepStop() as stop:  # after ray.init, which installs a SIGTERM handler of its own
+            try:
+                if resume:
+                    tuner = tune.Tuner.restore(experiment, trainable=trainable(sweep), resume_unfinished=True)
+                else:
+                    tuner = new_tuner(sweep, root)
+                grid = tuner.fit()
+            except (Interrupted, KeyboardInterrupt) as err:
+                stop.signum = getattr(err, "signum", signal.SIGINT)
+            if stop.signum is not None:
+                again = f"distq tune {path} --resume" + (f" --storage {storage}" if storage else "")
+                raise Interrupted(stop.signum, _stopped_message(stop.signum, again, experiment))
     finally:
         if started:
             ray.shutdown()
@@ -207,6 +218,28 @@ def run_sweep(path: str | Path, address: Optional[str] = None, resume: bool = Fa
     outputs = _upload_results(experiment, sweep, rows) if remote else write_results(Path(experiment), sweep, rows)
     _announce(outputs, sweep, echo)
     return outputs
+
+
+class _SweepStop(Signals):
+    """SIGINT or SIGTERM while Tune runs: Tune's own graceful stop (its SIGUSR1 handler, which saves the experiment
+    state one last time), then Interrupted; before or after Tune's loop, Interrupted at once."""
+
+    def __init__(self):
+        super().__init__(self._stop)
+        self.signum: Optional[int] = None
+
+    def _stop(self, signum: int) -> None:
+        self.signum = signum
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if not callable(tune_stop):
+            raise_interrupted(signum)
+        tune_stop(signum, None)
+
+
+def _stopped_message(signum: int, again: str, experiment: str) -> str:
+    if tune.Tuner.can_restore(experiment):
+        return f"sweep stopped by {signal_name(signum)}; its state is saved in {experiment} (continue with: {again})"
+    return f"sweep stopped by {signal_name(signum)} before Tune saved any state; start it again"
 
 
 def _announce(outputs: dict[str, Any], sweep: Sweep, echo: Echo) -> None:

@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,10 @@ import pytest
 import torch
 import yaml
 
-from distq.checkpoint import load_checkpoint
+from distq.checkpoint import load_checkpoint, save_checkpoint
 from distq.cli import main
 from distq.configfile import load_config
+from distq.errors import DistqError
 
 TINY = {
     "seed": 0,
@@ -196,11 +198,11 @@ def test_the_policy_average_is_what_a_run_evaluates_samples_and_hands_on(tmp_pat
     assert evaluated["kl_mean"] == pytest.approx(summary["kl_mean"], abs=1e-9)
     plain = {k: v for k, v in payload["learner"].items() if k != "policy_average"}
     for weights, same in ((average, True), (trained, False)):  # the checkpoint without an average
-        torch.save({**payload, "learner": {**plain, "policy": weights}}, run / "checkpoint.pt")
+        save_checkpoint(run / "checkpoint.pt", {**payload, "learner": {**plain, "policy": weights}})
         other_evaluation, other_samples = outputs()
         assert (other_evaluation["kl_mean"] == pytest.approx(evaluated["kl_mean"], abs=1e-9)) == same
         assert np.allclose(other_samples, sampled, atol=1e-6) == same
-    torch.save(payload, run / "checkpoint.pt")
+    save_checkpoint(run / "checkpoint.pt", payload)
 
     # one update at a negligible learning rate from --init: the new run's policy is the average it started from
     code, _, err = run_cli("train", write_config(tmp_path, "plain.yaml"), "--init", run, "--out", tmp_path / "tuned",
@@ -625,7 +627,7 @@ def test_binary_garbage_checkpoint_message_is_one_line(run_dir):
 
 
 def test_checkpoint_missing_fields_refused(run_dir):
-    torch.save({"format": 1, "episode": 3}, run_dir / "checkpoint.pt")
+    save_checkpoint(run_dir / "checkpoint.pt", {"episode": 3})
     assert_refused(*run_cli("evaluate", run_dir)[::2], run_dir / "checkpoint.pt", "config")
 
 
@@ -693,8 +695,6 @@ def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path)
 def _as_if_trained_on_a_gpu(run: Path) -> None:
     """The run's config.yaml and checkpoint name cuda for the learner and the rollouts (its tensors are CPU tensors,
     as distq saves them whatever the device)."""
-    from distq.checkpoint import save_checkpoint
-
     payload = load_checkpoint(run / "checkpoint.pt")
     payload["config"]["train"]["device"] = payload["config"]["parallel"]["rollout_device"] = "cuda"
     save_checkpoint(run / "checkpoint.pt", {k: v for k, v in payload.items() if k != "format"})
@@ -715,3 +715,111 @@ def test_a_run_trained_on_a_gpu_samples_evaluates_and_resumes_on_a_machine_witho
                            "--set", "parallel.rollout_device=cpu")
     assert code == 0, err
     assert load_checkpoint(run_dir / "checkpoint.pt")["episode"] == 25
+
+
+# ---- damaged checkpoints, the run directory's lock, failing disks, failed starts ------------------------------
+
+def _flip(path: Path, offset: int, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(b ^ 0xFF for b in data[offset:offset + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.97])
+@pytest.mark.parametrize("command", ["sample", "evaluate", "resume", "init"])
+def test_flipped_bytes_in_a_real_checkpoint_stop_every_reader(command, fraction, run_dir, tmp_path):
+    checkpoint = run_dir / "checkpoint.pt"
+    _flip(checkpoint, int(checkpoint.stat().st_size * fraction))
+    before = snapshot(run_dir)
+    argv = {"sample": ["sample", run_dir, "-n", 5, "--out", tmp_path / "s.parquet"],
+            "evaluate": ["evaluate", run_dir],
+            "resume": ["train", "--resume", run_dir, "--set", "train.episodes=25"],
+            "init": ["train", write_config(tmp_path), "--init", run_dir, "--out", tmp_path / "tuned"]}[command]
+    code, _, err = run_cli(*argv)
+    assert_refused(code, err, f"checkpoint {checkpoint} is corrupt (checksum mismatch)")
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_directory_in_use_is_refused_naming_the_holder(trained, run_dir):
+    """Two writers of one directory (two `--overwrite` trainings, or an evaluation during training)."""
+    from distq import rundir
+
+    before = snapshot(run_dir)
+    with rundir.locked(run_dir, "--out"):
+        for argv in (["train", trained["config"], "--out", run_dir, "--overwrite"], ["train", "--resume", run_dir],
+                     ["evaluate", run_dir], ["calibrate", trained["config"], "--target-reward", 0.5, "--out", run_dir]):
+            assert_refused(*run_cli(*argv)[::2], f"in use by process {os.getpid()}")
+    assert snapshot(run_dir) == before
+
+
+def test_an_unwritable_run_directory_is_found_before_training(trained, tmp_path, monkeypatch):
+    """As root a read-only mode stops nothing: the probe write fails instead."""
+    from distq import rundir
+
+    def read_only(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(rundir.Path, "write_bytes", read_only)
+    steps = []
+    monkeypatch.setattr("distq.train._loop", lambda *args: steps.append(1))
+    run = tmp_path / "run"
+    assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], "cannot write in", run, "Permission denied")
+    assert steps == [] and list(run.iterdir()) == []
+
+
+def test_too_little_free_space_is_refused_before_training(trained, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    run = tmp_path / "run"
+    assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], run, "1 MiB free")
+    assert list(run.iterdir()) == []
+
+
+def test_a_full_disk_at_the_plot_keeps_the_checkpoint(trained, tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def full(self, handle):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", full)
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", trained["config"], "--out", run)
+    assert_refused(code, err, run / "samples.png", "No space left on device", "distq evaluate")
+    assert load_checkpoint(run / "checkpoint.pt")["episode"] == 30
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(trained, tmp_path, monkeypatch):
+    from distq import rundir
+
+    write = rundir.Path.write_bytes
+
+    def second_checkpoint_fails(self, data):
+        if self.name == "checkpoint.pt.tmp" and (self.parent / "checkpoint.pt").exists():
+            write(self, data[:100])
+            raise OSError(28, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(rundir.Path, "write_bytes", second_checkpoint_fails)
+    run = tmp_path / "run"
+    assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], run / "checkpoint.pt", "is kept")
+    assert load_checkpoint(run / "checkpoint.pt")["episode"] == 10
+    assert not (run / "checkpoint.pt.tmp").exists()
+
+
+def test_a_failed_start_writes_nothing_and_its_retry_needs_no_overwrite(trained, tmp_path, monkeypatch):
+    import distq.train
+
+    def no_ray(*args):
+        raise DistqError("could not start or join Ray (address 10.0.0.1:6379): unreachable")
+
+    monkeypatch.setattr(distq.train, "make_backend", no_ray)
+    run = tmp_path / "run"
+    assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], "could not start or join Ray")
+    assert list(run.iterdir()) == []
+    monkeypatch.undo()
+    (run / "config.yaml").write_text("seed: 3\n")  # as an older distq left it
+    code, _, err = run_cli("train", trained["config"], "--out", run)
+    assert code == 0, err
+    assert load_checkpoint(run / "checkpoint.pt")["episode"] == 30

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from distq.checkpoint import load_checkpoint
 from distq.config import config_from_dict
 from distq.data import load_dataset
 from distq.errors import DistqError
@@ -116,6 +117,6 @@ def test_train_and_resume_across_process_counts(tmp_path):
     resumed = train(_config(processes=1), tmp_path / "split", resume=True, echo=quiet)
     for key in ("reward_mean", "kl_mean"):
         assert resumed[key] == reference[key]
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["learner"]
-    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["learner"]
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["learner"]
+    split = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["learner"]
     _assert_same_state(one, split)

@@ -5,8 +5,12 @@ discretisation bias (a few per cent of the mean at K = 20) is common to both run
 between a beta = 1 and a beta = 0 run trained with the same seed, not the raw means.
 """
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +177,62 @@ def test_the_core_trains_without_ray_or_wandb(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "episodes 10" in done.stdout
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+# ---- SIGINT and SIGTERM --------------------------------------------------------------------------------------
+
+def _interrupted_run(tmp_path, signum: int, *extra: str) -> tuple[Path, int]:
+    """`distq train` in a subprocess, stopped by `signum` once its first progress line is out (no sleeping: the line
+    is the event); checks the exit code and the one line, -> (run directory, the episode it says is kept)."""
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"source": "swiss_roll", "n_samples": 64}, "sde": {"T": 5.0, "dt": 0.5},
+        "train": {"episodes": 100_000, "batch_size": 32, "chunk_size": 16, "log_every": 1,
+                  "checkpoint_every": 100_000, "progress_seconds": 0},
+        "eval": {"n_samples": 50, "batches": 2}}))
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "distq.cli", "train", str(config), "--out", str(run), *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert any(line.startswith("episode ") for line in process.stdout), process.stderr.read()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    name = signal.Signals(signum).name
+    lines = err.strip().splitlines()
+    assert process.returncode == 128 + signum, err
+    assert len(lines) == 1, err
+    kept = re.fullmatch(f"distq: interrupted by {name}; kept {run / 'checkpoint.pt'} at episode (\\d+) "
+                        f"\\(continue with --resume {run}\\)", lines[0])
+    assert kept, err
+    return run, int(kept.group(1))
+
+
+def _resumes_from(run: Path, episode: int) -> None:
+    from distq.cli import main
+
+    assert load_checkpoint(run / "checkpoint.pt")["episode"] == episode
+    assert main(["train", "--resume", str(run), "--set", f"train.episodes={episode + 2}"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["episode"] == episode + 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_current_episode_and_the_run_resumes(tmp_path, signum):
+    """Long before the first scheduled checkpoint (checkpoint_every 100,000): the signal writes one."""
+    run, episode = _interrupted_run(tmp_path, signum)
+    assert episode >= 1
+    _resumes_from(run, episode)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_ray_run_between_episodes(tmp_path, ray_session, signum):
+    """The learner's state comes from the Learner actor after the loop stops, not from the signal handler."""
+    address = ray_session.get_runtime_context().gcs_address
+    run, episode = _interrupted_run(tmp_path, signum, "--set", "parallel.workers=1", "--address", address)
+    assert episode >= 1
+    _resumes_from(run, episode)
