@@ -94,3 +94,19 @@ def test_actors_the_cluster_has_no_room_for_fail_after_the_timeout_naming_the_fi
     still = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, num_cpus_per_worker=0.5,
                                                                      connect_timeout_s=60))
     parallel.RayBackend(still, dataset, None, None).close()
+
+
+def test_train_against_an_address_where_nothing_listens_is_one_line_and_writes_nothing(tmp_path):
+    """The user's command, in a process of its own (this one may hold the test session's Ray)."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    config.write_text("train: {episodes: 2, processes: 1, batch_size: 32, chunk_size: 8}\n"
+                      "parallel: {workers: 1, connect_timeout_s: 0.5}\n")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "distq.cli", "train", str(config), "--out", str(run),
+                           "--address", f"127.0.0.1:{_closed_port()}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("distq: error: no Ray cluster answers at ")
+    assert not run.exists() or [p.name for p in run.iterdir()] == []
