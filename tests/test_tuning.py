@@ -1,5 +1,6 @@
 """distq.sweep and distq.tuning: sweep files checked before any trial, a smoke sweep end to end (results,
 best config, Pareto plot, offline W&B runs), and a sweep whose driver is killed, then resumed."""
+import contextlib
 import glob
 import json
 import os
@@ -222,14 +223,17 @@ def _result_lines(experiment: Path) -> dict[str, list[str]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_resumes_after_the_driver_is_killed(tmp_path, ray_session):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_sweep_resumes_after_the_driver_is_killed_or_stopped(tmp_path, ray_session, stop):
+    """SIGKILL: a crash, Tune's last saved state is resumed. SIGTERM (a scheduler, `ray stop`): Tune saves its state,
+    the driver exits 143 with one line saying how to continue."""
     path = _sweep_file(tmp_path, name="resume", overrides={**TINY, "train.episodes": 60},
                        search_space={"train.beta": {"grid": [0.0, 0.5, 1.0]}})
     experiment = tmp_path / "runs" / "resume"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)  # an embedded Ray instance of its own
     driver = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "tune.py"), str(path)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
         while not _terminated(experiment):
@@ -237,11 +241,18 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path, ray_session):
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.5)
         finished = _terminated(experiment)
+        os.kill(driver.pid, stop)
+        err = driver.communicate(timeout=120)[1]
         before = _result_lines(experiment)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        with contextlib.suppress(ProcessLookupError):  # after SIGTERM the driver stopped its Ray itself
+            os.killpg(driver.pid, signal.SIGKILL)  # the Ray instance the driver started
         driver.wait()
         _kill_orphans(driver.pid)
+    if stop == signal.SIGTERM:
+        assert driver.returncode == 143, err[-2000:]
+        assert err.splitlines()[-1].startswith("distq: sweep stopped by SIGTERM; its state is saved in ")
+        assert err.splitlines()[-1].endswith(f"(continue with: distq tune {path} --resume)")
     assert not (experiment / "results.parquet").exists()
     assert 1 <= len(set(finished)) < 3  # interrupted mid-sweep
 
