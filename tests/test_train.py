@@ -138,7 +138,7 @@ def test_conditional_gmm1d_generates_each_component(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-EDGE_MODULES = {"parallel", "tuning", "tracking"}  # Ray actors, Tune sweeps and Tune's W&B callback
+EDGE_MODULES = {"parallel", "ray_cluster", "tuning", "tracking"}  # Ray actors, joining Ray, Tune sweeps, its W&B callback
 
 NO_RAY_SCRIPT = """
 import importlib, pkgutil, sys
@@ -169,7 +169,7 @@ print("episodes", summary["episodes"])
 
 
 def test_the_core_trains_without_ray_or_wandb(tmp_path):
-    """Every module but the three edges imports, and an in-process run (parallel.workers = 0) trains, with ray and
+    """Every module but the edges imports, and an in-process run (parallel.workers = 0) trains, with ray and
     wandb made unimportable: Ray and W&B stay at the edges."""
     script = NO_RAY_SCRIPT.format(edges=sorted(EDGE_MODULES))
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
