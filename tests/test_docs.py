@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -158,6 +158,16 @@ def make_workdir(work: Path, lines: list[str]) -> None:
 
 # ---- running them ------------------------------------------------------------------------------------------------
 
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 class RayHead:
     """`ray start --head --block` of our own, stopped by its pid (never `ray stop`: it stops every Ray on the machine).
 
@@ -173,11 +183,10 @@ class RayHead:
     def start(self, doc_command: list[str]) -> None:
         assert self.process is None, "ray start --head twice without ray stop"
         assert doc_command[:3] == ["ray", "start", "--head"] and set(doc_command[3:]) <= {"--num-cpus=2"}, doc_command
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port, dashboard, client = _free_ports(3)  # the defaults (6379, 8265, 10001) may be another head's
         self.process = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
              f"--temp-dir={Path(self.env['TMPDIR']) / 'ray'}", "--include-dashboard=false", "--disable-usage-stats"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -189,12 +198,16 @@ class RayHead:
     def stop(self) -> None:
         if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.terminate()  # `ray start --block` stops the head's processes on SIGTERM (about 3 s)
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.kill()
             self.process.wait(30)
+        try:  # anything of its session (start_new_session: one process group) still alive
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process = None
         self.address_file.unlink(missing_ok=True)  # as `ray stop` does: --address auto must not find a dead head
 
@@ -276,6 +289,7 @@ def test_doc_blocks_are_whole_commands():
             assert commands(line), f"{where}: no command in: {line}"
 
 
+@pytest.mark.ray
 def test_every_doc_command_runs(runner):
     blocks = doc_blocks()
     make_workdir(runner.work, [line for _, block in blocks for line in block])
