@@ -239,17 +239,19 @@ class TrainConfig:
     processes: int = 1
     """1: Algorithm 1 in the training process. 2: the critic (ratio-estimated running rewards and the value
     network's forward, backward and Adam step) runs in a second process on another core, overlapping the rollout
-    and the policy update; the numbers are the same. Only with parallel.workers = 0."""
+    and the policy update; the numbers are the same. A speed option: where it cannot split the run (Ray rollout
+    workers, the baselines and dsm, rao_blackwell, a target network, a device other than cpu) the run takes 1 and
+    says so once (single_process_reason)."""
     policy_gradient: str = "td"
     """td | rao_blackwell: how qlearning and ct_finetune estimate the policy semi-gradient of (E16). rao_blackwell
     replaces its running-reward part by the exact expectation over the action noise and centres the next-state
     value at the mean action's successor: the same expected update, with a variance that does not grow with the
-    dimension (what makes q-learning learn 64-dimensional digits). Needs processes = 1."""
+    dimension (what makes q-learning learn 64-dimensional digits). Runs in one process (processes taken as 1)."""
     target_rate: float = 0.0
     """> 0: a target value network, moved this fraction of the way to J_phi after every update (Polyak averaging),
     gives the next-state values of the TD errors (E15) and rao_blackwell's grad J; 0 = off (the paper: J_phi
     itself). A slowly moving target keeps the critic from chasing its own noise (64-dimensional digits).
-    Needs processes = 1."""
+    Runs in one process (processes taken as 1)."""
     ema_rate: float = 0.0
     """> 0: evaluate, sample and initialise other runs (train.init) with an exponential moving average of the
     policy-mean weights, moved this fraction of the way to the trained weights after every optimiser step (Polyak
@@ -291,19 +293,12 @@ class TrainConfig:
         _require(self.kl_weight >= 0 and math.isfinite(self.kl_weight), "train.kl_weight", "must be >= 0")
         _positive(self.is_clip, "train.is_clip")
         _require(self.inner_steps >= 1, "train.inner_steps", f"must be >= 1, got {self.inner_steps}")
-        _require(self.processes == 1 or self.algorithm == "qlearning", "train.processes",
-                 "must be 1 for the baselines and dsm (the critic process computes the ratio-estimated rewards of "
-                 "qlearning)")
         _choice(self.policy_gradient, "train.policy_gradient", POLICY_GRADIENTS)
         _require(self.policy_gradient == "td" or self.algorithm in ("qlearning", "ct_finetune"),
                  "train.policy_gradient", f"rao_blackwell applies to qlearning and ct_finetune, not {self.algorithm}")
-        _require(self.policy_gradient == "td" or self.processes == 1, "train.policy_gradient",
-                 "rao_blackwell needs train.processes = 1 (the critic process does not send the ratio scores)")
         _require(0 <= self.target_rate <= 1, "train.target_rate", f"must be between 0 and 1, got {self.target_rate}")
         _require(self.target_rate == 0 or self.algorithm in ("qlearning", "ct_finetune"), "train.target_rate",
                  f"applies to the value network of qlearning and ct_finetune, not {self.algorithm}")
-        _require(self.target_rate == 0 or self.processes == 1, "train.target_rate",
-                 "needs train.processes = 1 (the critic process has no target network)")
         _require(0 <= self.ema_rate <= 1, "train.ema_rate", f"must be between 0 and 1, got {self.ema_rate}")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
@@ -402,11 +397,6 @@ class Config:
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
-        _require(self.train.processes == 1 or self.parallel.workers == 0, "train.processes",
-                 "must be 1 with Ray rollout workers (parallel.workers > 0); the learner actor runs Algorithm 1's update")
-        _require(self.train.processes == 1 or self.train.device == self.parallel.rollout_device == "cpu",
-                 "train.processes", "= 2 splits the learner over two CPU processes: it needs train.device and "
-                 "parallel.rollout_device cpu")
         if self.parallel.workers:  # an actor computing on a GPU it has not reserved would share it unaccounted
             _require(self.train.device != "cuda" or self.parallel.learner_num_gpus > 0, "train.device",
                      "is cuda: the Learner actor must reserve a GPU (parallel.learner_num_gpus > 0)")
@@ -422,6 +412,29 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists instead of tuples), ready for YAML."""
         return plain(dataclasses.asdict(self))
+
+
+def single_process_reason(config: Config) -> Optional[str]:
+    """Why train.processes = 2 cannot split this run (the run then takes 1), or None if it can (or processes is 1).
+
+    processes = 2 moves the critic of qlearning's in-process update to a second CPU process with the same numbers;
+    it is a speed option, so a run it cannot serve still runs, in one process (distq.train says so once).
+    """
+    train, parallel = config.train, config.parallel
+    if train.processes == 1:
+        return None
+    if parallel.workers:
+        return f"with parallel.workers={parallel.workers} the learner runs in one Ray actor"
+    if train.algorithm != "qlearning":
+        return f"the critic process computes qlearning's ratio rewards, not train.algorithm={train.algorithm}'s update"
+    if train.policy_gradient != "td":
+        return f"train.policy_gradient={train.policy_gradient} needs the ratio scores the critic process keeps"
+    if train.target_rate:
+        return f"train.target_rate={train.target_rate:g} needs a target network the critic process does not have"
+    if not train.device == parallel.rollout_device == "cpu":
+        return (f"train.device={train.device} and parallel.rollout_device={parallel.rollout_device}: the two "
+                "processes compute on the CPU")
+    return None
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -16,7 +16,7 @@ import torch
 from distq import rundir
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout, learner_device, rollout_device
-from distq.config import Config
+from distq.config import Config, single_process_reason
 from distq.configfile import save_config
 from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
@@ -148,11 +148,15 @@ def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int
     rundir.write_table(run_dir / rundir.METRICS, rows)
 
 
-def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None):
-    """In-process for parallel.workers = 0 (with the critic in a child process for train.processes = 2);
-    Ray actors otherwise (the only path that imports ray)."""
+def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None, echo: Echo = print):
+    """In-process for parallel.workers = 0 (with the critic in a child process for train.processes = 2 where it
+    applies; where not, the run takes 1 process and says so); Ray actors otherwise (the only path that imports ray)."""
+    reason = single_process_reason(config)
+    if reason:
+        echo(f"distq: note: train.processes={config.train.processes} is for in-process qlearning runs on the CPU; "
+             f"{reason} (train.processes taken as 1)")
     if config.parallel.workers == 0:
-        if config.train.processes == 2:
+        if config.train.processes == 2 and not reason:
             from distq.split import TwoProcessBackend
 
             return TwoProcessBackend(config, dataset, reward)
@@ -243,7 +247,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
 def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init, kept: Kept,
            echo: Echo, address: Optional[str]) -> dict[str, Any]:
     start = payload["episode"] if payload is not None else 0
-    backend = make_backend(config, dataset, reward, address)
+    backend = make_backend(config, dataset, reward, address, echo)
     with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
         try:
             log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo)

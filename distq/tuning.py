@@ -5,9 +5,9 @@ previous segment's checkpoint), evaluates at the end of each, and reports the ev
 their CIs, the objective) with the run directory as the Tune checkpoint. So ASHA stops trials on the real
 objective, and a resumed sweep continues every unfinished trial from its last report.
 
-Resources: a trial reserves `resources.cpu` / `resources.gpu` (at least 2 CPUs with train.processes = 2, whose
-critic process has a core of its own); with parallel.workers > 0 its placement group also holds one bundle for
-the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster.
+Resources: a trial reserves `resources.cpu` / `resources.gpu` (at least 2 CPUs with train.processes = 2 where it
+applies, whose critic process has a core of its own); with parallel.workers > 0 its placement group also holds one
+bundle for the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 import distq
 from distq import rundir
-from distq.config import ParallelConfig
+from distq.config import ParallelConfig, single_process_reason
 from distq.configfile import save_config
 from distq.errors import DistqError
 from distq.interrupt import Interrupted, Signals, raise_interrupted
@@ -100,11 +100,20 @@ def _bundle(cpu: float, gpu: float, memory_mb: Optional[float] = None) -> dict[s
     return {k: float(v) for k, v in (("CPU", cpu), ("GPU", gpu), ("memory", (memory_mb or 0) * 2**20)) if v > 0}
 
 
+def _processes(config: dict[str, Any]) -> int:
+    """The processes a trial's run uses: train.processes = 2 is taken as 1 where it cannot split the run."""
+    try:
+        full = config_from_flat(config)
+    except DistqError:  # the trial itself stops with the error; reserve what it asked for
+        return int(config["train.processes"])
+    return 1 if single_process_reason(full) else full.train.processes
+
+
 def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGroupFactory]:
     """Placement group of a trial: its own process, then (parallel.workers > 0) the Learner and each RolloutWorker."""
     def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         config = {**sweep.base, **config}
-        bundles = [_bundle(max(sweep.resources.cpu, int(config["train.processes"])), sweep.resources.gpu)]
+        bundles = [_bundle(max(sweep.resources.cpu, _processes(config)), sweep.resources.gpu)]
         workers = int(config["parallel.workers"])
         if workers:
             bundles.append(_bundle(config["parallel.learner_num_cpus"], config["parallel.learner_num_gpus"],

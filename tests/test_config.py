@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from distq.config import Config, config_from_dict
+from distq.config import Config, config_from_dict, single_process_reason
 from distq.configfile import apply_overrides, load_config, save_config
 from distq.errors import DistqError
 
@@ -97,12 +97,10 @@ def test_wrong_type_names_field(override, field):
     (["train.policy_gradient=exact"], "train.policy_gradient"),
     (["model.time_frequencies=-1"], "model.time_frequencies"),
     (["train.policy_gradient=rao_blackwell", "train.algorithm=dsm"], "train.policy_gradient"),
-    (["train.policy_gradient=rao_blackwell", "train.processes=2"], "train.policy_gradient"),
     (["model.value_prior=exact"], "model.value_prior"),
     (["train.target_rate=-0.1"], "train.target_rate"),
     (["train.target_rate=1.5"], "train.target_rate"),
     (["train.target_rate=.nan"], "train.target_rate"),
-    (["train.target_rate=0.01", "train.processes=2"], "train.target_rate"),
     (["train.target_rate=0.01", "train.algorithm=ddpo_sf"], "train.target_rate"),
     (["train.ema_rate=-0.1"], "train.ema_rate"),
     (["train.ema_rate=2"], "train.ema_rate"),
@@ -113,14 +111,11 @@ def test_wrong_type_names_field(override, field):
     (["train.processes=3"], "train.processes"),
     (["data.source=gmm", "data.dim=3", "reward.fn=linear", "reward.coef=[1, 2]"], "reward.coef"),
     (["data.source=gmm", "data.components=0"], "data.components"),
-    (["train.processes=2", "parallel.workers=1"], "train.processes"),
     (["train.device=gpu"], "train.device"),
     (["parallel.rollout_device=cuda:1"], "parallel.rollout_device"),
     (["parallel.memory_per_worker_mb=0"], "parallel.memory_per_worker_mb"),
     (["parallel.learner_memory_mb=-5"], "parallel.learner_memory_mb"),
     (["parallel.memory_per_worker_mb=.inf"], "parallel.memory_per_worker_mb"),
-    (["train.processes=2", "train.device=auto"], "train.processes"),
-    (["train.processes=2", "parallel.rollout_device=cuda"], "train.processes"),
     (["parallel.workers=1", "train.device=cuda"], "train.device"),
     (["parallel.workers=1", "parallel.rollout_device=cuda"], "parallel.rollout_device"),
 ])
@@ -149,6 +144,22 @@ def test_devices_and_memory_parse_where_they_cannot_run():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().train.beta = 1.0
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["parallel.workers=2"], "with parallel.workers=2 the learner runs in one Ray actor"),
+    (["train.algorithm=dsm"], "not train.algorithm=dsm's update"),
+    (["train.policy_gradient=rao_blackwell"], "train.policy_gradient=rao_blackwell needs the ratio scores"),
+    (["train.target_rate=0.01"], "train.target_rate=0.01 needs a target network"),
+    (["train.device=auto"], "train.device=auto and parallel.rollout_device=cpu"),
+    (["parallel.rollout_device=cuda"], "train.device=cpu and parallel.rollout_device=cuda"),
+])
+def test_two_processes_where_they_cannot_split_the_run_are_taken_as_one(overrides, reason):
+    """train.processes = 2 is a speed option: a run it cannot serve is valid and runs in one process (the reason is
+    the notice distq.train prints); with processes = 1 there is nothing to say."""
+    assert reason in single_process_reason(_from_overrides("train.processes=2", *overrides))
+    assert single_process_reason(_from_overrides("train.processes=1", *overrides)) is None
+    assert single_process_reason(_from_overrides("train.processes=2")) is None
 
 
 @pytest.mark.parametrize("overrides", [["parallel.workers=2"], ["train.processes=2"], ["ratio.method=minibatch"],

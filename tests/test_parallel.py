@@ -305,15 +305,20 @@ def _write_config(path, reward_fn):
     path.write_text(json.dumps(values))  # JSON is YAML
 
 
-def test_cli_trains_with_two_workers_and_a_relative_reward_file(ray_session, monkeypatch, tmp_path, capsys):
+def test_cli_trains_with_two_workers_a_relative_reward_file_and_processes_2(ray_session, monkeypatch, tmp_path, capsys):
     # the actors' working directory is the session's, not this one: the relative path must be made absolute
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_reward.py").write_text("def h(x):\n    return (x[:, 1] > 0).float()\n")
     _write_config(tmp_path / "config.yaml", "my_reward.py:h")
-    assert main(["train", "config.yaml", "--out", "run", "--set", "parallel.workers=2"]) == 0
+    # configs/swiss_roll.yaml's train.processes: 2 is for in-process runs: a Ray run takes 1 and says so once
+    assert main(["train", "config.yaml", "--out", "run", "--set", "parallel.workers=2", "--set",
+                 "train.processes=2"]) == 0
     summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())
     assert summary["workers"] == 2 and summary["worker_restarts"] == 0 and summary["episodes"] == 3
-    assert "episode 3/3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "episode 3/3" in out
+    assert out.count("distq: note: train.processes=2") == 1
+    assert "with parallel.workers=2 the learner runs in one Ray actor (train.processes taken as 1)" in out
     assert ray.is_initialized()
 
 

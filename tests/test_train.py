@@ -236,3 +236,23 @@ def test_a_signal_stops_a_ray_run_between_episodes(tmp_path, ray_session, signum
     run, episode = _interrupted_run(tmp_path, signum, "--set", "parallel.workers=1", "--address", address)
     assert episode >= 1
     _resumes_from(run, episode)
+
+
+def test_two_processes_a_run_cannot_use_are_taken_as_one_with_one_notice(tmp_path):
+    """train.processes = 2 with a target network (the critic process has none) runs in one process: the weights of
+    a processes = 1 run, and one notice naming why."""
+    def config(processes: int) -> Config:
+        return config_from_dict({
+            "data": {"source": "swiss_roll", "n_samples": 64}, "sde": {"dt": 0.5},
+            "train": {"episodes": 3, "batch_size": 16, "chunk_size": 8, "processes": processes, "target_rate": 0.01},
+            "eval": {"n_samples": 16, "batches": 2}})
+
+    lines = []
+    train(config(2), tmp_path / "two", echo=lines.append)
+    train(config(1), tmp_path / "one", echo=_quiet)
+    notes = [line for line in lines if line.startswith("distq: note:")]
+    assert len(notes) == 1 and "train.target_rate=0.01" in notes[0] and "taken as 1" in notes[0], lines
+    two, one = (load_checkpoint(tmp_path / run / "checkpoint.pt")["learner"] for run in ("two", "one"))
+    for net in ("policy", "value"):
+        for name, tensor in one[net].items():
+            assert torch.equal(two[net][name], tensor), f"{net}.{name}"

@@ -110,6 +110,9 @@ def test_trial_reserves_a_core_for_the_critic_process(tmp_path):
     one = trial_resources(sweep)({"train.beta": 1.0}).bundles
     two = trial_resources(sweep)({"train.beta": 1.0, "train.processes": 2}).bundles
     assert one == [{"CPU": 1.0}] and two == [{"CPU": 2.0}]
+    # a run the critic process cannot serve takes one process, and reserves one core
+    taken_as_one = trial_resources(sweep)({"train.processes": 2, "train.target_rate": 0.01}).bundles
+    assert taken_as_one == [{"CPU": 1.0}]
 
 
 def test_trial_bundles_hold_the_actors_memory_reservations(tmp_path):
