@@ -6,10 +6,14 @@ Each command runs as printed, made small by flags appended after the doc's own (
 episodes, small batches and evaluations, a shrunken tuning/smoke.yaml. `ray start --head` becomes a head of our
 own (a free port, its own temp dir and HOME, so other Ray instances and the user's ~/.ray are never touched) that
 `ray stop` stops by its pid. The few commands that cannot run here are listed in SKIPPED with the reason; any
-other command the test does not know how to run fails it.
+other command the test does not know how to run fails it. `distq` commands that join no cluster of their own run in
+this process (`distq.cli.main`, exit code and stderr checked as from the console script), their Ray ones on the test
+session's shared instance: a fresh interpreter and Ray instance per command would take most of the suite's time.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -254,6 +258,8 @@ class Runner:
             return self.run(make_recipe(sub))
         known = tool == "distq" or (tool == "python" and sub.startswith("scripts/"))
         assert known, f"the docs show a command this test does not know how to run: {shlex.join(command)}"
+        if tool == "distq" and "--address" not in command:
+            return self.in_process(self.small(command)[1:])
         executable = str(BIN / tool)
         done = subprocess.run([executable, *self.small(command)[1:]], cwd=self.work, env=self.env,
                               capture_output=True, text=True, timeout=DEADLINE_S)
@@ -263,13 +269,31 @@ class Runner:
         return done.stdout
 
 
+    def in_process(self, argv: list[str]) -> str:
+        from distq.cli import main
+
+        out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+        os.chdir(self.work)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(argv)
+        finally:
+            os.chdir(cwd)
+        assert code == 0, f"distq {shlex.join(argv)} exited {code}:\n{out.getvalue()[-2000:]}\n{err.getvalue()[-3000:]}"
+        return out.getvalue()
+
+
 @pytest.fixture
-def runner():
+def runner(monkeypatch):
     work = Path(tempfile.mkdtemp(prefix="dqdocs"))  # short: Ray's socket paths live under TMPDIR
     (work / "home").mkdir()
     (work / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
     env.update(HOME=str(work / "home"), TMPDIR=str(work / "tmp"), PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    for key in [k for k in os.environ if k.startswith(("RAY_", "WANDB_"))]:  # the in-process commands see `env` too
+        monkeypatch.delenv(key)
+    for key in ("HOME", "WANDB_MODE"):
+        monkeypatch.setenv(key, env[key])
     cwd = work / "clone"
     cwd.mkdir()
     runner = Runner(cwd, env)
@@ -290,7 +314,7 @@ def test_doc_blocks_are_whole_commands():
 
 
 @pytest.mark.ray
-def test_every_doc_command_runs(runner):
+def test_every_doc_command_runs(runner, ray_session):
     blocks = doc_blocks()
     make_workdir(runner.work, [line for _, block in blocks for line in block])
     skipped, ran = [], []
