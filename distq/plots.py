@@ -4,10 +4,7 @@ Uses matplotlib's Agg canvas directly (no pyplot, no global figure state); every
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +13,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from distq import rundir
 from distq.errors import DistqError
 
 if TYPE_CHECKING:
@@ -34,22 +32,19 @@ def _as_array(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 
 
 def _save_atomically(fig: Figure, path) -> None:
-    """Write `fig` as PNG to a temp file beside `path`, then rename, so readers never see a partial file; an OSError
-    (full disk, no permission) is a DistqError naming `path`."""
+    """Write `fig` as PNG through rundir.atomic_write: readers never see a partial file, and a full disk or a missing
+    permission is a DistqError naming `path`."""
     path = Path(path)
-    # A unique name opened with "xb" (not mkstemp, whose files are 0600) keeps the user's umask.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as handle:
+    except OSError as err:
+        raise DistqError(f"cannot write {path} ({err.strerror or err})") from None
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             FigureCanvasAgg(fig).print_png(handle)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DistqError(f"cannot write {path} ({err.strerror or err}); any earlier version of it is kept") from None
-        raise
+
+    rundir.atomic_write(path, write)
 
 
 def _histograms(ax, generated: np.ndarray, data: np.ndarray, column: str) -> None:
