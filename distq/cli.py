@@ -19,10 +19,11 @@ from distq.configfile import load_config
 from distq.devices import resolve_device
 from distq.data import load_dataset
 from distq.errors import DistqError
-from distq.evaluation import evaluate_given, evaluate_policy
+from distq.evaluation import evaluate_given, evaluate_policy, kl_reliability
 from distq.interrupt import Interrupted, Signals, raise_interrupted
 from distq.learner import deployed_policy
 from distq.rewards import load_reward
+from distq.standardize import stored
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,6 +179,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.grid_power is not None:
         config = dataclasses.replace(config, sde=dataclasses.replace(config.sde, grid_power=args.grid_power))
     samples = rollout.generate(args.n, generator, make_grid(config, args.steps), args.sampler, conditions)
+    samples = stored(payload).to_user(samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_samples(out, samples, columns, condition_column)
     print(f"wrote {args.n} samples ({args.sampler or config.sde.sampler}, "
@@ -190,18 +192,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         if args.batches < 2:
             raise DistqError(f"--batches must be >= 2 (a confidence interval needs two batches), got {args.batches}")
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batches=args.batches))
-    dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
+    dataset = load_dataset(config.data, config.seed, stored(payload))
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values,
+                         dataset.standardization)
     if args.samples:
         path = Path(args.samples)
         conditions = (rundir.read_conditions(path, config.data.condition, dataset.condition_values)
                       if dataset.classes else None)
-        metrics = evaluate_given(rundir.read_samples(path, payload["columns"]), dataset, reward, config, conditions)
+        samples = dataset.standardization.to_model(rundir.read_samples(path, payload["columns"]))
+        metrics = evaluate_given(samples, dataset, reward, config, conditions)
         metrics["samples"] = str(args.samples)
     else:
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=_device(args, config))
         rollout.set_weights(deployed_policy(payload["learner"]))
         metrics = evaluate_policy(rollout, dataset, reward, config)[0]
+    metrics.update(kl_reliability(config, dataset.dim))
     with rundir.locked(Path(args.run_dir), "run directory"):
         rundir.write_json(Path(args.run_dir) / "evaluation.json", metrics)
     print(json.dumps(metrics, indent=2))

@@ -79,6 +79,9 @@ class DataConfig:
     """swiss_roll with data.condition = label: number of equal segments of the roll's parameter."""
     dim: int = 16
     """`gmm`: dimension d."""
+    standardize: Optional[bool] = None
+    """Train on the columns standardised to mean 0 and spread 1 (distq.standardize; samples, rewards and plots stay in
+    the data's own coordinates). None (auto): on for `file` data, off for the built-ins (kept at the paper's scale)."""
 
     def __post_init__(self) -> None:
         _choice(self.source, "data.source", SOURCES)
@@ -97,6 +100,11 @@ class DataConfig:
         _require(self.condition is None or self.columns is None or self.condition not in self.columns,
                  "data.condition", "names a column also listed in data.columns")
         _require(self.dim >= 1, "data.dim", f"must be >= 1, got {self.dim}")
+
+    @property
+    def standardized(self) -> bool:
+        """Whether data.standardize, resolved (auto: files only), standardises the data."""
+        return self.source == "file" if self.standardize is None else self.standardize
 
 
 @dataclass(frozen=True)

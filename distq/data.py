@@ -1,7 +1,10 @@
 """Training data (algorithm.md section 12): the built-in laws gmm1d, swiss_roll, gaussian, or a user file.
 
-Data stay at their own scale: the diffusion runs on the points as given (section 12 explains why scale matters).
-Every bad file raises DistqError naming the file, the config field and what is wrong.
+Built-in data stay at their own scale (section 12 explains why scale matters); `file` data are standardised by
+default (data.standardize, distq.standardize): Dataset.points are then in the model's coordinates and
+Dataset.standardization maps them back. Every bad file raises DistqError naming the file, the config field and what
+is wrong, before training: unreadable, non-numeric, non-finite or overflowing values, constant columns, too few
+distinct rows for the evaluation.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from sklearn.datasets import make_swiss_roll
 
 from distq.config import DataConfig
 from distq.errors import DistqError
+from distq.standardize import Standardization, fitted, identity
 
 FILE_FORMATS = (".parquet", ".csv", ".npy")
 
@@ -31,7 +35,7 @@ class Dataset:
     """N training points of dimension d, and a sampler of the true law when it is known."""
 
     points: torch.Tensor
-    """(N, d) float32 training data."""
+    """(N, d) float32 training data in the model's coordinates (standardised if data.standardize is on)."""
     columns: tuple[str, ...]
     """Column names, length d: 'x0', 'x1', ... for built-ins and .npy files, the file's names otherwise."""
     name: str
@@ -44,6 +48,12 @@ class Dataset:
     """The condition's values; labels index them (a file's own label values, 0..C-1 for built-ins)."""
     fresh_labelled: Optional[LabelledSampler] = None
     """(n, generator) -> fresh draws and their condition indices, when the law is known."""
+    standardization: Optional[Standardization] = None
+    """The map from the user's coordinates to those of `points` (None: the identity)."""
+
+    def __post_init__(self) -> None:
+        if self.standardization is None:
+            object.__setattr__(self, "standardization", identity(self.dim))
 
     @property
     def classes(self) -> int:
@@ -322,6 +332,44 @@ def _check_finite(points: np.ndarray, values: np.ndarray, names: list[str], path
                           f"({values[row, col]}) at row {offset + row}")
 
 
+LARGEST_VALUE = 1e15
+"""Largest |value| a file may hold: squared distances (d |x|^2 / sigma_t^2 in the ratio estimator, unstandardised)
+and rewards of the user's values must stay far inside float32's range (3.4e38)."""
+
+
+def _check_magnitude(values: np.ndarray, names: list[str], path: Path, offset: int) -> None:
+    """Name the first (row, column) of a block whose |value| exceeds LARGEST_VALUE."""
+    big = np.abs(values) > LARGEST_VALUE
+    if big.any():
+        row, col = np.argwhere(big)[0]
+        raise _fail(path, f"column '{names[col]}' has {values[row, col]:g} at row {offset + row}: beyond "
+                          f"|x| <= {LARGEST_VALUE:g}, float32 squares of such values overflow; rescale the column "
+                          "(other units)")
+
+
+def _check_not_constant(points: np.ndarray, names: list[str], path: Path) -> None:
+    """A constant column carries no information and has no spread to standardise by."""
+    constant = np.flatnonzero(points.min(0) == points.max(0))
+    if constant.size:
+        column = names[constant[0]]
+        raise _fail(path, f"column '{column}' is constant ({points[0, constant[0]]:g} in every row): it has no spread; "
+                          "leave it out with data.columns")
+
+
+def check_distinct(dataset: Dataset, k: int) -> None:
+    """DistqError naming the data if they have fewer than 2 (k + 1) distinct rows: the evaluation's kNN KL (eval.k =
+    k) needs k + 1 distinct points in each of two disjoint halves for its floor. Counts the first 4096 rows first
+    (enough for almost any data), all rows only if those fall short."""
+    needed, points = 2 * (k + 1), dataset.points
+    if torch.unique(points[:4096], dim=0).shape[0] >= needed:
+        return
+    distinct = torch.unique(points, dim=0).shape[0]
+    if distinct < needed:
+        where = f"data file '{dataset.name}' (data.path)" if dataset.fresh is None else f"data.source {dataset.name}"
+        raise DistqError(f"{where}: has {distinct} distinct rows of {dataset.n}; the evaluation's kNN KL (eval.k = {k}) "
+                         f"needs at least {needed} (k + 1 in each of two disjoint halves)")
+
+
 def _from_file(cfg: DataConfig) -> Dataset:
     path = Path(cfg.path)
     if not path.is_file():
@@ -343,8 +391,10 @@ def _from_file(cfg: DataConfig) -> Dataset:
         with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported just below
             block = values.astype(np.float32)
         _check_finite(block, values, names, path, offset)
+        _check_magnitude(values, names, path, offset)
         points[offset:offset + len(block)] = block
         offset += len(block)
+    _check_not_constant(points, names, path)
     dataset = Dataset(torch.from_numpy(points), tuple(names), str(cfg.path), None)
     if cfg.condition is None:
         return dataset
@@ -371,8 +421,30 @@ def _file_labels(path: Path, column: str) -> tuple[torch.Tensor, tuple]:
     return torch.from_numpy(labels.astype(np.int64)), tuple(int(v) for v in unique)
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The training data named by `data.source`; built-in draws are deterministic given `seed`."""
-    if cfg.source == "file":
-        return _from_file(cfg)
-    return _builtin(cfg, seed)
+def load_dataset(cfg: DataConfig, seed: int, standardization: Optional[Standardization] = None) -> Dataset:
+    """The training data named by `data.source`, built-in draws deterministic given `seed`, standardised in place by
+    `standardization` (a checkpoint's) or, if None, by the map fitted to them when data.standardize is on."""
+    dataset = _from_file(cfg) if cfg.source == "file" else _builtin(cfg, seed)
+    if standardization is None:
+        standardization = fitted(dataset.points) if cfg.standardized else identity(dataset.dim)
+    return standardized(dataset, standardization)
+
+
+def standardized(dataset: Dataset, standardization: Standardization) -> Dataset:
+    """The dataset in the model's coordinates: its points mapped in place, fresh draws mapped as they are drawn."""
+    if standardization.identity:
+        return dataclasses.replace(dataset, standardization=standardization)
+    if standardization.mean.shape[0] != dataset.dim:
+        raise DistqError(f"data: the run's standardisation has {standardization.mean.shape[0]} columns, the data "
+                         f"{dataset.dim}")
+    standardization.to_model_(dataset.points)
+    fresh, labelled = dataset.fresh, dataset.fresh_labelled
+    return dataclasses.replace(
+        dataset, standardization=standardization,
+        fresh=None if fresh is None else lambda n, g: standardization.to_model(fresh(n, g)),
+        fresh_labelled=None if labelled is None else lambda n, g: _mapped(labelled(n, g), standardization))
+
+
+def _mapped(drawn: tuple[torch.Tensor, torch.Tensor], standardization: Standardization):
+    points, labels = drawn
+    return standardization.to_model(points), labels

@@ -1,6 +1,7 @@
 """Evaluation of a trained policy or of a file of samples (section 11), against fresh data."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -57,6 +58,21 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
 
     metrics["per_condition"] = _per_condition(dataset, range(dataset.classes), own)
     return metrics, samples, conditions
+
+
+def kl_reliability(config: Config, dim: int) -> dict[str, Any]:
+    """{"kl_reliable": bool} and, if not, {"kl_warning": one line}. The kNN KL's bias shrinks like n^(-1/d') in the
+    d' dimensions it is estimated in (eval.pca, else the data's d) with n = eval.n_samples per batch; a rule of thumb
+    flags d' > 2 log2(n) (n^(-1/d') > 0.7: the k-th neighbours are not local; 500 columns at n = 300 report
+    KL -12.9)."""
+    used, n = min(config.eval.pca, dim) if config.eval.pca else dim, config.eval.n_samples
+    if used <= 2 * math.log2(n):
+        return {"kl_reliable": True}
+    where = f"eval.pca = {used} components" if config.eval.pca else f"{dim} columns"
+    return {"kl_reliable": False,
+            "kl_warning": f"the kNN KL is unreliable in {where} at eval.n_samples = {n} (it needs about "
+                          f"d <= 2 log2(n) = {2 * math.log2(n):.1f}); set eval.pca to at most "
+                          f"{int(2 * math.log2(n))} principal components or raise eval.n_samples"}
 
 
 PER_CONDITION_METRICS = ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "kl_floor")

@@ -32,6 +32,7 @@ from distq.ray_cluster import connect_ray, wait_placed
 from distq.rewards import load_reward
 from distq.rollout import Chunk, Trajectories, episode_chunks
 from distq.runtime import configure_cpu
+from distq.standardize import Standardization
 
 if TYPE_CHECKING:  # actor processes import this module: keep distq.data (sklearn, pyarrow) out of them
     from distq.data import Dataset
@@ -57,15 +58,18 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
 class _Actor:
     """Builds its objects in the actor process; a DistqError while building is raised by every later call."""
 
-    def __init__(self, config: Config, data: list, condition_values: tuple = ()):
+    def __init__(self, config: Config, data: list, condition_values: tuple = (),
+                 standardization: Optional[Standardization] = None):
         """data: [the points' ref] or, in conditional runs, [the points' ref, their condition indices' ref], with
-        the conditions' values (what a conditional reward receives)."""
+        the conditions' values (what a conditional reward receives) and the points' standardisation (the reward
+        sees the user's coordinates)."""
         configure_cpu(1)
         self.data, self.error = data[0], None
         try:
             points, *labels = (_shared_tensor(array) for array in ray.get(data))
             labels = labels[0] if labels else None
-            self.build(config, points, labels, load_reward(config.reward, points, labels, condition_values))
+            self.build(config, points, labels,
+                       load_reward(config.reward, points, labels, condition_values, standardization))
         except DistqError as err:
             self.error = err
 
@@ -262,12 +266,14 @@ class RayBackend:
         try:
             if self._started and not address:
                 _check_fits(config.parallel)
-            # the condition labels (conditional runs) travel as the points do: put once, read in place
+            # the condition labels (conditional runs) travel as the points do: put once, read in place; the points
+            # are already standardised (in place, distq.data), so the object store holds their only copy
             self._data = [ray.put(array.numpy()) for array in (dataset.points, dataset.labels) if array is not None]
-            self._condition_values = dataset.condition_values
+            self._condition_values, self._standardization = dataset.condition_values, dataset.standardization
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
                                             max_restarts=0, **_memory(parallel.learner_memory_mb)
-                                            ).remote(self.config, self._data, self._condition_values)
+                                            ).remote(self.config, self._data, self._condition_values,
+                                                      self._standardization)
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
             ready = [actor.ready.remote() for actor in (self._learner, *self.rollout_workers)]
             for ref in wait_placed(ready, parallel.connect_timeout_s, _asked(parallel)):
@@ -285,7 +291,8 @@ class RayBackend:
         return RolloutWorker.options(num_cpus=parallel.num_cpus_per_worker, num_gpus=parallel.num_gpus_per_worker,
                                      max_restarts=0, scheduling_strategy=None if captured else "SPREAD",
                                      **_memory(parallel.memory_per_worker_mb)).remote(self.config, self._data,
-                                                                                      self._condition_values)
+                                                                                      self._condition_values,
+                                                                                      self._standardization)
 
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""

@@ -122,6 +122,20 @@ def choose_method(method: str, n: int, dim: int, minibatch: Optional[int]) -> st
     return "exact" if n <= AUTO_EXACT_MAX_N or dim >= AUTO_EXACT_MIN_DIM else "minibatch"
 
 
+def distinct_rows(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """m distinct row indices drawn uniformly from range(n) (a uniform random m-subset), (m,), in O(m log m) whatever
+    n: a permutation of all n rows per step made a minibatch cost O(N). For m > n / 4 a permutation is O(m) anyway;
+    below, draws with replacement are deduplicated and topped up (expected duplicates m^2 / 2n < m / 8)."""
+    if 4 * m > n:
+        return torch.randperm(n, generator=generator)[:m]
+    rows = torch.randint(n, (m,), generator=generator)
+    while True:
+        rows = torch.unique(rows)
+        if rows.shape[0] == m:
+            return rows
+        rows = torch.cat([rows, torch.randint(n, (m - rows.shape[0],), generator=generator)])
+
+
 class RatioEstimator:
     """(E13) over a fixed data set, with all N points, random data minibatches of size `minibatch` per call, or
     each query's `knn` nearest points; of the data smoothed by N(0, bandwidth^2 I) if bandwidth > 0."""
@@ -155,7 +169,7 @@ class RatioEstimator:
         """Indices of a fresh random minibatch (m,), or None when all data are used."""
         if self.minibatch is None:
             return None
-        return torch.randperm(self.data.shape[0], generator=generator)[: self.minibatch]
+        return distinct_rows(self.data.shape[0], self.minibatch, generator)
 
     def score(self, x: torch.Tensor, mu: float, sigma2: float, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s_hat(t, x) for x: (B, d) using all data or the rows `subset`; -> (B, d)."""

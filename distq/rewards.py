@@ -21,6 +21,7 @@ import torch
 
 from distq.config import RewardConfig
 from distq.errors import DistqError
+from distq.standardize import InUserCoordinates, Standardization
 
 RewardFn = Callable[..., torch.Tensor]
 
@@ -231,10 +232,11 @@ PROBE_ROWS = 8
 
 
 def load_reward(cfg: RewardConfig, points: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                condition_values: tuple = ()) -> Reward:
+                condition_values: tuple = (), standardization: Optional[Standardization] = None) -> Reward:
     """The checked reward named by `reward.fn`, called once on the first PROBE_ROWS data points (N, d) (with their
     condition indices `labels` (N,) in conditional runs, whose `condition_values` it passes to h(x, c)) so bad
-    rewards fail early."""
+    rewards fail early. With the data's `standardization` the points are in the model's coordinates z, and so is the
+    returned reward: h(s z + m), h still seeing the user's coordinates."""
     if cfg.fn in BUILTINS:
         fn = _builtin(cfg, points.shape[1])
     elif ":" in cfg.fn:
@@ -245,5 +247,7 @@ def load_reward(cfg: RewardConfig, points: torch.Tensor, labels: Optional[torch.
         raise DistqError(f"reward.fn '{cfg.fn}' is not a built-in reward ({hint}built-ins: {', '.join(BUILTINS)}) "
                          "nor a 'path/to/file.py:function' or 'package.module:function' reference")
     reward = Reward(fn, cfg.fn, condition_values)
+    if standardization is not None and not standardization.identity:
+        reward = InUserCoordinates(reward, standardization)
     reward(points[:PROBE_ROWS], labels[:PROBE_ROWS] if labels is not None else None)
     return reward

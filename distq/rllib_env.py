@@ -36,7 +36,8 @@ class ReverseDiffusionEnv(gymnasium.Env):
     def __init__(self, env_config: Optional[dict[str, Any]] = None):
         config: Config = config_from_dict(dict(env_config or {}))
         dataset = load_dataset(config.data, config.seed)
-        self.terminal_reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
+        self.terminal_reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values,
+                                           dataset.standardization)
         self.ratio = RatioEstimator.from_config(dataset.points, config.ratio)
         self.grid, self.beta, self.T = make_grid(config), config.train.beta, config.sde.T
         self.step_fn, self.stochastic = SAMPLERS[config.sde.sampler], is_stochastic(config.sde.sampler)

@@ -18,9 +18,9 @@ from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout, learner_device, rollout_device
 from distq.config import Config, single_process_reason
 from distq.configfile import save_config
-from distq.data import Dataset, load_dataset
+from distq.data import Dataset, check_distinct, load_dataset
 from distq.errors import DistqError
-from distq.evaluation import evaluate_policy
+from distq.evaluation import evaluate_policy, kl_reliability
 from distq.interrupt import Interrupted, StopRequest
 from distq.interrupt import name as signal_name
 from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
@@ -29,6 +29,7 @@ from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
 from distq.runtime import configure_cpu
 from distq.schema import flatten
+from distq.standardize import Standardization, stored
 
 Echo = Callable[[str], None]
 
@@ -140,7 +141,7 @@ def _condition_column(config: Config, dataset: Dataset, conditions) -> Optional[
 
 def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
     payload = {"config": config.to_dict(), "episode": episode, "learner": backend.learner_state(),
-               "columns": list(dataset.columns)}
+               "columns": list(dataset.columns), "standardization": dataset.standardization.state()}
     if dataset.classes:  # what `distq sample` needs to generate by condition without the data
         payload["conditions"] = {"values": list(dataset.condition_values),
                                  "probabilities": dataset.class_probabilities().tolist()}
@@ -179,16 +180,31 @@ def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
         other = len(payload["columns"]) if key == "data dimension" else theirs.get(key, 0)
         if other != ours:
             raise DistqError(f"train.init: the run in {config.train.init} has {key} {other!r}, this run {ours!r}")
+    if not stored(payload).same_as(dataset.standardization):
+        raise DistqError(f"train.init: the run in {config.train.init} was trained on data standardised otherwise "
+                         "(data.standardize, or other data): its policy works in other coordinates")
     return deployed_policy(payload["learner"])
 
 
-def check_inputs(config: Config, resume: bool):
+def _resumed_standardization(run_dir: Path) -> Optional[Standardization]:
+    """On --resume, the checkpoint's standardisation (a run from before data.standardize resumes unstandardised);
+    None without a readable checkpoint (check_run reports that)."""
+    try:
+        return stored(load_checkpoint(run_dir / rundir.CHECKPOINT))
+    except DistqError:
+        return None
+
+
+def check_inputs(config: Config, resume: bool, run_dir: Optional[Path] = None):
     """Check the inputs before the run directory is touched: devices, data, reward, initial run."""
     rollout_device(config)  # this process evaluates the run
     if config.parallel.workers == 0:  # else the Learner actor checks its own, on its node
         learner_device(config)
-    dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
+    standardization = _resumed_standardization(run_dir) if resume and run_dir is not None else None
+    dataset = load_dataset(config.data, config.seed, standardization)
+    check_distinct(dataset, config.eval.k)
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values,
+                         dataset.standardization)
     init = initial_policy(config, dataset) if config.train.init and not resume else None
     return dataset, reward, init
 
@@ -232,7 +248,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """
     run_dir = Path(run_dir)
     configure_cpu(config.train.threads)
-    dataset, reward, init = check_inputs(config, resume)
+    dataset, reward, init = check_inputs(config, resume, run_dir)
     with rundir.locked(run_dir, "--resume" if resume else "--out"):
         payload = check_run(config, run_dir, resume, overwrite)
         kept = Kept(run_dir, payload["episode"] if payload is not None else None)
@@ -328,9 +344,12 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
            wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate, write samples, plots and summary.json, and print the headline metrics."""
     metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
+    metrics.update(kl_reliability(config, dataset.dim))
+    to_user = dataset.standardization.to_user
+    samples = to_user(samples)
     rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns,
                          _condition_column(config, dataset, conditions))
-    plot_samples(samples, dataset.points, dataset.columns, run_dir / rundir.PLOT,
+    plot_samples(samples, to_user(dataset.points), dataset.columns, run_dir / rundir.PLOT,
                  title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}")
     if log.rows:
         plot_training_curves({k: [r.get(k) for r in log.rows] for k in log.rows[0]}, run_dir / "training.png")
@@ -338,10 +357,12 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     summary = {**metrics, "episodes": config.train.episodes, "wall_s": wall,
                "episodes_per_s": done / wall if wall > 0 else 0.0, "dim": dataset.dim, "n_data": dataset.n,
                "beta": config.train.beta, "temperature": config.train.temperature, "sampler": config.sde.sampler,
-               "steps": config.sde.num_steps, "schedule": config.sde.schedule, **extra}
+               "steps": config.sde.num_steps, "schedule": config.sde.schedule,
+               "standardized": not dataset.standardization.identity, **extra}
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     echo(f"reward {metrics['reward_mean']:.4f} ± {metrics['reward_ci95']:.4f} | "
          f"KL {metrics['kl_mean']:.4f} ± {metrics['kl_ci95']:.4f} (estimator floor {metrics['kl_floor']:.4f}) | "
-         f"{summary['episodes_per_s']:.1f} episodes/s")
+         f"{summary['episodes_per_s']:.1f} episodes/s" + (f"\nwarning: {metrics['kl_warning']}" if 'kl_warning' in metrics
+                                                         else ""))
     echo(f"plot: {run_dir / rundir.PLOT}\nsummary: {run_dir / rundir.SUMMARY}")
     return summary

@@ -7,6 +7,7 @@
     python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
     python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
     python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method (+ scale.png)
+    python scripts/bench.py scale-large  # only scale's minibatch N = 10^5 vs 10^6 comparison
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distq.runtime import machine  # noqa: E402
 from scripts.benchmarking.parallel import bench_parallel, bench_rllib  # noqa: E402
 from scripts.benchmarking.quality import bench_quality  # noqa: E402
-from scripts.benchmarking.ratio import _scale_cell, bench_ratio, bench_scale, plot_scale  # noqa: E402
+from scripts.benchmarking.ratio import _scale_cell, bench_large_minibatch, bench_ratio, bench_scale, plot_scale  # noqa: E402
 from scripts.benchmarking.speed import bench_core  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -33,7 +34,7 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_scale_cell":  # one cell of `scale`, in its own process
         print(json.dumps(_scale_cell(json.loads(sys.argv[2]))))
         return
-    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale", "scale-plot"), nargs="?",
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale", "scale-large", "scale-plot"), nargs="?",
                         default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
@@ -55,6 +56,8 @@ def main() -> None:
         plot_scale(json.loads((OUT / "scale.json").read_text()), OUT / "scale.png")
         print(f"wrote {OUT / 'scale.png'}")
         return
+    elif args.what == "scale-large":  # only the N = 10^6 minibatch comparison of `scale`
+        result = bench_large_minibatch()
     elif args.what == "scale":
         result = bench_scale()
         plot_scale(result, OUT / "scale.png")

@@ -34,7 +34,8 @@ def floor_cell(config: Config, sampler: Optional[str] = None) -> dict[str, float
     """Reward and KL (with CIs and the KL estimator's own floor) of the perfect learner for one config (with
     `sampler`, which may be a generation-only one, instead of sde.sampler)."""
     dataset = load_dataset(config.data, config.seed)
-    metrics = evaluate_perfect_learner(config, dataset, load_reward(config.reward, dataset.points), sampler)
+    reward = load_reward(config.reward, dataset.points, standardization=dataset.standardization)
+    metrics = evaluate_perfect_learner(config, dataset, reward, sampler)
     return {key: round(metrics[key], 4) for key in ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "kl_floor")}
 
 

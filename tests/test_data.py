@@ -86,7 +86,7 @@ def _write_npy(tmp_path, array, name="data.npy"):
 
 def test_reference_of_file_is_subset_without_replacement(tmp_path):
     values = np.arange(40, dtype=np.float32).reshape(20, 2)
-    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)
+    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values)), standardize=False), seed=0)
     ref = data.reference(8, _gen())
     assert data.fresh is None and ref.shape == (8, 2)
     rows = {tuple(r) for r in ref.tolist()}
@@ -102,7 +102,7 @@ def _table():
 def test_parquet_round_trip(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(_table(), path)
-    data = load_dataset(DataConfig(source="file", path=str(path)), seed=0)
+    data = load_dataset(DataConfig(source="file", path=str(path), standardize=False), seed=0)
     assert data.columns == ("a", "b", "c") and data.name == str(path) and data.points.dtype == torch.float32
     expected = np.array([[1.5, 1, 0.0], [-2.0, 2, 1e-3], [3.25, 3, 7.0]], dtype=np.float32)
     np.testing.assert_array_equal(data.points.numpy(), expected)
@@ -111,24 +111,25 @@ def test_parquet_round_trip(tmp_path):
 def test_csv_round_trip_with_selected_columns(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b,c,label\n1.5,1,0.0,x\n-2.0,2,0.001,y\n3.25,3,7.0,z\n")
-    data = load_dataset(DataConfig(source="file", path=str(path), columns=("c", "a")), seed=0)
+    data = load_dataset(DataConfig(source="file", path=str(path), columns=("c", "a"), standardize=False), seed=0)
     assert data.columns == ("c", "a")
     np.testing.assert_array_equal(data.points.numpy(), np.array([[0.0, 1.5], [1e-3, -2.0], [7.0, 3.25]], np.float32))
 
 
 def test_npy_round_trips(tmp_path):
     values = np.random.default_rng(0).normal(size=(10, 3))
-    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)
+    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values)), standardize=False), seed=0)
     assert data.columns == ("x0", "x1", "x2")
     np.testing.assert_array_equal(data.points.numpy(), values.astype(np.float32))
-    picked = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values)), columns=("x2", "x0")), 0)
+    picked = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values)), columns=("x2", "x0"),
+                                     standardize=False), 0)
     np.testing.assert_array_equal(picked.points.numpy(), values[:, [2, 0]].astype(np.float32))
     flat = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values[:, 0], "f.npy"))), 0)
     assert flat.points.shape == (10, 1) and flat.columns == ("x0",)
 
 
 def test_file_ignores_n_samples(tmp_path):
-    path = _write_npy(tmp_path, np.zeros((5, 2)))
+    path = _write_npy(tmp_path, np.arange(10.0).reshape(5, 2))
     assert load_dataset(DataConfig(source="file", path=str(path), n_samples=300), 0).n == 5
 
 
@@ -263,7 +264,8 @@ def test_large_parquet_is_read_in_batches_and_bad_rows_are_named(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert dataset.points.shape == (rows, 16) and dataset.columns[0] == "c0"
-    assert np.allclose(dataset.points.numpy(), values.astype(np.float32))
+    # standardised in place (data.standardize auto: on for files), within the same memory
+    assert np.allclose(dataset.standardization.to_user(dataset.points).numpy(), values, atol=1e-5)
     assert peak < 4 * dataset.points.numpy().nbytes, peak
     values[76_543, 9] = np.nan
     bad = tmp_path / "bad.parquet"
@@ -310,3 +312,51 @@ def test_file_label_column(tmp_path):
     pq.write_table(pa.table({"a": [0.0, 1.0, 2.0], "kind": [0, 0, 1]}), lonely)
     with pytest.raises(DistqError, match="condition 1 has 1 of the 3 points"):
         load_dataset(DataConfig(source="file", path=str(lonely), condition="kind"), seed=0)
+
+
+# ---- standardisation (data.standardize) and the checks before training ---------------------------------------------
+
+def test_files_are_standardised_by_default_builtins_are_not(tmp_path):
+    values = np.random.default_rng(1).normal((170.0, 70.0), (10.0, 15.0), size=(500, 2))
+    path = _write_npy(tmp_path, values)
+    data = load_dataset(DataConfig(source="file", path=str(path)), seed=0)
+    expected = (values - values.mean(0)) / values.std(0)  # numpy's population std (ddof 0)
+    np.testing.assert_allclose(data.points.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(data.standardization.mean.numpy(), values.mean(0), rtol=1e-6)
+    off = load_dataset(DataConfig(source="file", path=str(path), standardize=False), seed=0)
+    assert off.standardization.identity and np.allclose(off.points.numpy(), values.astype(np.float32))
+    roll = load_dataset(DataConfig(source="swiss_roll"), seed=0)
+    assert roll.standardization.identity
+
+
+def test_standardised_builtin_maps_its_fresh_draws():
+    # gaussian N((50, -20), 4^2 I) standardised: fresh draws are N(0, I) in the model's coordinates
+    data = load_dataset(DataConfig(source="gaussian", mean=(50.0, -20.0), std=4.0, n_samples=N_STAT,
+                                   standardize=True), seed=0)
+    x = data.fresh(N_STAT, _gen()).double()
+    assert x.mean(0).abs().max() < 4 / math.sqrt(N_STAT)
+    assert (x.std(0) - 1).abs().max() < 4 * math.sqrt(0.5 / N_STAT)
+
+
+def test_constant_file_column_is_an_error(tmp_path):
+    values = np.column_stack([np.arange(6.0), np.full(6, 3.0)])
+    message = _message(_write_npy(tmp_path, values))
+    assert "column 'x1' is constant" in message and "data.columns" in message
+
+
+def test_values_whose_squares_overflow_float32_are_named(tmp_path):
+    values = np.arange(12.0).reshape(6, 2)
+    values[4, 1] = 1e30
+    message = _message(_write_npy(tmp_path, values))
+    assert "column 'x1'" in message and "row 4" in message and "rescale" in message
+
+
+def test_too_few_distinct_rows_for_the_evaluation(tmp_path):
+    from distq.data import check_distinct
+
+    values = np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0], [5.0, 7.0]])
+    data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)
+    with pytest.raises(DistqError, match=r"data file '.*data.npy' \(data.path\): has 3 distinct rows of 5; .*eval.k = 1"):
+        check_distinct(data, k=1)
+    check_distinct(load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, np.arange(8.0).reshape(4, 2),
+                                                                               "ok.npy"))), seed=0), k=1)

@@ -66,3 +66,15 @@ def test_conditional_evaluation_passes_each_sample_s_condition_value_to_the_rewa
     metrics, _, conditions = evaluate_policy(rollout, dataset, reward, config)
     assert {k: v["reward_mean"] for k, v in metrics["per_condition"].items()} == {"0": 0.0, "1": 1.0}
     assert metrics["reward_mean"] == pytest.approx(float(conditions.float().mean()))
+
+
+def test_knn_kl_flagged_unreliable_in_high_dimension():
+    from distq.config import config_from_dict
+    from distq.evaluation import kl_reliability
+
+    config = config_from_dict({"eval": {"n_samples": 300}})  # 2 log2(300) = 16.5
+    assert kl_reliability(config, 2) == {"kl_reliable": True}
+    assert kl_reliability(config, 16)["kl_reliable"]
+    flagged = kl_reliability(config, 500)
+    assert not flagged["kl_reliable"] and "500 columns" in flagged["kl_warning"] and "eval.pca" in flagged["kl_warning"]
+    assert kl_reliability(config_from_dict({"eval": {"n_samples": 300, "pca": 8}}), 500)["kl_reliable"]

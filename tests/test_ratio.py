@@ -342,3 +342,21 @@ def test_posterior_means_of_a_condition_use_its_points_only():
         own = data[labels == conditions[row]]
         expected = (x[row:row + 1] + 0.36 * ratio_score(x[row:row + 1], own, 0.8, 0.36)) / 0.8  # Tweedie from (E13)
         assert torch.allclose(got[row], expected[0], atol=1e-5)
+
+
+def test_minibatch_rows_are_distinct_uniform_and_cost_no_pass_over_n():
+    from distq.ratio import distinct_rows
+
+    gen = torch.Generator().manual_seed(0)
+    # O(m): n = 10^12 rows could not be permuted (8 TB of indices); the draw takes m of them
+    rows = distinct_rows(10**12, 1024, gen)
+    assert rows.shape == (1024,) and rows.unique().shape == (1024,) and int(rows.max()) < 10**12
+    # uniform: each of n = 40 rows is in a subset of m = 7 with probability 7 / 40 (both branches: 4 m <= n < 4 m)
+    for n, m in ((40, 7), (40, 12)):
+        counts = torch.zeros(n)
+        for _ in range(4000):
+            rows = distinct_rows(n, m, gen)
+            assert rows.unique().shape == (m,)
+            counts[rows] += 1
+        p = m / n
+        assert ((counts / 4000 - p).abs() < 4 * math.sqrt(p * (1 - p) / 4000)).all()

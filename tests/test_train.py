@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -256,3 +258,52 @@ def test_two_processes_a_run_cannot_use_are_taken_as_one_with_one_notice(tmp_pat
     for net in ("policy", "value"):
         for name, tensor in one[net].items():
             assert torch.equal(two[net][name], tensor), f"{net}.{name}"
+
+
+# ---- affine equivariance of file data (data.standardize, issue 22) -------------------------------------------------
+
+HW_MEAN, HW_STD = np.array([170.0, 70.0]), np.array([10.0, 15.0])
+HW_COEF = np.array([0.1, -1.0 / 30.0])  # beta s^2 c = (10, -7.5): one sd up in x0, half an sd down in x1
+
+
+def _file_run(tmp_path, name: str, values: np.ndarray, coef: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Train on `values` (a .npy file) with h(x) = coef . x, beta = 1; -> (summary, samples in the file's coordinates)."""
+    path = tmp_path / f"{name}.npy"
+    np.save(path, values)
+    config = config_from_dict({
+        "seed": 0, "data": {"source": "file", "path": str(path)}, "reward": {"fn": "linear", "coef": coef.tolist()},
+        "train": {"beta": 1.0, "episodes": 500, "batch_size": 200, "chunk_size": 100, "threads": 1,
+                  "log_every": 50, "checkpoint_every": 10_000},
+        "eval": {"n_samples": 300, "batches": 10}})
+    summary = train(config, tmp_path / name, echo=_quiet)
+    return summary, pq.read_table(tmp_path / name / "samples.parquet").to_pandas().to_numpy()
+
+
+@pytest.fixture(scope="module")
+def far_off_runs(tmp_path_factory):
+    """The same Gaussian points trained as given (mean (170, 70), sd (10, 15)) and standardised, with the reward
+    written in each run's coordinates (h(x) = c . x, and c . (s z + m) = (s c) . z + const for z)."""
+    tmp_path = tmp_path_factory.mktemp("far_off")
+    x = np.random.default_rng(5).normal(HW_MEAN, HW_STD, size=(500, 2))
+    m, s = x.mean(0), x.std(0)
+    return x, _file_run(tmp_path, "far", x, HW_COEF), _file_run(tmp_path, "standard", (x - m) / s, s * HW_COEF)
+
+
+def test_far_off_data_reach_the_tilt(far_off_runs):
+    x, (summary, samples), _ = far_off_runs
+    # (E7) closed form for Gaussian data and a linear reward: N(m + beta diag(s^2) c, diag(s^2)), with the 500
+    # points' own mean and sd (the law the learner sees). Before standardisation the samples ended ~3 sd low.
+    m, s = x.mean(0), x.std(0)
+    ci = 1.96 * samples.std(0) / np.sqrt(samples.shape[0])  # the evaluation's 95% CI of the mean (3,000 samples)
+    assert (np.abs(samples.mean(0) - (m + s**2 * HW_COEF)) < ci).all(), (samples.mean(0), m + s**2 * HW_COEF, ci)
+    assert (np.abs(samples.std(0) / s - 1) < 0.10).all(), (samples.std(0), s)
+    assert summary["standardized"] and summary["kl_reliable"]
+
+
+def test_far_off_run_equals_the_standardised_run(far_off_runs):
+    x, (far, far_samples), (standard, standard_samples) = far_off_runs
+    # training on a x + b gives a times the samples of training on x, plus b: here x = a z + b exactly
+    # (float32 rounding of the two files aside: 500 episodes moved samples by < 0.02 sd)
+    mapped = standard_samples * x.std(0) + x.mean(0)
+    assert (np.abs(far_samples - mapped).max(0) < 0.05 * x.std(0)).all()
+    assert abs(far["kl_mean"] - standard["kl_mean"]) < far["kl_ci95"] + standard["kl_ci95"]

@@ -85,19 +85,21 @@ def _scale_cell(cell: dict) -> dict:
             "data_mb": dataset.points.numel() * 4 / 2**20}
 
 
+def run_cell(cell: dict) -> dict:
+    """_scale_cell in a fresh process (its own peak memory); printed as it finishes."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCH), "_scale_cell", json.dumps(cell)], capture_output=True,
+                         text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def bench_scale() -> dict:
     """Episodes/s and peak memory as N (10^2..10^5, d = 2, B = 300), d (2..64, N = 2000, B = 300) and B (100..3000,
     N = 300, d = 2) grow, for each ratio method, each cell in a fresh process; the log-log slope of the time per
     episode against the grown quantity (the growth exponent); and the digits case (N = 1797, d = 64, B = 256)."""
-    import subprocess
-
-    def run(cell: dict) -> dict:
-        out = subprocess.run([sys.executable, str(BENCH), "_scale_cell", json.dumps(cell)], capture_output=True,
-                             text=True, check=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        print(json.dumps(result), flush=True)
-        return result
-
     methods = ("exact", "minibatch", "knn")
     sweeps = {"n": [dict(data="gmm", n=n, d=2, b=300) for n in (100, 1000, 10_000, 100_000)],
               "d": [dict(data="gmm", n=2000, d=d, b=300) for d in (2, 8, 16, 64)],
@@ -105,18 +107,29 @@ def bench_scale() -> dict:
     results: dict[str, Any] = {"cells": {}, "growth_exponent": {}}
     for name, cells in sweeps.items():
         for method in methods:
-            rows = [run({**cell, "method": method}) for cell in cells]
+            rows = [run_cell({**cell, "method": method}) for cell in cells]
             results["cells"][f"{name}_{method}"] = rows
             x = np.log([row[name] for row in rows])
             y = np.log([1.0 / row["episodes_per_s"] for row in rows])
             results["growth_exponent"][f"{name}_{method}"] = float(np.polyfit(x, y, 1)[0])
-    results["digits_auto"] = run(dict(data="digits", n=1797, d=64, b=256, method="auto", hidden=128))
-    small, large = (run(dict(data="gmm", n=n, d=2, b=300, method="auto")) for n in (300, 100_000))
+    results["digits_auto"] = run_cell(dict(data="digits", n=1797, d=64, b=256, method="auto", hidden=128))
+    small, large = (run_cell(dict(data="gmm", n=n, d=2, b=300, method="auto")) for n in (300, 100_000))
     results["auto_n300_vs_n1e5"] = {"n300": small, "n1e5": large,
                                     "time_ratio": small["episodes_per_s"] / large["episodes_per_s"]}
+    results["minibatch_n1e5_vs_n1e6"] = bench_large_minibatch()
     results["setting"] = ("gmm data (8 components), brightness reward, K = 20 sde steps, paper networks (digits: "
                           "hidden 128), in-process, 1 thread; each cell >= 3 s after a warm-up episode")
     return results
+
+
+def bench_large_minibatch() -> dict:
+    """ratio.method minibatch (m = 1024) at N = 10^5 and 10^6 (d = 2, B = 300), side by side in one run: the time
+    per episode's ratio (target <= 1.5: drawing a minibatch costs O(m), not O(N)) and the memory above an N = 300
+    run's, against the data array's size."""
+    base, small, large = (run_cell(dict(data="gmm", n=n, d=2, b=300, method="minibatch")) for n in (300, 10**5, 10**6))
+    return {"n300": base, "n1e5": small, "n1e6": large,
+            "time_per_episode_ratio_1e6_over_1e5": small["episodes_per_s"] / large["episodes_per_s"],
+            "extra_memory_over_data_1e6": (large["peak_rss_mb"] - base["peak_rss_mb"]) / large["data_mb"]}
 
 
 def plot_scale(result: dict, path: Path) -> None:
