@@ -138,7 +138,7 @@ def test_conditional_gmm1d_generates_each_component(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-EDGE_MODULES = {"parallel", "ray_cluster", "tuning", "tracking"}  # Ray actors, joining Ray, Tune sweeps, its W&B callback
+EDGE_MODULES = {"parallel", "ddp", "ray_cluster", "tuning", "tracking"}  # Ray actors, Ray Train, joining Ray, Tune sweeps, W&B
 
 NO_RAY_SCRIPT = """
 import importlib, pkgutil, sys
