@@ -356,16 +356,16 @@ class DdpBackend:
                stop: "StopRequest") -> None:
         """The run's end as one line: a worker's DistqError, Ray Train giving up, a signal; nothing if it finished."""
         path = run_dir / rundir.CHECKPOINT
+        kept_text = (f"the last checkpoint {path} (episode {kept.episode}) is kept" if kept.episode is not None else
+                     "before its first checkpoint")
         if failure is not None:
             diverged, message = failure
-            raise (TrainingDiverged if diverged else DistqError)(
-                f"{message}; training stopped, the last checkpoint {path} (episode {kept.episode}) is kept")
+            raise (TrainingDiverged if diverged else DistqError)(f"{message}; training stopped, {kept_text}")
         if error is not None:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise DistqError(f"ddp training failed after {self.restarts} worker restarts (parallel.max_failures="
                              f"{self.config.parallel.max_failures}): {type(error).__name__}: "
-                             f"{lines[0] if lines else ''}; {path} (episode {kept.episode}) is kept: continue with "
-                             f"--resume {run_dir}")
+                             f"{lines[0] if lines else ''}; stopped {kept_text}")
         stop.check()
         if kept.episode != self.config.train.episodes:
             raise DistqError(f"the ddp workers stopped at episode {kept.episode} of {self.config.train.episodes} "
