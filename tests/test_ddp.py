@@ -94,3 +94,53 @@ def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tm
     assert err.count("\n") == 1 and err.startswith("distq: error: reward.fn '")
     assert f"returned 1 non-finite values (NaN or inf) in a batch of {2 * CHUNK}" in err
     assert ray.is_initialized()
+
+
+GATED_REWARD = """
+import os, time
+from pathlib import Path
+
+FOLDER = Path({folder!r})
+calls = 0
+
+
+def h(x):
+    # episode 3 of a W = 2 run (a worker's part is {part} trajectories): wait at the gate until the test has killed
+    # a worker; the restarted workers find the gate open
+    global calls
+    calls += x.shape[0] == {part}
+    if calls == 3 and not (FOLDER / "open").exists():
+        (FOLDER / f"pid_{{os.getpid()}}").write_text("")
+        deadline = time.monotonic() + 300
+        while not (FOLDER / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return x[:, 0]
+"""
+
+
+def test_a_killed_worker_costs_the_episodes_since_the_checkpoint_and_the_run_equals_an_uninterrupted_one(
+        ray_session, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (tmp_path / "gated.py").write_text(GATED_REWARD.format(folder=str(gate), part=B // 2))
+    reward = {"fn": f"{tmp_path / 'gated.py'}:h"}
+    reference = _trained(_config(episodes=6, reward=reward), tmp_path / "in_process")
+
+    def kill_the_first_at_the_gate():
+        deadline = time.monotonic() + 300
+        while not list(gate.glob("pid_*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(sorted(gate.glob("pid_*"))[0].name[4:]), signal.SIGKILL)
+        (gate / "open").write_text("")
+
+    killer = threading.Thread(target=kill_the_first_at_the_gate, daemon=True)
+    killer.start()
+    ours = _trained(_config(2, episodes=6, reward=reward), tmp_path / "ddp")
+    killer.join()
+    _assert_same_run(ours, reference)
+    assert ours[0]["worker_restarts"] == 1 and ours[0]["workers"] == 2
