@@ -236,3 +236,14 @@ def test_a_signal_stops_a_ray_run_between_episodes(tmp_path, ray_session, signum
     run, episode = _interrupted_run(tmp_path, signum, "--set", "parallel.workers=1", "--address", address)
     assert episode >= 1
     _resumes_from(run, episode)
+
+
+@pytest.mark.ray
+def test_a_signal_stops_a_ddp_run_with_a_checkpoint_of_the_same_episode_on_every_worker(tmp_path, ray_session):
+    """parallel.mode = ddp: the driver asks rank 0 to stop, every worker stops after one episode, the checkpoint
+    reported for it is copied into the run directory, and the run resumes from it (in ddp)."""
+    address = ray_session.get_runtime_context().gcs_address
+    run, episode = _interrupted_run(tmp_path, signal.SIGTERM, "--set", "parallel.workers=2", "--set",
+                                    "parallel.mode=ddp", "--set", "parallel.num_cpus_per_worker=1", "--address", address)
+    assert episode >= 1
+    _resumes_from(run, episode)
