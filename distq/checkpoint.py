@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_ever
                      "parallel.num_cpus_per_worker", "parallel.num_gpus_per_worker", "parallel.learner_num_cpus",
                      "parallel.learner_num_gpus", "parallel.rollout_device", "parallel.memory_per_worker_mb",
                      "parallel.learner_memory_mb", "parallel.ray_num_cpus",
-                     "parallel.connect_timeout_s")
+                     "parallel.connect_timeout_s", "parallel.mode", "parallel.max_failures")
 _REQUIRED = ("format", "config", "episode", "learner", "columns")
 
 

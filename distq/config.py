@@ -346,11 +346,13 @@ class ParallelConfig:
     workers: int = 0
     """Number of RolloutWorker actors W (0 = in-process, no Ray)."""
     mode: str = "sync"
-    """sync: exactly Algorithm 1; async: the next batch is generated while the learner updates (policy lag)."""
+    """sync: exactly Algorithm 1; async: the next batch is generated while the learner updates (policy lag);
+    ddp: W = parallel.workers Ray Train workers each hold the networks and roll out and differentiate their share
+    of the batch, gradients are summed over them and every replica takes the same step (distq.ddp)."""
     num_cpus_per_worker: float = 1.0
-    """CPUs Ray reserves for each RolloutWorker."""
+    """CPUs Ray reserves for each RolloutWorker (ddp: for each Ray Train worker)."""
     num_gpus_per_worker: float = 0.0
-    """GPUs Ray reserves for each RolloutWorker."""
+    """GPUs Ray reserves for each RolloutWorker (ddp: > 0 puts each Ray Train worker on a GPU, all-reducing over nccl)."""
     learner_num_cpus: float = 1.0
     """CPUs Ray reserves for the Learner actor."""
     learner_num_gpus: float = 0.0
@@ -366,13 +368,19 @@ class ParallelConfig:
     """MiB of memory Ray reserves for the Learner actor (None: no reservation)."""
     ray_num_cpus: Optional[int] = None
     """CPUs of an embedded Ray instance (None = all of this machine's)."""
+    max_failures: int = 3
+    """ddp: worker failures Ray Train recovers from (every worker restarts from the last checkpoint) before the
+    run stops; -1 = no limit."""
     connect_timeout_s: float = 60.0
     """Seconds to wait for a Ray cluster to answer at --address, and for the actors to be placed and built, before
     stopping with what was asked and what the cluster has."""
 
     def __post_init__(self) -> None:
         _require(self.workers >= 0, "parallel.workers", f"must be >= 0, got {self.workers}")
-        _choice(self.mode, "parallel.mode", ("sync", "async"))
+        _choice(self.mode, "parallel.mode", ("sync", "async", "ddp"))
+        _require(self.mode != "ddp" or self.workers >= 1, "parallel.mode",
+                 "ddp needs parallel.workers >= 1 (the number of Ray Train workers)")
+        _require(self.max_failures >= -1, "parallel.max_failures", f"must be >= -1, got {self.max_failures}")
         for name in ("num_cpus_per_worker", "num_gpus_per_worker", "learner_num_cpus", "learner_num_gpus"):
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"parallel.{name}", f"must be >= 0, got {value}")
@@ -405,12 +413,18 @@ class Config:
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
+        if self.parallel.mode == "ddp":
+            _require(self.train.algorithm in ("qlearning", "ct_finetune"), "parallel.mode",
+                     f"ddp trains qlearning and ct_finetune (Algorithm 1's update), not {self.train.algorithm}")
+            _require(self.train.device == self.parallel.rollout_device, "parallel.mode",
+                     "ddp: each worker rolls out and updates on one device; set train.device and "
+                     "parallel.rollout_device alike")
         if self.parallel.workers:  # an actor computing on a GPU it has not reserved would share it unaccounted
-            _require(self.train.device != "cuda" or self.parallel.learner_num_gpus > 0, "train.device",
-                     "is cuda: the Learner actor must reserve a GPU (parallel.learner_num_gpus > 0)")
+            _require(self.train.device != "cuda" or self.parallel.learner_num_gpus > 0 or self.parallel.mode == "ddp",
+                     "train.device", "is cuda: the Learner actor must reserve a GPU (parallel.learner_num_gpus > 0)")
             _require(self.parallel.rollout_device != "cuda" or self.parallel.num_gpus_per_worker > 0,
-                     "parallel.rollout_device", "is cuda: the RolloutWorker actors must reserve a GPU "
-                     "(parallel.num_gpus_per_worker > 0)")
+                     "parallel.rollout_device", "is cuda: the RolloutWorker actors (ddp: the workers) must reserve a "
+                     "GPU (parallel.num_gpus_per_worker > 0)")
         dims = {"gaussian": (len(self.data.mean), "data.mean has"), "gmm": (self.data.dim, "data.dim is"),
                 "digits": (64, "digits have"), "swiss_roll": (2, "swiss_roll has"), "gmm1d": (1, "gmm1d has")}
         if self.reward.fn == "linear" and self.data.source in dims:

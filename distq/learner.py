@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,6 +32,16 @@ from distq.value import ValueNet, td_errors
 NETWORKS = ("policy", "value")
 POLICY_COPIES = ("policy", "reference", "policy_average")
 """Learner-state entries holding policy-mean weights: the trained policy, dpok's reference, the moving average."""
+
+
+Reduce = Callable[[list[torch.Tensor]], None]
+"""Sums each tensor over the data-parallel replicas, in place (distq.ddp)."""
+
+
+def _batch_mean(per_step: torch.Tensor, total: int) -> torch.Tensor:
+    """sum_k over steps, summed over the trajectories (K, B) and divided by `total`: the batch mean when total = B,
+    a replica's share of it in data-parallel training."""
+    return per_step.sum() / total
 
 
 class TrainingDiverged(DistqError):
@@ -117,30 +127,32 @@ class Learner:
         return self.value(tau, batch.states, batch.conditions, known), following
 
     def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories,
-                following: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                following: Optional[torch.Tensor] = None, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15), bootstrapping from
-        `following` (K - 1, B) if given, else from `values`."""
+        `following` (K - 1, B) if given, else from `values`. `total`: the batch is part of one of `total`
+        trajectories (data-parallel training), and the sum over its trajectories is divided by that."""
         delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
                           self.grid.dt.unsqueeze(1), following)
-        loss = 0.5 * delta.square().sum(0).mean()
+        loss = _batch_mean(0.5 * delta.square(), total or batch.batch_size)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
                                    "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
         return loss, delta
 
-    def loss(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, batch: Trajectories, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss with both networks' graphs, and delta (K, B): the TD loss (train.policy_gradient = td), or the
-        TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell)."""
+        TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell). `total`: as in
+        td_loss."""
         values, following = self.values_and_following(batch)
         if self.config.policy_gradient == "td":
-            return self.td_loss(values, self.q_values(batch), batch, following)
+            return self.td_loss(values, self.q_values(batch), batch, following, total)
         means = self.policy_means(batch)
         q = self.q_values(batch, means)
-        value_loss, delta = self.td_loss(values, q.detach(), batch, following)
+        value_loss, delta = self.td_loss(values, q.detach(), batch, following, total)
         surrogate = rao_blackwell_surrogate(q, means, self.regression_targets(batch), self.last_advantage(batch),
                                             self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1),
                                             self.config.temperature)
-        return value_loss + surrogate.sum(0).mean(), delta
+        return value_loss + _batch_mean(surrogate, total or batch.batch_size), delta
 
     def regression_targets(self, batch: Trajectories) -> torch.Tensor:
         """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d)
@@ -162,9 +174,25 @@ class Learner:
     def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS, schedule: bool = True) -> dict[str, float]:
         """Backpropagate `loss` and take one clipped Adam step on the networks `names` (and, with `schedule`, one
         step of their learning-rate schedules); returns their grad norms."""
+        self.backward(loss, names)
+        return self.step(names, schedule)
+
+    def backward(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS) -> None:
+        """The gradients of `loss` in the networks `names` (their previous gradients dropped)."""
         for name in names:
             self.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
+
+    def gradients(self, names: tuple[str, ...] = NETWORKS) -> list[torch.Tensor]:
+        """The gradient of every parameter of the networks `names`, in a fixed order (zeros where none flowed)."""
+        for param in (p for name in names for p in self.networks[name].parameters()):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        return [p.grad for name in names for p in self.networks[name].parameters()]
+
+    def step(self, names: tuple[str, ...] = NETWORKS, schedule: bool = True) -> dict[str, float]:
+        """One clipped Adam step on the networks `names` with their gradients (and, with `schedule`, one step of
+        their learning-rate schedules); returns their grad norms."""
         clip = self.config.grad_clip or math.inf
         norms = {name: float(torch.nn.utils.clip_grad_norm_(self.networks[name].parameters(), clip, foreach=True))
                  for name in names}
@@ -184,24 +212,47 @@ class Learner:
         where a batch moves to the learner's device."""
         return self.update_on_device(to_device(batch, self.device))
 
-    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
-        """One semi-gradient step (E16) on a batch on the learner's device; returns namespaced metrics."""
+    def update_on_device(self, batch: Trajectories, total: Optional[int] = None,
+                         reduce: Optional[Reduce] = None) -> dict[str, float]:
+        """One semi-gradient step (E16) on a batch on the learner's device; returns namespaced metrics.
+
+        Data-parallel training (distq.ddp): `batch` is this replica's part of a batch of `total` trajectories, and
+        reduce(tensors) sums the tensors over the replicas in place. The loss divides its sums by `total`, so the
+        summed gradients and metric sums are the whole batch's, and every replica clips and steps on the same
+        numbers."""
         start = time.perf_counter()
-        loss, delta = self.loss(batch)
-        norms = self.descend(loss)
+        total = batch.batch_size if total is None else total
+        loss, delta = self.loss(batch, total)
+        sums = self.metric_sums(delta, batch)
+        self.backward(loss)
+        if reduce is not None:
+            reduce([*self.gradients(), sums])
+        norms = self.step()
         if self.target is not None:
             polyak_average(self.target, self.value, self.config.target_rate)
         self.updates += 1
-        return self.metrics(delta, batch, norms, start)
+        return self.metrics_from_sums(sums, total, norms, start)
+
+    def metric_sums(self, delta: torch.Tensor, batch: Trajectories) -> torch.Tensor:
+        """Sums over the batch's trajectories (4,): 1/2 sum_k delta_k^2, sum_k |delta_k|, h(Y_K), sum_k r_hat_k dt_k."""
+        delta = delta.detach()
+        return torch.stack([0.5 * delta.square().sum(), delta.abs().sum(), batch.terminal_rewards.sum(),
+                            (batch.running_rewards * self.grid.dt.unsqueeze(1)).sum()])
 
     def metrics(self, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
                 start: float) -> dict[str, float]:
         """The namespaced metrics of an update that began at perf_counter() = start."""
+        return self.metrics_from_sums(self.metric_sums(delta, batch), batch.batch_size, norms, start)
+
+    def metrics_from_sums(self, sums: torch.Tensor, total: int, norms: dict[str, float],
+                          start: float) -> dict[str, float]:
+        """The namespaced metrics of an update on `total` trajectories from their metric_sums."""
+        td, td_abs, terminal, running = sums.tolist()
         return {
-            "loss/td": float(0.5 * delta.detach().square().sum(0).mean()),
-            "td/abs_mean": float(delta.detach().abs().mean()),
-            "reward/terminal_mean": float(batch.terminal_rewards.mean()),
-            "reward/running_mean": float((batch.running_rewards * self.grid.dt.unsqueeze(1)).sum(0).mean()),
+            "loss/td": td / total,
+            "td/abs_mean": td_abs / (total * self.grid.num_steps),
+            "reward/terminal_mean": terminal / total,
+            "reward/running_mean": running / total,
             **{f"grad_norm/{name}": norm for name, norm in norms.items()},
             "lr/policy": self.schedulers["policy"].get_last_lr()[0],
             "time/update_s": time.perf_counter() - start,

@@ -47,7 +47,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over the read-only numpy view that ray.get returns for an object store array: no copy. torch warns
     that it cannot mark the tensor read-only; distq never writes into its data."""
     with warnings.catch_warnings():
@@ -66,7 +66,7 @@ class _Actor:
         configure_cpu(1)
         self.data, self.error = data[0], None
         try:
-            points, *labels = (_shared_tensor(array) for array in ray.get(data))
+            points, *labels = (shared_tensor(array) for array in ray.get(data))
             labels = labels[0] if labels else None
             self.build(config, points, labels,
                        load_reward(config.reward, points, labels, condition_values, standardization))
@@ -164,13 +164,13 @@ class _Batch:
     calls: dict[int, tuple[Any, ray.ObjectRef, ray.ObjectRef]]
 
 
-def _split(chunks: list[Chunk], workers: int) -> dict[int, list[Chunk]]:
+def split_chunks(chunks: list[Chunk], workers: int) -> dict[int, list[Chunk]]:
     """Contiguous groups of whole chunks, one per worker slot (slots left without a chunk are omitted)."""
     bounds = [i * len(chunks) // workers for i in range(workers + 1)]
     return {i: chunks[a:b] for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a}
 
 
-def _portable(config: Config) -> Config:
+def portable_config(config: Config) -> Config:
     """The config with a user reward file made absolute, so actors find it whatever their working directory."""
     target, sep, attr = config.reward.fn.rpartition(":")
     is_file = target.endswith(".py") or "/" in target or "\\" in target
@@ -257,7 +257,7 @@ class RayBackend:
 
     def __init__(self, config: Config, dataset: "Dataset", reward, address: Optional[str]) -> None:
         del reward  # rebuilt in each actor from config.reward: user callables are not pickled
-        self.config, self.workers, self.restarts = _reserved_devices(_portable(config)), config.parallel.workers, 0
+        self.config, self.workers, self.restarts = _reserved_devices(portable_config(config)), config.parallel.workers, 0
         self.rollout_workers: list = []
         self._learner, self._pending = None, None
         address = address or os.environ.get("RAY_ADDRESS")
@@ -297,7 +297,7 @@ class RayBackend:
     def _submit(self, episode: int) -> _Batch:
         """Start generating an episode's batch with the current weights, whole chunks per worker."""
         train = self.config.train
-        groups = _split(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size), self.workers)
+        groups = split_chunks(episode_chunks(self.config.seed, episode, train.batch_size, train.chunk_size), self.workers)
         return _Batch(episode, self._version, self._weights, groups,
                       {slot: self._call(slot, self._weights, group) for slot, group in groups.items()})
 

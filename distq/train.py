@@ -117,8 +117,11 @@ _LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss", "loss/ds
 
 
 def _time_split(metrics: dict[str, float]) -> str:
-    """' | rollout/transfer/update ms | worker trajectories/s' from whatever of those the backend reported."""
-    parts = [f"{name} {metrics[f'time/{name}_s'] * 1e3:.1f}" for name in ("rollout", "transfer", "update")
+    """' | rollout/transfer/update ms | worker trajectories/s' from whatever of those the backend reported (ddp:
+    rollout/gradient/allreduce/step)."""
+    names = ("rollout", "gradient", "allreduce", "step") if "time/allreduce_s" in metrics else (
+        "rollout", "transfer", "update")
+    parts = [f"{name} {metrics[f'time/{name}_s'] * 1e3:.1f}" for name in names
              if f"time/{name}_s" in metrics]
     workers = [f"{value:.0f}" for key, value in sorted(metrics.items()) if key.startswith("parallel/worker")]
     split = f" | ms: {', '.join(parts)}" if parts else ""
@@ -139,23 +142,39 @@ def _condition_column(config: Config, dataset: Dataset, conditions) -> Optional[
     return config.data.condition, [dataset.condition_values[int(c)] for c in conditions]
 
 
-def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
-    payload = {"config": config.to_dict(), "episode": episode, "learner": backend.learner_state(),
-               "columns": list(dataset.columns), "standardization": dataset.standardization.state()}
+def run_header(config: Config, dataset: Dataset) -> dict[str, Any]:
+    """What a checkpoint holds beside the episode and the learner state: the config, the data's columns and
+    standardisation (and conditions)."""
+    header = {"config": config.to_dict(), "columns": list(dataset.columns),
+              "standardization": dataset.standardization.state()}
     if dataset.classes:  # what `distq sample` needs to generate by condition without the data
-        payload["conditions"] = {"values": list(dataset.condition_values),
-                                 "probabilities": dataset.class_probabilities().tolist()}
-    save_checkpoint(run_dir / rundir.CHECKPOINT, payload)
+        header["conditions"] = {"values": list(dataset.condition_values),
+                                "probabilities": dataset.class_probabilities().tolist()}
+    return header
+
+
+def save_run(run_dir: Path, header: dict[str, Any], episode: int, learner: dict[str, Any], rows: list) -> None:
+    """checkpoint.pt and metrics.parquet of a run at `episode`."""
+    save_checkpoint(run_dir / rundir.CHECKPOINT, {**header, "episode": episode, "learner": learner})
     rundir.write_table(run_dir / rundir.METRICS, rows)
+
+
+def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
+    save_run(run_dir, run_header(config, dataset), episode, backend.learner_state(), rows)
 
 
 def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None, echo: Echo = print):
     """In-process for parallel.workers = 0 (with the critic in a child process for train.processes = 2 where it
-    applies; where not, the run takes 1 process and says so); Ray actors otherwise (the only path that imports ray)."""
+    applies; where not, the run takes 1 process and says so); Ray Train workers for parallel.mode = ddp; Ray actors
+    otherwise (the only paths that import ray)."""
     reason = single_process_reason(config)
     if reason:
         echo(f"distq: note: train.processes={config.train.processes} is for in-process qlearning runs on the CPU; "
              f"{reason} (train.processes taken as 1)")
+    if config.parallel.mode == "ddp":
+        from distq.ddp import DdpBackend
+
+        return DdpBackend(config, dataset, reward, address)
     if config.parallel.workers == 0:
         if config.train.processes == 2 and not reason:
             from distq.split import TwoProcessBackend
@@ -198,7 +217,7 @@ def _resumed_standardization(run_dir: Path) -> Optional[Standardization]:
 def check_inputs(config: Config, resume: bool, run_dir: Optional[Path] = None):
     """Check the inputs before the run directory is touched: devices, data, reward, initial run."""
     rollout_device(config)  # this process evaluates the run
-    if config.parallel.workers == 0:  # else the Learner actor checks its own, on its node
+    if config.parallel.workers == 0:  # else the Learner actor (or each ddp worker) checks its own, on its node
         learner_device(config)
     standardization = _resumed_standardization(run_dir) if resume and run_dir is not None else None
     dataset = load_dataset(config.data, config.seed, standardization)
@@ -268,7 +287,10 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
         try:
             log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo)
             began = time.perf_counter()
-            _loop(config, run_dir, backend, dataset, log, start, stop, kept)
+            if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
+                backend.loop(run_dir, dataset, log, start, stop, kept)
+            else:
+                _loop(config, run_dir, backend, dataset, log, start, stop, kept)
             wall = time.perf_counter() - began
             stop.stop_deferring()
             weights = backend.policy_weights()
@@ -333,11 +355,16 @@ def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: Metrics
         if episode % config.train.checkpoint_every == 0 or stop.signum is not None:
             _save(run_dir, config, backend, dataset, episode, log.rows)
             kept.episode = episode
+    final_progress(config, log, start)
+    _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
+    kept.episode = config.train.episodes
+
+
+def final_progress(config: Config, log: MetricsLog, start: int) -> None:
+    """The last progress line, from the last row, once training reached train.episodes."""
     if log.rows and log.rows[-1]["episode"] == config.train.episodes and config.train.episodes > start:
         log.progress(config.train.episodes, {k: v for k, v in log.rows[-1].items()
                                              if k == "reward/terminal_mean" or k.startswith("loss/")})
-    _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
-    kept.episode = config.train.episodes
 
 
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog, start: int,

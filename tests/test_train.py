@@ -140,7 +140,7 @@ def test_conditional_gmm1d_generates_each_component(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-EDGE_MODULES = {"parallel", "ray_cluster", "tuning", "tracking"}  # Ray actors, joining Ray, Tune sweeps, its W&B callback
+EDGE_MODULES = {"parallel", "ddp", "ray_cluster", "tuning", "tracking"}  # Ray actors, Ray Train, joining Ray, Tune sweeps, W&B
 
 NO_RAY_SCRIPT = """
 import importlib, pkgutil, sys
@@ -307,3 +307,14 @@ def test_far_off_run_equals_the_standardised_run(far_off_runs):
     mapped = standard_samples * x.std(0) + x.mean(0)
     assert (np.abs(far_samples - mapped).max(0) < 0.05 * x.std(0)).all()
     assert abs(far["kl_mean"] - standard["kl_mean"]) < far["kl_ci95"] + standard["kl_ci95"]
+
+
+@pytest.mark.ray
+def test_a_signal_stops_a_ddp_run_with_a_checkpoint_of_the_same_episode_on_every_worker(tmp_path, ray_session):
+    """parallel.mode = ddp: the driver asks rank 0 to stop, every worker stops after one episode, the checkpoint
+    reported for it is copied into the run directory, and the run resumes from it (in ddp)."""
+    address = ray_session.get_runtime_context().gcs_address
+    run, episode = _interrupted_run(tmp_path, signal.SIGTERM, "--set", "parallel.workers=2", "--set",
+                                    "parallel.mode=ddp", "--set", "parallel.num_cpus_per_worker=1", "--address", address)
+    assert episode >= 1
+    _resumes_from(run, episode)
