@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distq.config import Config, config_from_dict
+from distq.config import Config, TrackingConfig, config_from_dict
 from distq.configfile import read_yaml
 from distq.errors import DistqError
 from distq.schema import base_type, build, coerce, fail, flatten, unknown
@@ -100,23 +100,6 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         _require(self.cpu > 0 and math.isfinite(self.cpu), "resources.cpu", f"must be > 0, got {self.cpu}")
         _require(self.gpu >= 0 and math.isfinite(self.gpu), "resources.gpu", f"must be >= 0, got {self.gpu}")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Weights & Biases: one run per trial, one group per sweep."""
-
-    wandb: bool = True
-    """Log to W&B (offline unless WANDB_API_KEY is set)."""
-    project: str = "distq"
-    """W&B project."""
-    group: Optional[str] = None
-    """W&B group (default: the sweep's name)."""
-    entity: Optional[str] = None
-    """W&B entity (default: the API key's user)."""
-
-    def __post_init__(self) -> None:
-        _require(bool(self.project), "tracking.project", "must not be empty")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     from distq.train import train
 
     full = config_from_flat({**sweep.base, **config})
+    full = dataclasses.replace(full, tracking=dataclasses.replace(full.tracking, wandb=False))  # the callback logs
     run_dir = Path(tune.get_context().get_trial_dir()) / RUN
     start = _restore(run_dir)
     for end in _report_points(start, full.train.episodes, sweep.report_every):
