@@ -27,7 +27,8 @@ HEADER = b"distq checkpoint sha256 "
 # Fields that may change between a run and its resumption: how long, how it reports and where it computes (a
 # GPU-trained run continues on a laptop), not what it learns.
 RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
-                     "train.processes", "train.device",
+                     "train.processes", "train.device", "train.kl_patience", "eval.every",
+                     "tracking.wandb", "tracking.project", "tracking.group", "tracking.entity", "tracking.mode",
                      "train.threads", "eval.n_samples", "eval.batches", "eval.k", "parallel.workers",
                      "parallel.num_cpus_per_worker", "parallel.num_gpus_per_worker", "parallel.learner_num_cpus",
                      "parallel.learner_num_gpus", "parallel.rollout_device", "parallel.memory_per_worker_mb",

@@ -95,14 +95,19 @@ def _add_tune(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    calibrate = sub.add_parser("calibrate", help="find the beta whose trained model reaches a target mean reward")
+    calibrate = sub.add_parser("calibrate", help="find the beta whose trained model reaches a target mean reward, or "
+                                                 "the one with the most reward within a KL budget")
     calibrate.add_argument("config", help="YAML training config")
-    calibrate.add_argument("--target-reward", type=float, required=True, help="mean reward to reach")
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-reward", type=float, help="mean reward to reach")
+    target.add_argument("--target-kl", type=float, help="KL budget: the most reward whose kl_mean stays within it "
+                                                        "(reached when kl_mean is in [K - tolerance, K])")
     calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                            help="override a config value (repeatable)")
     calibrate.add_argument("--out", help="directory for the probes' runs, calibrated.yaml and calibration.parquet/.md "
                                          "(default: runs/calibrate-CONFIG_NAME)")
-    calibrate.add_argument("--tolerance", type=float, default=0.05, help="accepted |reward - target| (default 0.05)")
+    calibrate.add_argument("--tolerance", type=float, default=0.05, help="accepted |reward - target|, or KL below the budget "
+                                                                         "(default 0.05)")
     calibrate.add_argument("--max-probes", type=int, default=8, help="trainings at most (default 8)")
     calibrate.add_argument("--beta-start", type=float, help="first beta to try (default: the config's beta if > 0, "
                                                             "else 1)")
@@ -223,8 +228,10 @@ def _calibrate(args: argparse.Namespace) -> None:
     from distq.calibrate import calibrate
 
     out = args.out or str(Path("runs") / f"calibrate-{Path(args.config).stem}")
-    calibrate(load_config(args.config, args.overrides), args.target_reward, out, tolerance=args.tolerance,
-              max_probes=args.max_probes, beta_start=args.beta_start, overwrite=args.overwrite)
+    kl = args.target_kl is not None
+    calibrate(load_config(args.config, args.overrides), args.target_kl if kl else args.target_reward, out,
+              tolerance=args.tolerance, max_probes=args.max_probes, beta_start=args.beta_start,
+              overwrite=args.overwrite, metric="kl_mean" if kl else "reward_mean")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,6 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 """auto: cuda if the process sees a CUDA device, else cpu (distq.devices.resolve_device, when the run starts)."""
 PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
 """The algorithms that need a pretrained run (train.init) as their reference."""
+WANDB_MODES = ("online", "offline", "disabled")
 POLICY_GRADIENTS = ("td", "rao_blackwell")
 """td: the policy semi-gradient of (E16) as written. rao_blackwell: the same expectation with less variance
 (distq.policy.rao_blackwell_surrogate)."""
@@ -285,6 +286,11 @@ class TrainConfig:
     """Episodes between checkpoints (one is always written at the end)."""
     progress_seconds: float = 5.0
     """Seconds between progress lines."""
+    kl_budget: Optional[float] = None
+    """With eval.every: keep the checkpoint of the evaluation with the most reward whose KL is within this budget
+    (checkpoint_best.pt) and stop a run whose KL stays above it (train.kl_patience). None = no budget."""
+    kl_patience: int = 3
+    """Consecutive evaluations with the KL above train.kl_budget that stop the run."""
 
     def __post_init__(self) -> None:
         _require(self.beta >= 0 and math.isfinite(self.beta), "train.beta", f"must be >= 0, got {self.beta}")
@@ -316,6 +322,9 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _require(self.progress_seconds >= 0, "train.progress_seconds", "must be >= 0")
+        if self.kl_budget is not None:
+            _positive(self.kl_budget, "train.kl_budget")
+        _require(self.kl_patience >= 1, "train.kl_patience", f"must be >= 1, got {self.kl_patience}")
 
 
 @dataclass(frozen=True)
@@ -331,12 +340,16 @@ class EvalConfig:
     pca: int = 0
     """> 0: estimate the KL in the span of this many principal components of the training data (for high d,
     where kNN distances concentrate); 0: in the data's own coordinates."""
+    every: int = 0
+    """Evaluate (eval.batches batches) every this many episodes during training, as eval/* columns of
+    metrics.parquet; 0 = only at the end."""
 
     def __post_init__(self) -> None:
         _require(self.n_samples >= 3, "eval.n_samples", f"must be >= 3, got {self.n_samples}")
         _require(self.batches >= 2, "eval.batches", f"must be >= 2, got {self.batches}")
         _require(1 <= self.k < self.n_samples - 1, "eval.k", f"must be in [1, eval.n_samples - 2], got {self.k}")
         _require(self.pca >= 0, "eval.pca", f"must be >= 0, got {self.pca}")
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
 
 
 @dataclass(frozen=True)
@@ -394,6 +407,27 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases: one run per `distq train` (inside a sweep: one per trial, one group per sweep)."""
+
+    wandb: bool = True
+    """Log to W&B: the config, every metrics row, the plots and the summary."""
+    project: str = "distq"
+    """W&B project."""
+    group: Optional[str] = None
+    """W&B group (sweeps: default the sweep's name)."""
+    entity: Optional[str] = None
+    """W&B entity (default: the API key's user)."""
+    mode: Optional[str] = None
+    """online | offline | disabled; None: WANDB_MODE if set, else online with WANDB_API_KEY and offline without."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.project), "tracking.project", "must not be empty")
+        if self.mode is not None:
+            _choice(self.mode, "tracking.mode", WANDB_MODES)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole training run."""
 
@@ -407,13 +441,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.train.kl_budget is None or self.eval.every > 0, "train.kl_budget",
+                 "needs eval.every > 0: the budget is checked at the evaluations during training")
         chunks = -(-self.train.batch_size // self.train.chunk_size)
         _require(self.parallel.workers <= chunks, "parallel.workers",
                  f"must be <= the {chunks} chunks of a batch (train.batch_size / train.chunk_size); more would idle")
         if self.parallel.mode == "ddp":
+            # the loop runs in the Ray Train workers; evaluating there during training is not built
+            _require(self.eval.every == 0, "eval.every",
+                     "evaluations during training are not available with parallel.mode ddp yet; use sync or async")
             _require(self.train.algorithm in ("qlearning", "ct_finetune"), "parallel.mode",
                      f"ddp trains qlearning and ct_finetune (Algorithm 1's update), not {self.train.algorithm}")
             _require(self.train.device == self.parallel.rollout_device, "parallel.mode",

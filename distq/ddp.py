@@ -247,7 +247,7 @@ def _episodes(replica: _Replica, log, channel, header: dict[str, Any], start: in
             metrics["time/episode_s"] = time.perf_counter() - began
             log.add(episode, metrics)
             if episode == train.episodes:
-                final_progress(replica.config, log, start)
+                final_progress(log, start, replica.config.train.episodes)
         if episode % train.checkpoint_every == 0 or stopping or episode == train.episodes:
             _report(replica, log, channel, header, episode)
         if stopping:

@@ -117,6 +117,21 @@ def _image_grids(generated: np.ndarray, data: np.ndarray, side: int, path, title
     _save_atomically(fig, path)
 
 
+def _eval_path(ax, steps: np.ndarray, evals: dict[str, np.ndarray]) -> None:
+    """The evaluations during training (eval.every) as one path in the (KL, reward) plane, with their 95% CIs,
+    coloured by episode: how the run trades KL for reward as it trains."""
+    done = ~np.isnan(evals["eval/kl_mean"])
+    kl, reward = evals["eval/kl_mean"][done], evals["eval/reward_mean"][done]
+    ax.errorbar(kl, reward, xerr=evals["eval/kl_ci95"][done], yerr=evals["eval/reward_ci95"][done], color="0.6",
+                linewidth=0.8, elinewidth=0.6, zorder=1)
+    points = ax.scatter(kl, reward, c=steps[done], cmap="viridis", s=18, zorder=2)
+    ax.figure.colorbar(points, ax=ax, label="episode")
+    ax.set_title("evaluation during training")
+    ax.set_xlabel("kNN KL to the data")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+
+
 def _numeric_columns(metrics: dict[str, list[float]] | pyarrow.Table) -> dict[str, np.ndarray]:
     """Columns of a dict of lists or a pyarrow Table that convert to float (nulls become nan)."""
     table = metrics if isinstance(metrics, dict) else metrics.to_pydict()
@@ -130,20 +145,25 @@ def _numeric_columns(metrics: dict[str, list[float]] | pyarrow.Table) -> dict[st
 
 
 def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, x: str = "episode") -> None:
-    """PNG grid of line plots, one per numeric column of `metrics` (dict of lists or pyarrow Table), against `x`."""
+    """PNG grid of line plots, one per numeric column of `metrics` (dict of lists or pyarrow Table), against `x`; the
+    eval/* columns of evaluations during training (eval.every) as one panel, their path in the (KL, reward) plane."""
     columns = _numeric_columns(metrics)
     if x not in columns:
         raise DistqError(f"plot_training_curves needs a numeric '{x}' column; got columns {', '.join(columns)}")
     steps = columns.pop(x)
+    evals = {name: columns.pop(name) for name in list(columns) if name.startswith("eval/")}
     mismatched = [name for name, values in columns.items() if values.shape != steps.shape]
     if not columns or mismatched:
         raise DistqError(
             f"plot_training_curves needs numeric 1-D columns as long as '{x}' ({len(steps)}); "
             f"mismatched: {', '.join(mismatched) or 'none'}, numeric: {', '.join(columns) or 'none'}"
         )
-    ncols = min(3, len(columns))
-    nrows = math.ceil(len(columns) / ncols)
+    panels = len(columns) + ("eval/kl_mean" in evals)
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
     fig = Figure(figsize=(4 * ncols, 3 * nrows), layout="constrained")
+    if "eval/kl_mean" in evals:
+        _eval_path(fig.add_subplot(nrows, ncols, panels), steps, evals)
     for index, (name, values) in enumerate(columns.items()):
         ax = fig.add_subplot(nrows, ncols, index + 1)
         # Metrics logged every few episodes are nan in between; drop those so the line stays connected.

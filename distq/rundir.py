@@ -19,7 +19,8 @@ from distq.errors import DistqError
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.parquet", "checkpoint.pt"
 SAMPLES, PLOT, SUMMARY = "samples.parquet", "samples.png", "summary.json"
-OUTPUTS = (CONFIG, METRICS, CHECKPOINT, SAMPLES, PLOT, SUMMARY, "training.png", "evaluation.json")
+BEST_CHECKPOINT, TRAINING_PLOT = "checkpoint_best.pt", "training.png"
+OUTPUTS = (CONFIG, METRICS, CHECKPOINT, BEST_CHECKPOINT, SAMPLES, PLOT, SUMMARY, TRAINING_PLOT, "evaluation.json")
 LOCK, PROBE = ".lock", ".write-probe"
 MARGIN = 16 * 2**20
 """Free bytes asked for beyond the checkpoints and samples: metrics, plots, summary, config."""

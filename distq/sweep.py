@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distq.config import Config, config_from_dict
+from distq.config import Config, TrackingConfig, config_from_dict
 from distq.configfile import read_yaml
 from distq.errors import DistqError
 from distq.schema import base_type, build, coerce, fail, flatten, unknown
@@ -32,7 +32,8 @@ METRICS = ("kl_mean", "reward_mean")
 SCHEDULERS = ("asha", "none")
 KIND = "sweep field"
 PENALTY = 10.0
-"""Constrained objective: KL plus PENALTY per unit of mean reward below the target (what ASHA and TPE see)."""
+"""Constrained objectives: KL plus PENALTY per unit of mean reward below the target, or reward minus PENALTY per
+unit of KL over the budget (what ASHA and TPE see)."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -54,6 +55,9 @@ class SearchConfig:
     """min | max (default: min for kl_mean, max for reward_mean)."""
     reward_target: Optional[float] = None
     """Minimise KL subject to reward_mean >= reward_target (needs metric kl_mean, mode min)."""
+    kl_budget: Optional[float] = None
+    """Maximise reward subject to kl_mean <= kl_budget (needs metric reward_mean, mode max): the mirror of
+    reward_target."""
     seed: int = 0
     """Seed of the random and TPE proposals."""
 
@@ -69,6 +73,11 @@ class SearchConfig:
             _require(math.isfinite(self.reward_target), "search.reward_target", "must be a finite number")
             _require(self.metric == "kl_mean" and self.mode == "min", "search.reward_target",
                      "needs search.metric kl_mean and search.mode min (minimise KL subject to the reward)")
+        if self.kl_budget is not None:
+            _require(self.kl_budget > 0 and math.isfinite(self.kl_budget), "search.kl_budget",
+                     f"must be a positive number, got {self.kl_budget}")
+            _require(self.metric == "reward_mean" and self.mode == "max", "search.kl_budget",
+                     "needs search.metric reward_mean and search.mode max (maximise reward subject to the KL)")
 
 
 @dataclass(frozen=True)
@@ -103,23 +112,6 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
-    """Weights & Biases: one run per trial, one group per sweep."""
-
-    wandb: bool = True
-    """Log to W&B (offline unless WANDB_API_KEY is set)."""
-    project: str = "distq"
-    """W&B project."""
-    group: Optional[str] = None
-    """W&B group (default: the sweep's name)."""
-    entity: Optional[str] = None
-    """W&B entity (default: the API key's user)."""
-
-    def __post_init__(self) -> None:
-        _require(bool(self.project), "tracking.project", "must not be empty")
-
-
-@dataclass(frozen=True)
 class Dimension:
     """One searched config path: `kind` is one of DISTRIBUTIONS, `values` its list or its [low, high]."""
 
@@ -148,11 +140,14 @@ class Sweep:
         return int(self.base["train.episodes"])
 
     def objective(self, metrics: dict[str, float]) -> float:
-        """The number Tune optimises: the metric, or KL + PENALTY * shortfall below reward_target."""
-        target = self.search.reward_target
-        if target is None:
-            return float(metrics[self.search.metric])
-        return float(metrics["kl_mean"]) + PENALTY * max(0.0, target - float(metrics["reward_mean"]))
+        """The number Tune optimises: the metric, or KL + PENALTY * shortfall below reward_target, or reward -
+        PENALTY * excess over kl_budget."""
+        target, budget = self.search.reward_target, self.search.kl_budget
+        if target is not None:
+            return float(metrics["kl_mean"]) + PENALTY * max(0.0, target - float(metrics["reward_mean"]))
+        if budget is not None:
+            return float(metrics["reward_mean"]) - PENALTY * max(0.0, float(metrics["kl_mean"]) - budget)
+        return float(metrics[self.search.metric])
 
 
 TOP_LEVEL = ("name", "base", "overrides", "search_space", "search", "scheduler", "report_every", "resources",

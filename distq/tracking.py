@@ -1,4 +1,4 @@
-"""Weights & Biases tracking of sweeps: the only distq module that imports wandb (through Ray's W&B integration).
+"""Weights & Biases tracking of sweeps, through Ray's W&B integration (a single `distq train`: distq.run_tracking).
 
 One W&B run per Tune trial (run id = trial id), one group per sweep. Ray's WandbLoggerCallback logs from the Tune
 driver, so every run's files land in the experiment directory whatever node the trial ran on: the trial's
@@ -10,7 +10,6 @@ gets TRIAL_DIR/wandb/offline-run-*; upload them later with `wandb sync TRIAL_DIR
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,13 +18,9 @@ import pyarrow.fs
 from matplotlib.image import imread
 from ray.air.integrations.wandb import WandbLoggerCallback
 
+from distq.config import TrackingConfig
 from distq.rundir import PLOT
-from distq.sweep import TrackingConfig
-
-
-def wandb_mode() -> str:
-    """WANDB_MODE if set; else online with WANDB_API_KEY, offline without."""
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+from distq.run_tracking import wandb_mode
 
 
 def _samples_image(trial, result: dict[str, Any]) -> Optional[np.ndarray]:
@@ -73,4 +68,5 @@ class TrialWandbCallback(WandbLoggerCallback):
 def trial_wandb_callback(tracking: TrackingConfig, group: str, base: dict[str, Any]) -> TrialWandbCallback:
     """The sweep's W&B callback; `resume='allow'` lets a resumed trial continue its own run."""
     extra = {"entity": tracking.entity} if tracking.entity else {}
-    return TrialWandbCallback(base, project=tracking.project, group=group, mode=wandb_mode(), resume="allow", **extra)
+    return TrialWandbCallback(base, project=tracking.project, group=group, mode=wandb_mode(tracking.mode),
+                              resume="allow", **extra)

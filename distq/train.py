@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from distq import rundir
+from distq.budget import Monitor
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from distq.components import build_learner, build_rollout, learner_device, rollout_device
 from distq.config import Config, single_process_reason
@@ -83,20 +85,27 @@ class InProcessBackend:
 class MetricsLog:
     """Window means of the learner's metrics, one row per `log_every` episodes, and the progress line."""
 
-    def __init__(self, config: Config, rows: list[dict[str, Any]], start_episode: int, echo: Echo):
-        self.config, self.rows, self.echo = config, rows, echo
+    def __init__(self, config: Config, rows: list[dict[str, Any]], start_episode: int, echo: Echo,
+                 on_row: Optional[Callable[[dict[str, Any]], None]] = None):
+        self.config, self.rows, self.echo, self.on_row = config, rows, echo, on_row
         self.window: dict[str, list[float]] = {}
         self.start_episode, self.start_time = start_episode, time.perf_counter()
         self.last_print = -math.inf
+        self.last_eval: dict[str, float] = {}
 
-    def add(self, episode: int, metrics: dict[str, float]) -> None:
+    def add(self, episode: int, metrics: dict[str, float], evals: dict[str, float]) -> None:
+        """The episode's learner metrics (into the window) and its evaluation's eval/* numbers, if it had one (a row
+        of their own)."""
         for key, value in metrics.items():
             self.window.setdefault(key, []).append(value)
-        if episode % self.config.train.log_every == 0 or episode == self.config.train.episodes:
+        self.last_eval = evals or self.last_eval
+        if episode % self.config.train.log_every == 0 or episode == self.config.train.episodes or evals:
             row = {"episode": episode, **{k: sum(v) / len(v) for k, v in self.window.items()},
-                   "episodes_per_s": self.rate(episode)}
+                   "episodes_per_s": self.rate(episode), **evals}
             self.rows.append(row)
             self.window = {}
+            if self.on_row is not None:
+                self.on_row(row)
         if time.perf_counter() - self.last_print >= self.config.train.progress_seconds:
             self.progress(episode, metrics)
 
@@ -110,7 +119,15 @@ class MetricsLog:
         loss = next(key for key in metrics if key.startswith("loss/"))
         self.echo(f"episode {episode}/{total} | reward {metrics['reward/terminal_mean']:.4g} | "
                   f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
-                  + _time_split(metrics))
+                  + _time_split(metrics) + _eval_part(self.last_eval))
+
+
+def _eval_part(evals: dict[str, float]) -> str:
+    """' | eval reward r ± ci, KL k ± ci' of the last evaluation during training, if there was one."""
+    if not evals:
+        return ""
+    return (f" | eval reward {evals['eval/reward_mean']:.4g} ± {evals['eval/reward_ci95']:.2g}, "
+            f"KL {evals['eval/kl_mean']:.4g} ± {evals['eval/kl_ci95']:.2g}")
 
 
 _LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss", "loss/dsm": "dsm loss"}
@@ -153,14 +170,18 @@ def run_header(config: Config, dataset: Dataset) -> dict[str, Any]:
     return header
 
 
-def save_run(run_dir: Path, header: dict[str, Any], episode: int, learner: dict[str, Any], rows: list) -> None:
-    """checkpoint.pt and metrics.parquet of a run at `episode`."""
-    save_checkpoint(run_dir / rundir.CHECKPOINT, {**header, "episode": episode, "learner": learner})
-    rundir.write_table(run_dir / rundir.METRICS, rows)
+def save_run(run_dir: Path, header: dict[str, Any], episode: int, learner: dict[str, Any], rows: list,
+             name: str = rundir.CHECKPOINT) -> None:
+    """The checkpoint `name` of a run at `episode` and (with the run's own checkpoint) metrics.parquet."""
+    save_checkpoint(run_dir / name, {**header, "episode": episode, "learner": learner})
+    if name == rundir.CHECKPOINT:
+        rundir.write_table(run_dir / rundir.METRICS, rows)
 
 
-def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list) -> None:
-    save_run(run_dir, run_header(config, dataset), episode, backend.learner_state(), rows)
+def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list, monitor: Monitor,
+          name: str = rundir.CHECKPOINT) -> None:
+    save_run(run_dir, {**run_header(config, dataset), "monitor": monitor.state()}, episode, backend.learner_state(),
+             rows, name)
 
 
 def make_backend(config: Config, dataset: Dataset, reward, address: Optional[str] = None, echo: Echo = print):
@@ -271,26 +292,48 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     with rundir.locked(run_dir, "--resume" if resume else "--out"):
         payload = check_run(config, run_dir, resume, overwrite)
         kept = Kept(run_dir, payload["episode"] if payload is not None else None)
+        tracker = open_tracker(config, run_dir)
         try:
-            return _train(config, run_dir, dataset, reward, payload, init, kept, echo, address)
+            summary = _train(config, run_dir, dataset, reward, payload, init, kept, echo, address, tracker)
         except KeyboardInterrupt:  # before the run's own handlers were up
             raise Interrupted(signal.SIGINT, kept.message(signal.SIGINT)) from None
         except Interrupted as stop:
             raise Interrupted(stop.signum, kept.message(stop.signum)) from None
+        finally:
+            if tracker is not None:
+                tracker.close(failed=sys.exc_info()[0] is not None)
+        if tracker is not None:
+            echo(f"W&B run: {tracker.directory}" + (f" (upload with `wandb sync {tracker.directory}`)"
+                                                     if tracker.mode == "offline" else ""))
+        return summary
+
+
+def open_tracker(config: Config, run_dir: Path):
+    """The run's W&B run (distq.run_tracking.RunTracker), or None with tracking.wandb off or W&B's mode disabled.
+    Inside a sweep distq.tuning turns tracking.wandb off: the trial's callback is its logger."""
+    if not config.tracking.wandb:
+        return None
+    from distq.run_tracking import RunTracker, wandb_mode
+
+    mode = wandb_mode(config.tracking.mode)
+    return None if mode == "disabled" else RunTracker(config, run_dir, mode)
 
 
 def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init, kept: Kept,
-           echo: Echo, address: Optional[str]) -> dict[str, Any]:
+           echo: Echo, address: Optional[str], tracker) -> dict[str, Any]:
     start = payload["episode"] if payload is not None else 0
     backend = make_backend(config, dataset, reward, address, echo)
+    monitor = Monitor(config, dataset, reward, payload.get("monitor") if payload is not None else None)
     with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
         try:
-            log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo)
+            log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo,
+                             tracker.row if tracker is not None else None)
             began = time.perf_counter()
             if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
                 backend.loop(run_dir, dataset, log, start, stop, kept)
+                last = config.train.episodes
             else:
-                _loop(config, run_dir, backend, dataset, log, start, stop, kept)
+                last = _loop(config, run_dir, backend, dataset, log, start, stop, kept, monitor)
             wall = time.perf_counter() - began
             stop.stop_deferring()
             weights = backend.policy_weights()
@@ -299,12 +342,15 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
             backend.close()
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
         rollout.set_weights(weights)
-        extra = {"workers": workers, "worker_restarts": restarts}
+        extra = {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall)}
         try:
-            return finish(config, run_dir, rollout, dataset, reward, log, start, wall, echo, extra)
+            summary = finish(config, run_dir, rollout, dataset, reward, log, (start, last), wall, echo, extra)
         except DistqError as err:
             raise DistqError(f"{err}; training finished and {run_dir / rundir.CHECKPOINT} (episode {kept.episode}) "
                              f"is kept: `distq evaluate {run_dir}` evaluates it") from None
+    if tracker is not None:
+        tracker.finish(summary, [run_dir / rundir.PLOT, run_dir / rundir.TRAINING_PLOT])
+    return summary
 
 
 def _begin(config: Config, run_dir: Path, backend, dataset: Dataset, payload: Optional[dict], init) -> list[dict]:
@@ -337,8 +383,10 @@ def _nbytes(state: Any) -> int:
 
 
 def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int, stop: StopRequest,
-          kept: Kept) -> None:
-    """Episodes start + 1 .. train.episodes; after a signal, the episode under way is checkpointed and the loop stops."""
+          kept: Kept, monitor: Monitor) -> int:
+    """Episodes start + 1 .. train.episodes; after a signal, the episode under way is checkpointed and the loop stops.
+    -> the last episode (earlier than train.episodes if the KL budget stopped the run)."""
+    episode = start
     for episode in range(start + 1, config.train.episodes + 1):
         stop.check()
         began = time.perf_counter()
@@ -351,25 +399,33 @@ def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: Metrics
             stop.check()  # the signal that stopped a critic process or a Ray worker as well is the cause
             raise
         metrics["time/episode_s"] = time.perf_counter() - began
-        log.add(episode, metrics)
+        evals = monitor.evaluate(backend.policy_weights()) if monitor.due(episode) else {}
+        if evals and monitor.is_best(episode, evals):
+            _save(run_dir, config, backend, dataset, episode, log.rows, monitor, rundir.BEST_CHECKPOINT)
+        log.add(episode, metrics, evals)
+        if monitor.stop_reason:
+            log.echo(f"stopped at episode {episode}: {monitor.stop_reason}")
+            break
         if episode % config.train.checkpoint_every == 0 or stop.signum is not None:
-            _save(run_dir, config, backend, dataset, episode, log.rows)
+            _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
             kept.episode = episode
-    final_progress(config, log, start)
-    _save(run_dir, config, backend, dataset, config.train.episodes, log.rows)
-    kept.episode = config.train.episodes
+    final_progress(log, start, episode)
+    _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
+    kept.episode = episode
+    return episode
 
 
-def final_progress(config: Config, log: MetricsLog, start: int) -> None:
-    """The last progress line, from the last row, once training reached train.episodes."""
-    if log.rows and log.rows[-1]["episode"] == config.train.episodes and config.train.episodes > start:
-        log.progress(config.train.episodes, {k: v for k, v in log.rows[-1].items()
-                                             if k == "reward/terminal_mean" or k.startswith("loss/")})
+def final_progress(log: MetricsLog, start: int, episode: int) -> None:
+    """The last progress line, from the last row, once training reached its last episode."""
+    if log.rows and log.rows[-1]["episode"] == episode and episode > start:
+        log.progress(episode, {k: v for k, v in log.rows[-1].items()
+                               if k == "reward/terminal_mean" or k.startswith("loss/")})
 
 
-def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog, start: int,
-           wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate, write samples, plots and summary.json, and print the headline metrics."""
+def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog,
+           episodes: tuple[int, int], wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the run trained over `episodes` (first, last], write samples, plots and summary.json, and print the
+    headline metrics."""
     metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
     metrics.update(kl_reliability(config, dataset.dim))
     to_user = dataset.standardization.to_user
@@ -379,9 +435,11 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     plot_samples(samples, to_user(dataset.points), dataset.columns, run_dir / rundir.PLOT,
                  title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}")
     if log.rows:
-        plot_training_curves({k: [r.get(k) for r in log.rows] for k in log.rows[0]}, run_dir / "training.png")
-    done = config.train.episodes - start
-    summary = {**metrics, "episodes": config.train.episodes, "wall_s": wall,
+        columns = list(dict.fromkeys(k for r in log.rows for k in r))
+        plot_training_curves({k: [r.get(k) for r in log.rows] for k in columns}, run_dir / rundir.TRAINING_PLOT)
+    start, last = episodes
+    done = last - start
+    summary = {**metrics, "episodes": last, "wall_s": wall,
                "episodes_per_s": done / wall if wall > 0 else 0.0, "dim": dataset.dim, "n_data": dataset.n,
                "beta": config.train.beta, "temperature": config.train.temperature, "sampler": config.sde.sampler,
                "steps": config.sde.num_steps, "schedule": config.sde.schedule,

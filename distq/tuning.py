@@ -86,6 +86,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     from distq.train import train
 
     full = config_from_flat({**sweep.base, **config})
+    full = dataclasses.replace(full, tracking=dataclasses.replace(full.tracking, wandb=False))  # the callback logs
     run_dir = Path(tune.get_context().get_trial_dir()) / RUN
     start = _restore(run_dir)
     for end in _report_points(start, full.train.episodes, sweep.report_every):
@@ -267,13 +268,16 @@ def _announce(outputs: dict[str, Any], sweep: Sweep, echo: Echo) -> None:
 
 
 def best_row(rows: list[dict[str, Any]], sweep: Sweep) -> Optional[dict[str, Any]]:
-    """The best finished trial: with a reward target, the least KL among trials reaching it (if any does),
-    else the best objective."""
+    """The best finished trial: with a reward target, the least KL among trials reaching it; with a KL budget, the
+    most reward among trials within it; else (or if none is feasible) the best objective."""
     done = [r for r in rows if r["status"] == "ok" and math.isfinite(r.get("objective", math.nan))]
-    target = sweep.search.reward_target
+    target, budget = sweep.search.reward_target, sweep.search.kl_budget
     feasible = [r for r in done if target is not None and r["reward_mean"] >= target]
     if feasible:
         return min(feasible, key=lambda r: r["kl_mean"])
+    within = [r for r in done if budget is not None and r["kl_mean"] <= budget]
+    if within:
+        return max(within, key=lambda r: r["reward_mean"])
     if not done:
         return None
     return (min if sweep.search.mode == "min" else max)(done, key=lambda r: r["objective"])
@@ -287,7 +291,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows: list[dict[str, Any]], best: Optional[dict[str, Any]], target: Optional[float],
-                path: Path) -> None:
+                path: Path, budget: Optional[float] = None) -> None:
     """Mean reward against kNN KL of every finished trial (95% CIs), the Pareto front and the best trial, as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -304,6 +308,8 @@ def plot_pareto(rows: list[dict[str, Any]], best: Optional[dict[str, Any]], targ
         ax.plot(best["kl_mean"], best["reward_mean"], "*", markersize=16, color="tab:red", label="best")
     if target is not None:
         ax.axhline(target, linestyle="--", color="grey", label=f"reward target {target:g}")
+    if budget is not None:
+        ax.axvline(budget, linestyle="--", color="grey", label=f"KL budget {budget:g}")
     ax.set_xlabel("KL(generated || data), kNN estimate")
     ax.set_ylabel("mean reward")
     ax.legend()
@@ -327,7 +333,7 @@ def write_results(experiment: Path, sweep: Sweep, rows: list[dict[str, Any]]) ->
         outputs["best_config"] = experiment / "best.yaml"
         save_config(config, outputs["best_config"])
         outputs["pareto"] = experiment / "pareto.png"
-        plot_pareto(rows, best, sweep.search.reward_target, outputs["pareto"])
+        plot_pareto(rows, best, sweep.search.reward_target, outputs["pareto"], sweep.search.kl_budget)
     return outputs
 
 

@@ -3,6 +3,7 @@ stopped at the end of the session (Ray's start-up costs seconds; code under test
 `fake_cuda`: a simulated CUDA device on this CPU-only machine (FakeCuda), to test a learner and rollouts on two
 devices. `requested_digit_rates`: how often a conditional digits run's images show the requested digit."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from distq import devices
+
+# W&B off unless a test turns it on (WANDB_MODE=offline): every training run would otherwise start a W&B run (seconds).
+os.environ["WANDB_MODE"] = "disabled"
 
 
 @pytest.fixture(autouse=True)

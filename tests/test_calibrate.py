@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distq.calibrate import Probe, calibrate, next_beta, search_beta
+from distq.calibrate import Probe, calibrate, chosen_probe, next_beta, search_beta
 from distq.cli import main
 from distq.config import config_from_dict
 from distq.configfile import load_config
@@ -118,3 +118,77 @@ def test_calibration_reaches_the_target_on_gaussian_data_with_a_linear_reward(tm
     assert rewards == sorted(rewards)  # the tilt's mean reward grows with beta
     assert load_config(tmp_path / "cal" / "calibrated.yaml").train.beta == result["beta"]
     assert "calibrated beta" in (tmp_path / "cal" / "calibration.md").read_text()
+
+
+# ---- a KL budget (--target-kl) ----------------------------------------------------------------------------------
+
+def test_kl_budget_bisects_on_the_kl_and_keeps_the_most_reward_within_it():
+    # KL(beta) = beta^2 / 2 and reward = beta (the Gaussian tilt with s = |c| = 1): budget 0.5 -> beta 1
+    measure = lambda beta: Probe(beta, beta, kl_mean=beta ** 2 / 2)  # noqa: E731
+    probes, reached = search_beta(measure, target=0.5, tolerance=0.01, max_probes=30, start=0.1, metric="kl_mean")
+    assert reached and 0.49 <= probes[-1].kl_mean <= 0.5
+    assert [p.beta for p in probes[:5]] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6])
+    over = Probe(1.01, 1.01, kl_mean=0.51)  # more reward, over the budget: not chosen
+    assert chosen_probe([*probes, over], 0.5, "kl_mean") == probes[-1]
+
+
+def test_a_kl_budget_below_the_beta_zero_kl_is_refused():
+    with pytest.raises(DistqError, match="KL budget 0.01 is below the beta = 0 model's KL"):
+        search_beta(lambda b: Probe(b, b, kl_mean=0.05 + b), target=0.01, tolerance=0.005, max_probes=5, start=1.0,
+                    metric="kl_mean")
+
+
+def test_reward_and_kl_targets_are_exclusive(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {episodes: 10}\n")
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(config), "--target-reward", "0.8", "--target-kl", "0.3"])
+    assert main(["calibrate", str(config), "--target-kl", "-1", "--out", str(tmp_path / "out")]) == 2
+    assert "--target-kl must be a positive number" in capsys.readouterr().err
+
+
+M, S, C = (1.0, -1.0), 1.5, (1.0, 0.5)
+
+
+def _tilted_gaussian_model(monkeypatch):
+    """distq.train.train replaced by the exact optimum (E7) for N(M, S^2 I) data and h(x) = C . x: samples of
+    N(M + beta S^2 C, S^2 I), evaluated by distq's evaluation (the kNN KL against fresh data): what the search
+    sees from a perfect learner, so the answer can be held against the closed form."""
+    import torch
+
+    from distq.evaluation import evaluate_given
+    from distq.rewards import load_reward
+
+    def perfect(config, run_dir, overwrite=False, echo=print):
+        dataset = load_dataset(config.data, config.seed)
+        n = config.eval.n_samples * config.eval.batches
+        shift = config.train.beta * S ** 2 * torch.tensor(C)
+        samples = torch.tensor(M) + shift + S * torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+        return evaluate_given(samples, dataset, load_reward(config.reward, dataset.points), config)
+
+    monkeypatch.setattr("distq.train.train", perfect)
+
+
+def test_calibrating_to_a_kl_budget_finds_the_closed_form_beta(tmp_path, monkeypatch, capsys):
+    _tilted_gaussian_model(monkeypatch)
+    budget, tolerance = 0.5, 0.05
+    path = tmp_path / "gauss.yaml"
+    path.write_text(f"data: {{source: gaussian, n_samples: 300, mean: {list(M)}, std: {S}}}\n"
+                    f"reward: {{fn: linear, coef: {list(C)}}}\neval: {{n_samples: 500, batches: 8}}\n")
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(path), "--target-kl", str(budget), "--tolerance", str(tolerance),
+                 "--max-probes", "12", "--out", str(out)]) == 0
+    table = pq.read_table(out / "calibration.parquet").to_pylist()
+    beta = load_config(out / "calibrated.yaml").train.beta
+    (found,) = [r for r in table if r["beta"] == beta]
+    assert budget - tolerance <= found["kl_mean"] <= budget
+    # KL(N(m + beta S^2 c, S^2 I) || N(m, S^2 I)) = beta^2 S^2 |c|^2 / 2, so the exact answer is
+    # beta* = sqrt(2 K) / (S |c|) = 0.596. The estimate's error e: its CI, and the estimator's bias, of the order of
+    # its floor (data against data; twice it, for the floor's own noise); the true KL at the found beta lies in
+    # [K - tol - e, K + e], and so do the found beta and beta* in the interval that maps to.
+    norm = S * math.hypot(*C)
+    exact = math.sqrt(2 * budget) / norm
+    e = found["kl_ci95"] + 2 * abs(found["kl_floor"])
+    low, high = math.sqrt(2 * max(budget - tolerance - e, 0)) / norm, math.sqrt(2 * (budget + e)) / norm
+    assert low <= beta <= high and low <= exact <= high, (beta, exact, low, high)
+    assert "calibrated beta" in (out / "calibration.md").read_text() and "KL budget 0.5" in capsys.readouterr().out

@@ -241,6 +241,9 @@ class Runner:
         if tool == "distq" and sub == "sample":
             return [*command, "-n", "64"]
         if tool == "distq" and sub == "calibrate":  # any reward is within tolerance 1 of the target: one probe
+            if "--target-kl" in command:  # any KL is within the budget 10^3 and within 10^6 of it: one probe
+                return [*command, *SMALL_RUN, "--set", f"train.episodes={EPISODES}", "--target-kl", "1e3",
+                        "--tolerance", "1e6"]
             return [*command, *SMALL_RUN, "--set", f"train.episodes={EPISODES}", "--tolerance", "1"]
         if tool == "python" and sub == "scripts/bench.py":
             return [*command, "--rounds", "1", "--episodes", "3"]

@@ -1,4 +1,4 @@
-"""distq.tracking: W&B is offline unless an API key is given, and it is the only module that imports wandb."""
+"""distq.tracking: W&B is offline unless an API key is given; only the tracking modules import wandb."""
 import re
 import subprocess
 import sys
@@ -25,6 +25,11 @@ def test_online_with_an_api_key(monkeypatch):
     assert wandb_mode() == "online"
 
 
+def test_the_config_mode_wins(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("disabled") == "disabled"
+
+
 def test_wandb_mode_wins(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -43,8 +48,8 @@ def test_callback_groups_runs_per_sweep_and_needs_no_key_offline(monkeypatch):
 
 def test_only_tracking_imports_wandb():
     pattern = re.compile(r"^\s*(import wandb|from wandb|from ray.air.integrations.wandb)", re.MULTILINE)
-    importers = [p.name for p in (ROOT / "distq").glob("*.py") if pattern.search(p.read_text())]
-    assert importers == ["tracking.py"]
+    importers = sorted(p.name for p in (ROOT / "distq").glob("*.py") if pattern.search(p.read_text()))
+    assert importers == ["run_tracking.py", "tracking.py"]
     code = "import sys, distq.cli, distq.train, distq.tuning, distq.calibrate; print('wandb' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "False"  # a sweep without tracking never loads it

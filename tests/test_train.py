@@ -140,7 +140,8 @@ def test_conditional_gmm1d_generates_each_component(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-EDGE_MODULES = {"parallel", "ddp", "ray_cluster", "tuning", "tracking"}  # Ray actors, Ray Train, joining Ray, Tune sweeps, W&B
+# Ray actors, Ray Train, joining Ray, Tune sweeps, their W&B callback, a single run's W&B run
+EDGE_MODULES = {"parallel", "ddp", "ray_cluster", "tuning", "tracking", "run_tracking"}
 
 NO_RAY_SCRIPT = """
 import importlib, pkgutil, sys

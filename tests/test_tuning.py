@@ -74,6 +74,8 @@ BAD = [
     ({"search": {"algorithm": "grid", "metrc": "kl_mean"}}, ["search.metrc", "did you mean 'search.metric'"]),
     ({"search": {"algorithm": "optuna"}}, ["search_space.train.beta", "grid", "optuna"]),
     ({"search": {"metric": "reward_mean", "reward_target": 0.8}}, ["search.reward_target", "kl_mean"]),
+    ({"search": {"metric": "kl_mean", "kl_budget": 0.3}}, ["search.kl_budget", "reward_mean"]),
+    ({"search": {"metric": "reward_mean", "kl_budget": -1}}, ["search.kl_budget", "positive"]),
     ({"overrides": {"train.epsiodes": 10}}, ["overrides.train.epsiodes", "did you mean 'train.episodes'"]),
     ({"overrides": {"train.episodes": 0}}, ["overrides", "train.episodes"]),
     ({"scheduler": {"name": "asha", "grace_period": 400}}, ["scheduler.grace_period", "train.episodes = 40"]),
@@ -154,6 +156,16 @@ def test_constrained_objective_and_best_trial(tmp_path):
     assert best_row([_row(0.2, 0.7, 0.7), _row(0.9, 0.9, 0.9)], maximise)["reward_mean"] == 0.9
 
 
+def test_kl_budget_objective_and_best_trial(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, search={"metric": "reward_mean", "kl_budget": 0.3}))
+    assert sweep.search.mode == "max"
+    assert sweep.objective({"kl_mean": 0.2, "reward_mean": 0.9}) == 0.9
+    assert sweep.objective({"kl_mean": 0.4, "reward_mean": 0.9}) == pytest.approx(0.9 - PENALTY * 0.1)
+    rows = [_row(0.2, 0.7, 0.7), _row(0.5, 0.95, -1.05), _row(0.3, 0.8, 0.8), {"status": "error"}]
+    assert best_row(rows, sweep)["reward_mean"] == 0.8  # most reward within the budget
+    assert best_row([_row(0.5, 0.9, -1.1), _row(0.4, 0.5, -0.5)], sweep)["kl_mean"] == 0.4  # none within: objective
+
+
 def test_paper_sweep_proposes_with_tpe_over_its_ranges_and_stops_with_asha():
     sweep = load_sweep(ROOT / "tuning" / "swiss_roll.yaml")
     searcher = _search_alg(sweep)
@@ -191,6 +203,7 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_session, monkeypatch):
     assert (experiment / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     runs = glob.glob(str(experiment / "*" / "wandb" / "offline-run-*"))
+    assert not glob.glob(str(experiment / "*" / "run" / "wandb"))  # the trials' own runs are untracked: no double runs
     assert len(runs) == 2, runs  # one offline W&B run per trial, nothing sent anywhere
     assert all(glob.glob(os.path.join(run, "*.wandb")) for run in runs)
     assert glob.glob(str(experiment / "*" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "samples_*"))
