@@ -245,7 +245,7 @@ def _episodes(replica: _Replica, log, channel, header: dict[str, Any], start: in
         stopping = replica.reducer.stopping
         if log is not None:
             metrics["time/episode_s"] = time.perf_counter() - began
-            log.add(episode, metrics)
+            log.add(episode, metrics, {})
             if episode == train.episodes:
                 final_progress(log, start, replica.config.train.episodes)
         if episode % train.checkpoint_every == 0 or stopping or episode == train.episodes:
@@ -354,7 +354,11 @@ class DdpBackend:
             shutil.rmtree(storage, ignore_errors=True)
         if kept.episode is not None and kept.episode > start:
             self.learner.load_state_dict(load_checkpoint(run_dir / rundir.CHECKPOINT)["learner"])
-            log.rows[:] = rundir.read_table_rows(run_dir / rundir.METRICS)
+            rows = rundir.read_table_rows(run_dir / rundir.METRICS)
+            if log.on_row is not None:  # the run's W&B run gets the rows the workers kept
+                for row in rows[len(log.rows):]:
+                    log.on_row(row)
+            log.rows[:] = rows
         self._raise(error, failure, run_dir, kept, stop)
 
     def _raise(self, error: Optional[BaseException], failure: Optional[tuple[bool, str]], run_dir: Path, kept,
@@ -367,10 +371,11 @@ class DdpBackend:
             diverged, message = failure
             raise (TrainingDiverged if diverged else DistqError)(f"{message}; training stopped, {kept_text}")
         if error is not None:
-            lines = [line for line in str(error).splitlines() if line.strip()]
+            # Ray Train's message is a header and the workers' tracebacks: the last line is the workers' exception
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise DistqError(f"ddp training failed after {self.restarts} worker restarts (parallel.max_failures="
-                             f"{self.config.parallel.max_failures}): {type(error).__name__}: "
-                             f"{lines[0] if lines else ''}; stopped {kept_text}")
+                             f"{self.config.parallel.max_failures}): {lines[-1] if lines else type(error).__name__}; "
+                             f"stopped {kept_text}")
         stop.check()
         if kept.episode != self.config.train.episodes:
             raise DistqError(f"the ddp workers stopped at episode {kept.episode} of {self.config.train.episodes} "

@@ -66,10 +66,10 @@ def test_ddp_trains_the_in_process_run_and_resumes_exactly(ray_session, tmp_path
     assert ours[0]["workers"] == workers and ours[0]["worker_restarts"] == 0
     assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
             "parallel/bytes_allreduced"} <= set(ours[2][-1])
-    # resume from a ddp checkpoint in ddp (the checkpoint at episode 2 of a 2-episode run) and in process
-    _trained(_config(workers, episodes=2, **setting), tmp_path / "resumed")
-    _assert_same_run(_trained(_config(workers, **setting), tmp_path / "resumed", resume=True), reference)
-    if workers == 2:  # and a checkpoint of the in-process run continues in ddp
+    if workers == 2:  # resume from a ddp checkpoint in ddp, and an in-process checkpoint continues in ddp (W = 1
+        # shares the code: its Ray Train start-up is left out to keep the suite short)
+        _trained(_config(workers, episodes=2, **setting), tmp_path / "resumed")
+        _assert_same_run(_trained(_config(workers, **setting), tmp_path / "resumed", resume=True), reference)
         _trained(_config(episodes=2, **setting), tmp_path / "from_in_process")
         _assert_same_run(_trained(_config(workers, **setting), tmp_path / "from_in_process", resume=True), reference)
 

@@ -215,11 +215,11 @@ def _interrupted_run(tmp_path, signum: int, *extra: str) -> tuple[Path, int]:
     return run, int(kept.group(1))
 
 
-def _resumes_from(run: Path, episode: int) -> None:
+def _resumes_from(run: Path, episode: int, *extra: str) -> None:
     from distq.cli import main
 
     assert load_checkpoint(run / "checkpoint.pt")["episode"] == episode
-    assert main(["train", "--resume", str(run), "--set", f"train.episodes={episode + 2}"]) == 0
+    assert main(["train", "--resume", str(run), "--set", f"train.episodes={episode + 2}", *extra]) == 0
     assert load_checkpoint(run / "checkpoint.pt")["episode"] == episode + 2
 
 
@@ -313,9 +313,10 @@ def test_far_off_run_equals_the_standardised_run(far_off_runs):
 @pytest.mark.ray
 def test_a_signal_stops_a_ddp_run_with_a_checkpoint_of_the_same_episode_on_every_worker(tmp_path, ray_session):
     """parallel.mode = ddp: the driver asks rank 0 to stop, every worker stops after one episode, the checkpoint
-    reported for it is copied into the run directory, and the run resumes from it (in ddp)."""
+    reported for it is copied into the run directory, and the run resumes from it (in process: a ddp checkpoint
+    continues in any mode)."""
     address = ray_session.get_runtime_context().gcs_address
     run, episode = _interrupted_run(tmp_path, signal.SIGTERM, "--set", "parallel.workers=2", "--set",
                                     "parallel.mode=ddp", "--set", "parallel.num_cpus_per_worker=1", "--address", address)
     assert episode >= 1
-    _resumes_from(run, episode)
+    _resumes_from(run, episode, "--set", "parallel.mode=sync", "--set", "parallel.workers=0")
