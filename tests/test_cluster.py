@@ -1,5 +1,7 @@
 """cluster/*.yaml: Ray's own cluster-config schema accepts both launcher files (checked offline); the cloud file
-installs and starts what cluster/local.yaml does."""
+installs and starts what the smoke run (`make cluster-smoke`, scripts/cluster_smoke.py) proves on cluster/local.yaml;
+the smoke run's cluster file is local.yaml's own, with only the head, the ssh login and the head's ports changed."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -19,6 +21,13 @@ def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / "cluster" / name).read_text())
 
 
+def _smoke_script():
+    spec = importlib.util.spec_from_file_location("cluster_smoke", ROOT / "scripts" / "cluster_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _validate(config: dict) -> None:
     util = pytest.importorskip("ray.autoscaler._private.util")
     util.validate_config(util.prepare_config(config))  # fills the provider's defaults, no network
@@ -31,6 +40,30 @@ def test_both_cluster_files_exist():
 @pytest.mark.parametrize("path", CLUSTERS, ids=[p.name for p in CLUSTERS])
 def test_cluster_config_passes_rays_schema(path):
     _validate(yaml.safe_load(path.read_text()))
+
+
+def test_smoke_cluster_is_local_yaml_with_its_own_head_and_ports():
+    smoke = _smoke_script()
+    local = _load("local.yaml")
+    ports = dict(zip(smoke.RAY_PORTS, range(41000, 41000 + len(smoke.RAY_PORTS))))
+    config = smoke.smoke_cluster(local, Path("/tmp/key"), 2222, ports, "/home/x/tmp/ray")
+    _validate(config)
+    assert {k: config[k] for k in SHARED} == {k: local[k] for k in SHARED}  # the same setup, not a copy of it
+    assert config["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert config["auth"]["ssh_user"] == smoke.USER and "2222" in config["auth"]["ssh_proxy_command"]
+    before, after = local["head_start_ray_commands"], config["head_start_ray_commands"]
+    changed = [(b, a) for b, a in zip(before, after) if b != a]
+    assert len(before) == len(after) and len(changed) == 1
+    flags = dict(re.findall(r"--([a-z-]+)=(\S+)", changed[0][1]))
+    assert {name: int(flags[name]) for name in smoke.RAY_PORTS} == ports
+    assert flags["temp-dir"] == "/home/x/tmp/ray"
+    assert changed[0][1].split("--port=")[0] == changed[0][0].split("--port=")[0]  # the same command otherwise
+
+
+def test_smoke_cluster_needs_a_head_start_with_a_port():
+    smoke = _smoke_script()
+    with pytest.raises(ValueError, match="--port"):
+        smoke.head_start_commands(["ray stop", "ray start --head"], {"port": 1}, "/tmp/ray")
 
 
 def test_gpu_cluster_installs_and_starts_what_the_smoke_run_proves():

@@ -44,6 +44,7 @@ SKIPPED = {
     r"ray list actors": "shows the actors while a run trains (from a second terminal) and needs Ray's dashboard, "
                         "which the test's head runs without",
     r"make test": "runs the whole suite, this test included",
+    r"make cluster-smoke": "installs system packages and an ssh server, adds a user; minutes",
     r'python -m pytest -m "not slow and not ray"': "runs the suite's fast part, which the suite runs anyway",
 }
 SMALL_RUN = ["--set", "train.batch_size=32", "--set", "train.chunk_size=16", "--set", "train.log_every=1",
