@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench cluster-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+
+# As root: cluster/local.yaml launched against this machine over ssh (scripts/cluster_smoke.py). Not part of `test`:
+# it installs Debian packages, adds a user, starts an ssh server and takes minutes.
+cluster-smoke: $(STAMP)
+	$(BIN)/python scripts/cluster_smoke.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -44,6 +44,7 @@ SKIPPED = {
     r"ray list actors": "shows the actors while a run trains (from a second terminal) and needs Ray's dashboard, "
                         "which the test's head runs without",
     r"make test": "runs the whole suite, this test included",
+    r"make cluster-smoke": "installs system packages and an ssh server, adds a user; minutes",
     r'python -m pytest -m "not slow and not ray"': "runs the suite's fast part, which the suite runs anyway",
 }
 # train.processes=1: the critic process of the shipped configs' train.processes 2 gives the same numbers (tested in
