@@ -21,6 +21,8 @@ from distq.evaluation import evaluate_policy
 
 EVAL_KEYS = ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95")
 """The evaluation's numbers in metrics rows, as eval/<key>."""
+PER_REWARD_PREFIXES = ("reward_mean/", "reward_ci95/")
+"""With a list reward.fn, each reward's evaluation numbers (distq.evaluation.per_reward), also in metrics rows."""
 
 
 class Monitor:
@@ -46,7 +48,9 @@ class Monitor:
         metrics = evaluate_policy(self.rollout, self.dataset, self.reward, self.config)[0]
         seconds = time.perf_counter() - began
         self.seconds, self.evaluations = self.seconds + seconds, self.evaluations + 1
-        return {**{f"eval/{key}": metrics[key] for key in EVAL_KEYS}, "eval/time_s": seconds}
+        return {**{f"eval/{key}": metrics[key] for key in EVAL_KEYS},
+                **{f"eval/{key}": value for key, value in metrics.items() if key.startswith(PER_REWARD_PREFIXES)},
+                "eval/time_s": seconds}
 
     def is_best(self, episode: int, row: dict[str, float]) -> bool:
         """Update the budget state with the evaluation `row` at `episode`; whether it is the best within the budget

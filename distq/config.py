@@ -112,20 +112,47 @@ class DataConfig:
 class RewardConfig:
     """Terminal reward h (E6): a built-in name or `path/to/file.py:function` / `package.module:function`."""
 
-    fn: str = "swiss_roll_rectangle"
+    fn: str | tuple[str, ...] = "swiss_roll_rectangle"
     """gmm1d_right | swiss_roll_rectangle | linear | digit (probability that an 8x8 image shows reward.target, by a
     logistic regression fitted on sklearn's digits) | own_digit (conditional: probability that it shows its own
     condition's digit, for digits with data.condition) | brightness (mean coordinate, for digits / 16) | a user
-    function reference: h(x) or, in conditional runs, h(x, c) with the condition values c (distq.rewards)."""
+    function reference: h(x) or, in conditional runs, h(x, c) with the condition values c (distq.rewards). A list
+    of these: h is their weighted sum (reward.weights), each reported separately."""
     coef: Optional[tuple[float, ...]] = None
     """Coefficient vector c of the `linear` reward h(x) = c . x."""
     target: int = 3
     """The digit of the `digit` reward."""
+    weights: Optional[tuple[float, ...]] = None
+    """Weights w_i >= 0 of a list reward.fn, h = sum_i w_i h_i, one per entry (None: 1 each, the plain sum)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.fn), "reward.fn", "must name a reward")
-        _require(self.fn != "linear" or self.coef is not None, "reward.coef", "is required by reward.fn 'linear'")
+        listed = isinstance(self.fn, tuple)
+        _require(not listed or len(self.fn) > 0, "reward.fn", "must list at least one reward, got an empty list")
+        _require(all(bool(fn) for fn in self.fns), "reward.fn", "must name a reward")
+        _require("linear" not in self.fns or self.coef is not None, "reward.coef", "is required by reward.fn 'linear'")
         _require(0 <= self.target <= 9, "reward.target", f"must be a digit 0..9, got {self.target}")
+        if self.weights is not None:
+            _require(len(self.weights) == len(self.fns), "reward.weights",
+                     f"must have one weight per reward.fn entry ({len(self.fns)}), got {len(self.weights)}")
+            _require(all(w >= 0 and math.isfinite(w) for w in self.weights), "reward.weights",
+                     f"must be finite numbers >= 0, got {list(self.weights)}")
+            _require(any(w > 0 for w in self.weights), "reward.weights", "must not all be 0")
+
+    @property
+    def fns(self) -> tuple[str, ...]:
+        """The reward references of reward.fn, one or a list."""
+        return self.fn if isinstance(self.fn, tuple) else (self.fn,)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Each reward's name in per-reward metrics: its reference, or fn0, fn1, ... if a reference repeats."""
+        fns = self.fns
+        return fns if len(set(fns)) == len(fns) else tuple(f"fn{i}" for i in range(len(fns)))
+
+    @property
+    def weight_values(self) -> tuple[float, ...]:
+        """reward.weights, resolved (None: 1 each)."""
+        return self.weights if self.weights is not None else (1.0,) * len(self.fns)
 
 
 @dataclass(frozen=True)
@@ -467,7 +494,7 @@ class Config:
                      "GPU (parallel.num_gpus_per_worker > 0)")
         dims = {"gaussian": (len(self.data.mean), "data.mean has"), "gmm": (self.data.dim, "data.dim is"),
                 "digits": (64, "digits have"), "swiss_roll": (2, "swiss_roll has"), "gmm1d": (1, "gmm1d has")}
-        if self.reward.fn == "linear" and self.data.source in dims:
+        if "linear" in self.reward.fns and self.data.source in dims:
             dim, what = dims[self.data.source]
             _require(len(self.reward.coef) == dim, "reward.coef", f"has {len(self.reward.coef)} entries but {what} {dim}")
 

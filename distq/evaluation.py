@@ -10,7 +10,7 @@ from distq.components import make_grid
 from distq.config import Config
 from distq.data import Dataset
 from distq.errors import DistqError
-from distq.metrics import evaluate_samples, principal_projection
+from distq.metrics import evaluate_samples, mean_ci95, principal_projection
 from distq.ratio import smoothed_variance, tilted_ratio_score
 from distq.rollout import Rollout
 from distq.samplers import reverse_process
@@ -47,9 +47,10 @@ def evaluate_policy(rollout: Rollout, dataset: Dataset, reward, config: Config, 
     project = principal_projection(dataset.points, ev.pca) if ev.pca else None
     metrics, samples = evaluate_samples(generate, dataset.reference, rewarded, ev.n_samples, ev.batches, ev.k,
                                         generator, dataset.reference_pair, project)
+    conditions = torch.cat(drawn) if dataset.classes else None
+    metrics.update(per_reward(reward, samples, conditions))
     if not dataset.classes:
         return metrics, samples, None
-    conditions = torch.cat(drawn)
 
     def own(index: int) -> dict[str, float]:
         return evaluate_samples(lambda n, g: generate(n, g, index), lambda n, g: dataset.reference(n, g, index),
@@ -73,6 +74,18 @@ def kl_reliability(config: Config, dim: int) -> dict[str, Any]:
             "kl_warning": f"the kNN KL is unreliable in {where} at eval.n_samples = {n} (it needs about "
                           f"d <= 2 log2(n) = {2 * math.log2(n):.1f}); set eval.pca to at most "
                           f"{int(2 * math.log2(n))} principal components or raise eval.n_samples"}
+
+
+@torch.no_grad()
+def per_reward(reward, samples: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """reward_mean/<name> and reward_ci95/<name> of each entry h_i of a list reward.fn (a RewardSum) on samples
+    (n, d) with their condition indices (n,) or None, as reward_mean of h; {} for a single reward."""
+    if not hasattr(reward, "parts"):
+        return {}
+    metrics = {}
+    for name, values in zip(reward.names, reward.parts(samples, conditions).T):
+        metrics[f"reward_mean/{name}"], metrics[f"reward_ci95/{name}"] = mean_ci95(values)
+    return metrics
 
 
 PER_CONDITION_METRICS = ("reward_mean", "reward_ci95", "kl_mean", "kl_ci95", "kl_floor")
@@ -157,6 +170,8 @@ def _evaluate_batches(samples: torch.Tensor, conditions: Optional[torch.Tensor],
         return reward(x) if conditions is None else reward(x, conditions[rows])
 
     project = principal_projection(dataset.points, config.eval.pca) if config.eval.pca else None
-    metrics, _ = evaluate_samples(next_batch, lambda m, g: dataset.reference(m, g, condition), rewarded, n, batches,
-                                  k, _generator(config), lambda m, g: dataset.reference_pair(m, g, condition), project)
+    metrics, used = evaluate_samples(next_batch, lambda m, g: dataset.reference(m, g, condition), rewarded, n,
+                                     batches, k, _generator(config), lambda m, g: dataset.reference_pair(m, g, condition),
+                                     project)
+    metrics.update(per_reward(reward, used, None if conditions is None else conditions[:used.shape[0]]))
     return metrics

@@ -171,13 +171,21 @@ def split_chunks(chunks: list[Chunk], workers: int) -> dict[int, list[Chunk]]:
 
 
 def portable_config(config: Config) -> Config:
-    """The config with a user reward file made absolute, so actors find it whatever their working directory."""
-    target, sep, attr = config.reward.fn.rpartition(":")
+    """The config with user reward files made absolute, so actors find them whatever their working directory."""
+    fns = tuple(_absolute_reference(ref) for ref in config.reward.fns)
+    if fns == config.reward.fns:
+        return config
+    reward = dataclasses.replace(config.reward, fn=fns if isinstance(config.reward.fn, tuple) else fns[0])
+    return dataclasses.replace(config, reward=reward)
+
+
+def _absolute_reference(ref: str) -> str:
+    """A reward reference `path/to/file.py:function` with the path made absolute; others as they are."""
+    target, sep, attr = ref.rpartition(":")
     is_file = target.endswith(".py") or "/" in target or "\\" in target
     if not sep or not is_file or Path(target).is_absolute():
-        return config
-    reward = dataclasses.replace(config.reward, fn=f"{Path(target).resolve()}:{attr}")
-    return dataclasses.replace(config, reward=reward)
+        return ref
+    return f"{Path(target).resolve()}:{attr}"
 
 
 def _reserved_devices(config: Config) -> Config:

@@ -171,23 +171,23 @@ class Reward:
         return out
 
 
-def _builtin(cfg: RewardConfig, dim: int) -> RewardFn:
-    """The built-in named by cfg.fn, checked against the data dimension d."""
-    if cfg.fn == "linear":
+def _builtin(cfg: RewardConfig, name: str, dim: int) -> RewardFn:
+    """The built-in `name` (an entry of reward.fn), checked against the data dimension d."""
+    if name == "linear":
         if len(cfg.coef) != dim:
             raise DistqError(f"reward.coef has {len(cfg.coef)} entries but the data have dimension d = {dim}")
         return LinearReward(cfg.coef)
-    if cfg.fn == "swiss_roll_rectangle" and dim < 2:
+    if name == "swiss_roll_rectangle" and dim < 2:
         raise DistqError(f"reward.fn 'swiss_roll_rectangle' needs points of dimension >= 2, got d = {dim}")
-    if cfg.fn == "digit":
+    if name == "digit":
         if dim != 64:
             raise DistqError(f"reward.fn 'digit' scores 8x8 images (d = 64), but the data have dimension d = {dim}")
         return DigitReward(cfg.target)
-    if cfg.fn == "own_digit":
+    if name == "own_digit":
         if dim != 64:
             raise DistqError(f"reward.fn 'own_digit' scores 8x8 images (d = 64), but the data have dimension d = {dim}")
         return OwnDigitReward()
-    return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle, "brightness": brightness}[cfg.fn]
+    return {"gmm1d_right": gmm1d_right, "swiss_roll_rectangle": swiss_roll_rectangle, "brightness": brightness}[name]
 
 
 def _load_file_module(ref: str, target: str) -> object:
@@ -231,23 +231,51 @@ def _user_function(ref: str) -> RewardFn:
 PROBE_ROWS = 8
 
 
-def load_reward(cfg: RewardConfig, points: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                condition_values: tuple = (), standardization: Optional[Standardization] = None) -> Reward:
-    """The checked reward named by `reward.fn`, called once on the first PROBE_ROWS data points (N, d) (with their
-    condition indices `labels` (N,) in conditional runs, whose `condition_values` it passes to h(x, c)) so bad
-    rewards fail early. With the data's `standardization` the points are in the model's coordinates z, and so is the
-    returned reward: h(s z + m), h still seeing the user's coordinates."""
-    if cfg.fn in BUILTINS:
-        fn = _builtin(cfg, points.shape[1])
-    elif ":" in cfg.fn:
-        fn = _user_function(cfg.fn)
+class RewardSum:
+    """h(x) = sum_i w_i h_i(x) of a list reward.fn with its reward.weights (E6 with a composite h); `parts` gives
+    each h_i for the per-reward metrics. Each h_i is a checked Reward (in the user's coordinates if the data are
+    standardised); h(x, c) entries get the conditions, h(x) entries ignore them."""
+
+    def __init__(self, rewards: list, weights: tuple[float, ...], names: tuple[str, ...]):
+        self.rewards, self.names = rewards, names
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.name = self.__name__ = " + ".join(f"{w:g} {name}" for w, name in zip(weights, names))
+        self.conditional = any(getattr(r, "conditional", False) for r in rewards)
+
+    def parts(self, x: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, d), conditions: (B,) or None -> (B, R): h_i(x) of each listed reward."""
+        return torch.stack([r(x) if conditions is None else r(x, conditions) for r in self.rewards], 1)
+
+    def __call__(self, x: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, d), conditions: (B,) or None -> (B,) float32: sum_i w_i h_i(x)."""
+        return self.parts(x, conditions) @ self.weights
+
+
+def _load_one(cfg: RewardConfig, ref: str, dim: int, condition_values: tuple,
+              standardization: Optional[Standardization]):
+    """The checked reward named by one reference of reward.fn (in the user's coordinates if standardised)."""
+    if ref in BUILTINS:
+        fn = _builtin(cfg, ref, dim)
+    elif ":" in ref:
+        fn = _user_function(ref)
     else:
-        close = difflib.get_close_matches(cfg.fn, BUILTINS, n=1)
+        close = difflib.get_close_matches(ref, BUILTINS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise DistqError(f"reward.fn '{cfg.fn}' is not a built-in reward ({hint}built-ins: {', '.join(BUILTINS)}) "
+        raise DistqError(f"reward.fn '{ref}' is not a built-in reward ({hint}built-ins: {', '.join(BUILTINS)}) "
                          "nor a 'path/to/file.py:function' or 'package.module:function' reference")
-    reward = Reward(fn, cfg.fn, condition_values)
+    reward = Reward(fn, ref, condition_values)
     if standardization is not None and not standardization.identity:
         reward = InUserCoordinates(reward, standardization)
+    return reward
+
+
+def load_reward(cfg: RewardConfig, points: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                condition_values: tuple = (), standardization: Optional[Standardization] = None):
+    """The checked reward named by `reward.fn` (a RewardSum if it is a list), called once on the first PROBE_ROWS
+    data points (N, d) (with their condition indices `labels` (N,) in conditional runs, whose `condition_values` it
+    passes to h(x, c)) so bad rewards fail early. With the data's `standardization` the points are in the model's
+    coordinates z, and so is the returned reward: h(s z + m), h still seeing the user's coordinates."""
+    rewards = [_load_one(cfg, ref, points.shape[1], condition_values, standardization) for ref in cfg.fns]
+    reward = RewardSum(rewards, cfg.weight_values, cfg.names) if isinstance(cfg.fn, tuple) else rewards[0]
     reward(points[:PROBE_ROWS], labels[:PROBE_ROWS] if labels is not None else None)
     return reward

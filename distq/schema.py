@@ -41,7 +41,11 @@ def base_type(hint: Any) -> Any:
 def coerce(value: Any, hint: Any, name: str, kind: str) -> Any:
     """Check `value` against a field's type hint, converting lists to tuples and ints to floats."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return None if value is None else coerce(value, base_type(hint), name, kind)
+        if value is None:
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        listed = [a for a in options if typing.get_origin(a) is tuple]
+        return coerce(value, listed[0] if listed and isinstance(value, (list, tuple)) else options[0], name, kind)
     if typing.get_origin(hint) is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]

@@ -234,10 +234,18 @@ def _local_paths(flat: dict[str, Any]) -> dict[str, Any]:
     flat = dict(flat)
     if flat.get("data.path") and Path(flat["data.path"]).exists():
         flat["data.path"] = str(Path(flat["data.path"]).resolve())
-    file, sep, function = str(flat.get("reward.fn", "")).rpartition(":")
-    if sep and file.endswith(".py") and Path(file).is_file():
-        flat["reward.fn"] = f"{Path(file).resolve()}:{function}"
+    fn = flat.get("reward.fn")
+    if isinstance(fn, list):
+        flat["reward.fn"] = [_local_reference(str(ref)) for ref in fn]
+    elif fn is not None:
+        flat["reward.fn"] = _local_reference(str(fn))
     return flat
+
+
+def _local_reference(ref: str) -> str:
+    """`file.py:function` with an existing file made absolute; other references as they are."""
+    file, sep, function = ref.rpartition(":")
+    return f"{Path(file).resolve()}:{function}" if sep and file.endswith(".py") and Path(file).is_file() else ref
 
 
 def _base(values: dict[str, Any], sweep_path: Path) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """distq.config: defaults and every validation error naming its field (files and overrides: test_configfile.py)."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from distq.config import Config, config_from_dict, single_process_reason
 from distq.configfile import apply_overrides, load_config, save_config
 from distq.errors import DistqError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _from_overrides(*overrides):
@@ -167,3 +170,27 @@ def test_two_processes_where_they_cannot_split_the_run_are_taken_as_one(override
 def test_conditional_runs_take_every_backend_and_ratio_method(overrides):
     cfg = _from_overrides("data.condition=label", *overrides)
     assert cfg.data.condition == "label"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["reward.fn=[]"], "reward.fn"),
+    (["reward.fn=[swiss_roll_rectangle, brightness]", "reward.weights=[1]"], "reward.weights"),
+    (["reward.fn=brightness", "reward.weights=[1, 1]"], "reward.weights"),
+    (["reward.fn=[swiss_roll_rectangle, brightness]", "reward.weights=[1, -0.5]"], "reward.weights"),
+    (["reward.fn=[swiss_roll_rectangle, brightness]", "reward.weights=[1, .inf]"], "reward.weights"),
+    (["reward.fn=[swiss_roll_rectangle, brightness]", "reward.weights=[.nan, 1]"], "reward.weights"),
+    (["reward.fn=[swiss_roll_rectangle, brightness]", "reward.weights=[0, 0]"], "reward.weights"),
+    (["reward.fn=[swiss_roll_rectangle, linear]"], "reward.coef"),
+])
+def test_bad_reward_lists_name_the_field(overrides, field):
+    with pytest.raises(DistqError) as info:
+        load_config(ROOT / "configs" / "swiss_roll.yaml", overrides)
+    assert f"'{field}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_reward_list_round_trips_through_yaml(tmp_path):
+    config = load_config(ROOT / "configs" / "swiss_roll.yaml", ["reward.fn=[swiss_roll_rectangle, linear]",
+                                                                "reward.coef=[1, 0]", "reward.weights=[1, 0.5]"])
+    assert config.reward.fn == ("swiss_roll_rectangle", "linear") and config.reward.weights == (1.0, 0.5)
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config

@@ -78,3 +78,30 @@ def test_knn_kl_flagged_unreliable_in_high_dimension():
     flagged = kl_reliability(config, 500)
     assert not flagged["kl_reliable"] and "500 columns" in flagged["kl_warning"] and "eval.pca" in flagged["kl_warning"]
     assert kl_reliability(config_from_dict({"eval": {"n_samples": 300, "pca": 8}}), 500)["kl_reliable"]
+
+
+def test_per_reward_mean_and_ci_of_given_samples_match_a_hand_computation():
+    """reward.fn [brightness, linear (1, 0)] with weights (1, 2) on 40 given samples (2 batches of 20): each reward's
+    mean and 95% CI half-width 1.96 sd / sqrt(n) by hand, and the headline reward is the weighted sum's."""
+    import math
+
+    from distq.evaluation import evaluate_given
+
+    config = config_from_dict({"seed": 0, "data": {"source": "gaussian", "mean": [0.0, 0.0], "n_samples": 100},
+                               "reward": {"fn": ["brightness", "linear"], "coef": [1.0, 0.0], "weights": [1.0, 2.0]},
+                               "eval": {"n_samples": 20, "batches": 2, "k": 5}})
+    dataset = load_dataset(config.data, config.seed)
+    samples = torch.arange(80, dtype=torch.float32).reshape(40, 2) / 10  # rows (x0, x0 + 0.1)
+    metrics = evaluate_given(samples, dataset, load_reward(config.reward, dataset.points), config)
+
+    def mean_ci(values: list[float]) -> tuple[float, float]:
+        m = sum(values) / len(values)
+        sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+        return m, 1.96 * sd / math.sqrt(len(values))
+
+    x0 = [i / 5 for i in range(40)]
+    for name, values in (("brightness", [x + 0.05 for x in x0]), ("linear", x0)):
+        mean, ci = mean_ci(values)
+        assert metrics[f"reward_mean/{name}"] == pytest.approx(mean)
+        assert metrics[f"reward_ci95/{name}"] == pytest.approx(ci)
+    assert metrics["reward_mean"] == pytest.approx(mean_ci([3 * x + 0.05 for x in x0])[0])

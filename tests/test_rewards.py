@@ -229,3 +229,29 @@ def test_own_digit_scores_each_image_as_its_own_condition():
         Reward(own.fn, "own_digit", tuple(range(5, 15)))(images[:2], labels[:2] + 5)
     with pytest.raises(DistqError, match="reward.fn 'own_digit' takes a condition"):
         Reward(own.fn, "own_digit")
+
+
+def test_weighted_sum_of_two_builtins_equals_the_hand_computed_sum():
+    """h = 2 rectangle + 0.5 linear(1, -1) on fixed points, summed by hand; `parts` gives each reward."""
+    x = torch.tensor([[0.0, 1.0], [20.0, 5.0], [-3.0, 18.0], [14.0, 17.0]])
+    rectangle = [1.0, 0.0, 0.0, 1.0]  # inside -15 <= x0 <= 15, 0 <= x1 <= 17.5
+    linear = [-1.0, 15.0, -21.0, -3.0]  # x0 - x1
+    cfg = RewardConfig(fn=("swiss_roll_rectangle", "linear"), coef=(1.0, -1.0), weights=(2.0, 0.5))
+    reward = load_reward(cfg, x)
+    expected = torch.tensor([2 * r + 0.5 * h for r, h in zip(rectangle, linear)])
+    assert torch.allclose(reward(x), expected) and reward.names == ("swiss_roll_rectangle", "linear")
+    assert torch.equal(reward.parts(x), torch.tensor([rectangle, linear]).T)
+    equal = load_reward(RewardConfig(fn=("swiss_roll_rectangle", "linear"), coef=(1.0, -1.0)), x)
+    assert torch.allclose(equal(x), torch.tensor(rectangle) + torch.tensor(linear))  # default weights: 1 each
+
+
+def test_a_repeated_reward_is_named_by_position_and_a_conditional_one_works_in_a_list(tmp_path):
+    x, labels = torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    twice = load_reward(RewardConfig(fn=("brightness", "brightness"), weights=(1.0, 3.0)), x)
+    assert twice.names == ("fn0", "fn1") and torch.allclose(twice(x), 4 * x.mean(-1))
+    path = _write(tmp_path / "conditional.py", "def h(x, c):\n    return c.float()\n")
+    ref = f"{path}:h"
+    mixed = load_reward(RewardConfig(fn=("brightness", ref), weights=(1.0, 2.0)), x, labels, (10, 20))
+    assert torch.allclose(mixed(x, labels), x.mean(-1) + 2 * torch.tensor([10.0, 20.0] * 4))
+    with pytest.raises(DistqError, match="reward.fn"):
+        load_reward(RewardConfig(fn=("brightness", ref)), x)  # h(x, c) in an unconditional run

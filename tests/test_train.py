@@ -320,3 +320,30 @@ def test_a_signal_stops_a_ddp_run_with_a_checkpoint_of_the_same_episode_on_every
                                     "parallel.mode=ddp", "--set", "parallel.num_cpus_per_worker=1", "--address", address)
     assert episode >= 1
     _resumes_from(run, episode, "--set", "parallel.mode=sync", "--set", "parallel.workers=0")
+
+
+def test_a_reward_list_weighted_1_0_trains_as_its_first_reward_alone(tmp_path):
+    """reward.fn [swiss_roll_rectangle, linear] with weights (1, 0): h = 1 h_1 + 0 h_2 is h_1 to the bit, so the
+    run's weights and metrics equal the single-reward run's; it also reports each reward's evaluation."""
+    def run(name: str, reward: dict) -> tuple[dict, list[dict], dict]:
+        config = config_from_dict({
+            "seed": 0, "data": {"source": "swiss_roll", "n_samples": 64}, "reward": reward, "sde": {"dt": 0.5},
+            "train": {"beta": 1.0, "episodes": 4, "batch_size": 32, "chunk_size": 32, "threads": 1, "log_every": 2,
+                      "processes": 1},
+            "eval": {"n_samples": 50, "batches": 2, "every": 4}})
+        summary = train(config, tmp_path / name, echo=_quiet)
+        rows = pq.read_table(tmp_path / name / "metrics.parquet").to_pylist()
+        return summary, rows, load_checkpoint(tmp_path / name / "checkpoint.pt")["learner"]["policy"]
+
+    one, one_rows, one_policy = run("one", {"fn": "swiss_roll_rectangle"})
+    two, two_rows, two_policy = run("two", {"fn": ["swiss_roll_rectangle", "linear"], "coef": [1.0, 0.0],
+                                            "weights": [1.0, 0.0]})
+    assert all(torch.equal(one_policy[k], two_policy[k]) for k in one_policy)
+    timeless = lambda row: {k: v for k, v in row.items() if "time" not in k and not k.endswith("_s")}  # noqa: E731
+    assert len(one_rows) == len(two_rows) > 0
+    assert all(timeless(o) == {k: t[k] for k in timeless(o)} for o, t in zip(one_rows, two_rows))
+    for key in ("reward_mean", "reward_ci95", "kl_mean"):
+        assert two[key] == one[key]
+    assert two["reward_mean/swiss_roll_rectangle"] == pytest.approx(one["reward_mean"])
+    assert two_rows[-1]["eval/reward_mean/swiss_roll_rectangle"] == pytest.approx(one_rows[-1]["eval/reward_mean"])
+    assert "reward_mean/linear" in two and "eval/reward_ci95/linear" in two_rows[-1]

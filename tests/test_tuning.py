@@ -282,3 +282,15 @@ def test_sweep_resumes_after_the_driver_is_killed_or_stopped(tmp_path, ray_sessi
         if any(trial.startswith(f"run_trial_{trial_id}") for trial_id in finished):
             assert after[trial] == before[trial]  # a finished trial is neither rerun nor reported again
     assert outputs["best"] is not None and load_config(experiment / "best.yaml").train.episodes == 60
+
+
+def test_a_sweep_over_reward_weights_validates(tmp_path):
+    """A choice of list values for reward.weights: each checked by building its config; a bad one names the field."""
+    overrides = {**TINY, "reward.fn": ["swiss_roll_rectangle", "linear"], "reward.coef": [1, 0]}
+    choice = {"reward.weights": {"choice": [[1, 0], [0.5, 0.5], [0, 1]]}}
+    sweep = load_sweep(_sweep_file(tmp_path, overrides=overrides, search_space=choice,
+                                   search={"algorithm": "random", "num_samples": 3}))
+    assert sweep.search_space[0].values == ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0])
+    with pytest.raises(DistqError, match="reward.weights"):
+        load_sweep(_sweep_file(tmp_path, overrides=overrides, search_space={"reward.weights": {"choice": [[1]]}},
+                               search={"algorithm": "random", "num_samples": 3}))
