@@ -1,5 +1,5 @@
 """Shared fixtures. Every test runs torch on one thread. `ray_session`: one local Ray instance for all tests marked `ray`, started on first use and
-stopped at the end of the session (Ray's start-up costs seconds; code under test must neither re-init nor stop it).
+stopped at the end of the session (`make test` runs two pytest-xdist processes, files kept whole: one per process) (Ray's start-up costs seconds; code under test must neither re-init nor stop it).
 `fake_cuda`: a simulated CUDA device on this CPU-only machine (FakeCuda), to test a learner and rollouts on two
 devices. `requested_digit_rates`: how often a conditional digits run's images show the requested digit."""
 import itertools
