@@ -7,7 +7,10 @@ objective, and a resumed sweep continues every unfinished trial from its last re
 
 Resources: a trial reserves `resources.cpu` / `resources.gpu` (at least 2 CPUs with train.processes = 2 where it
 applies, whose critic process has a core of its own); with parallel.workers > 0 its placement group also holds one
-bundle for the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster.
+bundle for the Learner actor and one per RolloutWorker, so trials never oversubscribe the cluster. A ddp trial
+(parallel.mode = ddp) is the exception: Ray Train (V2, Ray's default) places its workers in a placement group of
+their own, outside the trial's, so the trial reserves its own process only and the sweep runs at most as many trials
+at once as the cluster holds with their workers (else trials would hold every CPU while their workers wait).
 """
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGr
         config = {**sweep.base, **config}
         bundles = [_bundle(max(sweep.resources.cpu, _processes(config)), sweep.resources.gpu)]
         workers = int(config["parallel.workers"])
-        if workers:
+        if workers and config["parallel.mode"] != "ddp":
             bundles.append(_bundle(config["parallel.learner_num_cpus"], config["parallel.learner_num_gpus"],
                                    config["parallel.learner_memory_mb"]))
             worker = _bundle(config["parallel.num_cpus_per_worker"], config["parallel.num_gpus_per_worker"],
@@ -125,6 +128,28 @@ def trial_resources(sweep: Sweep) -> Callable[[dict[str, Any]], tune.PlacementGr
         return tune.PlacementGroupFactory([b for b in bundles if b], strategy="PACK")
 
     return resources
+
+
+def _largest(sweep: Sweep, path: str) -> Any:
+    """The largest value a trial can give `path` (its searched values, else the base's)."""
+    for dim in sweep.search_space:
+        if dim.path == path:
+            return max(dim.values) - (1 if dim.kind == "randint" else 0)  # randint's high is excluded
+    return sweep.base[path]
+
+
+def concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> Optional[int]:
+    """How many trials may run at once: None (as many as their placement groups allow) unless trials train in ddp,
+    whose workers Ray Train places outside the trial's placement group; then as many as fit with their workers
+    in `cluster` (Ray's resources), at least 1."""
+    modes = next((dim.values for dim in sweep.search_space if dim.path == "parallel.mode"), (sweep.base["parallel.mode"],))
+    if "ddp" not in modes:
+        return None
+    workers = int(_largest(sweep, "parallel.workers"))
+    need = {"CPU": max(sweep.resources.cpu, 1.0) + workers * float(_largest(sweep, "parallel.num_cpus_per_worker")),
+            "GPU": sweep.resources.gpu + workers * float(_largest(sweep, "parallel.num_gpus_per_worker"))}
+    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    return max(1, min(fits))
 
 
 def trainable(sweep: Sweep):
@@ -161,7 +186,8 @@ def new_tuner(sweep: Sweep, storage: str) -> tune.Tuner:
         trainable(sweep), param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric="objective", mode=sweep.search.mode, search_alg=_search_alg(sweep),
                                     scheduler=_scheduler(sweep), num_samples=sweep.search.num_samples,
-                                    reuse_actors=True),
+                                    reuse_actors=True,
+                                    max_concurrent_trials=concurrent_trials(sweep, ray.cluster_resources())),
         run_config=tune.RunConfig(name=sweep.name, storage_path=storage, callbacks=_callbacks(sweep),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 
+from distq import rundir
 from distq.cli import main
 from distq.configfile import load_config
 from distq.errors import DistqError
 from distq.sweep import PENALTY, load_sweep
-from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, pareto_front, param_space, run_sweep,
-                          trial_resources)
+from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, concurrent_trials, pareto_front,
+                          param_space, run_sweep, trial_resources)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
@@ -126,6 +128,22 @@ def test_trial_bundles_hold_the_actors_memory_reservations(tmp_path):
     assert bundles == [{"CPU": 1.0}, {"CPU": 0.5, "memory": 32 * 2**20}] + [{"CPU": 0.5, "memory": 64 * 2**20}] * 2
     unreserved = trial_resources(sweep)({**actors, "parallel.memory_per_worker_mb": None}).bundles
     assert unreserved[2:] == [{"CPU": 0.5}] * 2
+
+
+def test_a_ddp_trial_reserves_its_process_and_trials_run_as_many_as_fit_with_their_workers(tmp_path):
+    """Ray Train places ddp workers outside the trial's placement group: the trial holds its own process only, and
+    trials that held every CPU would starve their workers, so concurrency is capped by what the cluster holds."""
+    ddp = {**TINY, "parallel.mode": "ddp", "parallel.workers": 2, "parallel.num_cpus_per_worker": 0.5,
+           "train.chunk_size": 8}
+    sweep = load_sweep(_sweep_file(tmp_path, overrides=ddp))
+    assert trial_resources(sweep)({"train.beta": 1.0}).bundles == [{"CPU": 1.0}]
+    assert concurrent_trials(sweep, {"CPU": 2.0}) == 1 and concurrent_trials(sweep, {"CPU": 8.0}) == 4
+    searched = load_sweep(_sweep_file(tmp_path, overrides=ddp, search_space={"parallel.workers": {"grid": [1, 4]}}))
+    assert concurrent_trials(searched, {"CPU": 9.0}) == 3  # the largest trial: 1 + 4 x 0.5 CPUs
+    assert concurrent_trials(searched, {"CPU": 1.0}) == 1  # Ray Train then says what it waits for
+    gpus = load_sweep(_sweep_file(tmp_path, overrides={**ddp, "parallel.num_gpus_per_worker": 1}))
+    assert concurrent_trials(gpus, {"CPU": 64.0, "GPU": 4.0}) == 2
+    assert concurrent_trials(load_sweep(_sweep_file(tmp_path)), {"CPU": 2.0}) is None  # placement groups suffice
 
 
 def test_report_points_continue_from_a_checkpoint():
@@ -282,6 +300,32 @@ def test_sweep_resumes_after_the_driver_is_killed_or_stopped(tmp_path, ray_sessi
         if any(trial.startswith(f"run_trial_{trial_id}") for trial_id in finished):
             assert after[trial] == before[trial]  # a finished trial is neither rerun nor reported again
     assert outputs["best"] is not None and load_config(experiment / "best.yaml").train.episodes == 60
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ddp_trial_in_a_sweep_trains_the_in_process_run(tmp_path, ray_session):
+    """One trial of parallel.mode = ddp (one Ray Train worker beside the trial's process on the session's 2 CPUs)
+    ends with the weights of the same run trained in process (tests/test_ddp.py's tolerance)."""
+    from distq.checkpoint import load_checkpoint
+    from distq.sweep import config_from_flat
+    from distq.train import train
+
+    ddp = {**TINY, "parallel.mode": "ddp", "parallel.workers": 1, "parallel.num_cpus_per_worker": 0.5,
+           "train.episodes": 6, "train.checkpoint_every": 3}
+    path = _sweep_file(tmp_path, name="ddp", overrides=ddp, search_space={"train.beta": {"grid": [1.0]}},
+                       report_every=6)
+    run_sweep(path, echo=lambda line: None)
+    (row,) = pq.read_table(tmp_path / "runs" / "ddp" / "results.parquet").to_pylist()
+    assert row["status"] == "ok" and row["episode"] == 6 and row["workers"] == 1
+    (trial_run,) = (tmp_path / "runs" / "ddp").glob("*/run")
+    in_process = config_from_flat({**load_sweep(path).base, "train.beta": 1.0, "parallel.workers": 0,
+                                   "parallel.mode": "sync"})
+    train(in_process, tmp_path / "in_process", echo=lambda line: None)
+    ours, reference = (load_checkpoint(run / rundir.CHECKPOINT)["learner"] for run in (trial_run, tmp_path / "in_process"))
+    for part in ("policy", "value"):
+        for name, tensor in reference[part].items():
+            assert torch.allclose(ours[part][name], tensor, atol=1e-5), f"{part}.{name}"
 
 
 def test_a_sweep_over_reward_weights_validates(tmp_path):
