@@ -3,7 +3,8 @@
     python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads,
                                       # and distq with train.processes = 2
     python scripts/bench.py quality   # paper-scale Swiss roll runs (beta = 0 and reward-directed): KL and reward
-    python scripts/bench.py parallel  # paper-scale speed, side by side: in-process vs Ray rollout actors (W = 1, 2)
+    python scripts/bench.py parallel  # side by side: in-process (1, 2 processes), Ray rollout actors (sync, async W = 2)
+                                      # and ddp (W = 1, 2) at paper scale, rollout-bound and digits; all-reduce cost
     python scripts/bench.py rllib     # env steps/s: distq's batched rollout vs RLlib's env runner on the same MDP
     python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
     python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method (+ scale.png)
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distq.runtime import machine  # noqa: E402
-from scripts.benchmarking.parallel import bench_parallel, bench_rllib  # noqa: E402
+from scripts.benchmarking.parallel import SETTINGS as PARALLEL_SETTINGS, bench_parallel, bench_rllib  # noqa: E402
 from scripts.benchmarking.quality import bench_quality  # noqa: E402
 from scripts.benchmarking.ratio import _scale_cell, bench_large_minibatch, bench_ratio, bench_scale, plot_scale  # noqa: E402
 from scripts.benchmarking.speed import bench_core  # noqa: E402
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
+    parser.add_argument("--settings", nargs="+", choices=tuple(PARALLEL_SETTINGS), default=tuple(PARALLEL_SETTINGS),
+                        help="parallel: which settings to run")
     parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for quality runs, e.g. --set sde.dt=0.1 (repeatable)")
@@ -47,7 +50,7 @@ def main() -> None:
     if args.what == "core":
         result = bench_core(args.rounds, args.episodes or 100)
     elif args.what == "parallel":
-        result = bench_parallel(args.rounds, args.episodes or 100)
+        result = bench_parallel(args.rounds, args.episodes, args.settings)
     elif args.what == "rllib":
         result = bench_rllib(args.rounds, args.episodes or 4000)
     elif args.what == "ratio":

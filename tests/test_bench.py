@@ -49,3 +49,18 @@ def test_ratio_errors_shrink_with_the_minibatch_and_the_neighbours(bench):
 def test_a_scale_cell_reports_rate_and_memory(bench):
     cell = bench._scale_cell({"data": "gmm", "n": 200, "d": 2, "b": 50, "method": "exact", "seconds": 0.1})
     assert cell["episodes_per_s"] > 0 and cell["peak_rss_mb"] > cell["data_mb"] > 0
+
+
+def test_the_scaling_model_predicts_from_the_measured_parts():
+    """(R + U) / W + A(W, bytes) + O with hand numbers: R + U = 20 ms, O = 2 ms, 1 MB of gradients."""
+    from scripts.benchmarking.parallel import allreduce_seconds, scaling_model
+
+    assert allreduce_seconds(4, 1e6, 1e-4, 1e-9) == pytest.approx(6e-4 + 1.5e-3)  # 2 (W-1) messages, 2 (W-1)/W bytes
+    result = {"episodes_per_s_median": {"in_process": 50.0, "ddp_w1": 1 / 0.022}, "bytes_per_update": {"ddp_w2": 1e6}}
+    model = scaling_model(result, {"latency_s": 2e-4, "seconds_per_byte": 1e-9}, largest=256)
+    assert model["R_plus_U_ms"] == pytest.approx(20.0) and model["O_ms"] == pytest.approx(2.0)
+    # one node, W = 4: per message latency 1e-4 s -> A = 0.6 + 1.5 ms; 20 / (5 + 2.1 + 2) = 2.198
+    assert model["one_node"]["speedup"]["4"] == pytest.approx(20 / (5 + 2.1 + 2))
+    # the peak of 20 / (20 / W + 2 (W - 1) 0.1 + 2 (W - 1) / W + 2) (ms) is at W = sqrt((20 - 2) / 0.2) ~ 9.5
+    assert model["one_node"]["stops_paying_at_W"] in (9, 10)
+    assert model["across_nodes_assumed_10gbit"]["speedup"]["2"] < 20 / 12

@@ -1,31 +1,21 @@
-"""Going parallel: the in-process loop against Ray rollout actors, Ray's own floor, and RLlib's env runner."""
+"""Going parallel: in-process (1 or 2 processes), Ray rollout actors and ddp replicas side by side, the all-reduce's
+cost, Ray's own floor, and RLlib's env runner."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
-from distq.components import build_learner
+from distq import rundir
 from distq.config import config_from_dict
-from distq.data import load_dataset
-from distq.rewards import load_reward
 from distq.rollout import episode_chunks
-from distq.runtime import keep_freed_memory
 
 from .speed import PAPER_SCALE, _setup
-
-
-def _backend_rate(backend, episodes: int) -> tuple[float, list[dict]]:
-    """Episodes/s of a backend over episodes 2..episodes+1 (episode 1 warms up: actor start-up is not timed)."""
-    try:
-        backend.step(1)
-        began = time.perf_counter()
-        metrics = [backend.step(e) for e in range(2, episodes + 2)]
-        return episodes / (time.perf_counter() - began), metrics
-    finally:
-        backend.close()
 
 
 def _ray_floor(repeats: int = 200) -> dict[str, float]:
@@ -73,68 +63,168 @@ def _ray_floor(repeats: int = 200) -> dict[str, float]:
     return result
 
 
-def bench_parallel(rounds: int, episodes: int) -> dict:
-    """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of the in-process loop and of Ray backends
-    (W = 1, 2 rollout actors; sync and async), the same episodes each, alternated in rounds in one local Ray
-    instance; the time split per episode and the bytes an update moves (computed from tensor sizes)."""
+SETTINGS = {
+    "paper": ({**PAPER_SCALE, "train": {**PAPER_SCALE["train"], "chunk_size": 150}}, 200,
+              "swiss_roll N=300 d=2 B=300 K=20 sde, chunk_size 150, paper Table 1 networks"),
+    "rollout_bound": ({"data": {"source": "gmm", "n_samples": 20000, "dim": 16}, "ratio": {"method": "exact"},
+                       "reward": {"fn": "linear", "coef": [1.0] + [0.0] * 15}, "sde": {"T": 5.0, "dt": 0.25},
+                       "train": {"batch_size": 300, "chunk_size": 150, "beta": 1.0}}, 30,
+                      "gmm N=20,000 d=16 exact ratio estimator, B=300 K=20 sde, linear reward"),
+    "digits": ({"data": {"source": "digits", "condition": "label"}, "reward": {"fn": "own_digit"},
+                "sde": {"T": 5.0, "dt": 0.25}, "model": {"hidden": 128},
+                "train": {"batch_size": 256, "chunk_size": 128, "beta": 1.0}}, 40,
+               "class-conditional digits N=1,797 d=64, B=256 K=20 sde, hidden 128, own_digit reward"),
+}
+"""name -> (config, episodes per variant per round, description)."""
+VARIANTS = {"in_process": ({}, {}), "processes2": ({"processes": 2}, {}),
+            "sync_w2": ({}, {"workers": 2, "mode": "sync", "num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5}),
+            "async_w2": ({}, {"workers": 2, "mode": "async", "num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5}),
+            "ddp_w1": ({}, {"workers": 1, "mode": "ddp", "num_cpus_per_worker": 1}),
+            "ddp_w2": ({}, {"workers": 2, "mode": "ddp", "num_cpus_per_worker": 1})}
+"""name -> (train fields, parallel fields): the in-process loop with 1 or 2 processes, Ray rollout actors with a
+Learner actor (W = 2), and ddp's Ray Train replicas (W = 1, 2); one torch thread per process everywhere."""
+WARM_UP = 5
+"""Episodes left out of the steady-state rate (Ray Train and actor start-up, first allocations)."""
+SPLIT = ("rollout", "transfer", "update", "gradient", "allreduce", "step")
+
+
+def _variant_config(setting: dict, episodes: int, train: dict, parallel: dict):
+    return config_from_dict({**setting, "train": {**setting["train"], **train, "episodes": WARM_UP + episodes,
+                                                  "threads": 1, "log_every": 1, "checkpoint_every": 10**6,
+                                                  "progress_seconds": 0},
+                             "parallel": parallel, "eval": {"n_samples": 64, "batches": 2},
+                             "tracking": {"wandb": False}})
+
+
+def _steady_state(rows: list[dict]) -> dict:
+    """Episodes/s over the rows after WARM_UP (each row one episode's backend step), the mean time split in ms, and
+    the bytes the backend reported moving per update."""
+    steady = [row for row in rows if row["episode"] > WARM_UP]
+    def mean(key: str) -> float:
+        values = [row[key] for row in steady if row.get(key) is not None]
+        return statistics.fmean(values) if values else 0.0
+    return {"episodes_per_s": len(steady) / sum(row["time/episode_s"] for row in steady),
+            "split_ms": {key: 1e3 * mean(f"time/{key}_s") for key in SPLIT if mean(f"time/{key}_s")},
+            "bytes_per_update": mean("parallel/bytes_allreduced") or mean("parallel/bytes_per_update")}
+
+
+def bench_parallel(rounds: int, episodes: Optional[int], settings: Sequence[str] = tuple(SETTINGS)) -> dict:
+    """Steady-state episodes/s of every VARIANTS entry on each setting, alternated in rounds (the same work each:
+    WARM_UP + episodes full distq train runs in one local Ray instance of this machine's cores), with ratios to
+    in-process one process; plus the gloo all-reduce cost per byte (the scaling model's A) and Ray's own floor."""
     import logging
+    import tempfile
 
     import ray
 
-    from distq.parallel import RayBackend
-    from distq.train import InProcessBackend
+    from distq.train import train
 
-    variants = {"in_process": (0, "sync"), "w1_sync": (1, "sync"), "w2_sync": (2, "sync"),
-                "w1_async": (1, "async"), "w2_async": (2, "async")}
-    # chunks of 150: with W = 2 each worker generates half of the B = 300 batch
-    train = {**PAPER_SCALE["train"], "chunk_size": 150, "episodes": episodes + 1}
-    configs = {name: config_from_dict({**PAPER_SCALE, "train": train, "parallel": {
-        "workers": workers, "mode": mode, "num_cpus_per_worker": 0.5, "learner_num_cpus": 0.5}})
-        for name, (workers, mode) in variants.items()}
-    config = configs["in_process"]
-    dataset = load_dataset(config.data, config.seed)
-    reward = load_reward(config.reward, dataset.points[:8])
-    rates, metrics = {name: [] for name in variants}, {name: [] for name in variants}
     load_before = os.getloadavg()
-    torch.set_num_threads(1)
-    keep_freed_memory()  # as distq.train does; the actors do the same
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)
+    results = {}
     try:
-        for _ in range(rounds):
-            for name, cfg in configs.items():
-                backend = (InProcessBackend(cfg, dataset, reward) if cfg.parallel.workers == 0
-                           else RayBackend(cfg, dataset, reward, None))
-                rate, steps = _backend_rate(backend, episodes)
-                rates[name].append(rate)
-                metrics[name] += steps
-                print(f"{name}: {rate:.1f} episodes/s", flush=True)
+        for setting_name in settings:
+            setting, default_episodes, description = SETTINGS[setting_name]
+            count = episodes or default_episodes
+            runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+            for _ in range(rounds):
+                for name, (train_fields, parallel_fields) in VARIANTS.items():
+                    config = _variant_config(setting, count, train_fields, parallel_fields)
+                    with tempfile.TemporaryDirectory() as folder:
+                        train(config, Path(folder) / "run", echo=lambda line: None)
+                        runs[name].append(_steady_state(rundir.read_table_rows(Path(folder) / "run" / rundir.METRICS)))
+                    print(f"{setting_name} {name}: {runs[name][-1]['episodes_per_s']:.2f} episodes/s", flush=True)
+            median = {name: statistics.median(r["episodes_per_s"] for r in rs) for name, rs in runs.items()}
+            results[setting_name] = {
+                "setting": description, "episodes_per_variant_per_round": count, "warm_up_episodes": WARM_UP,
+                "episodes_per_s_median": median,
+                "episodes_per_s_rounds": {name: [r["episodes_per_s"] for r in rs] for name, rs in runs.items()},
+                "ratio_vs_in_process": {name: median[name] / median["in_process"] for name in VARIANTS},
+                "ratio_ddp_w2_vs_processes2": median["ddp_w2"] / median["processes2"],
+                "time_split_ms_mean": {name: {key: statistics.fmean(r["split_ms"].get(key, 0.0) for r in rs)
+                                              for key in SPLIT} for name, rs in runs.items()},
+                "bytes_per_update": {name: rs[0]["bytes_per_update"] for name, rs in runs.items()}}
+        allreduce = _allreduce_cost()
         floor = _ray_floor()
     finally:
         ray.shutdown()
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    K, B, d = config.sde.num_steps, config.train.batch_size, dataset.dim
-    weights = sum(t.numel() * t.element_size() for t in build_learner(config, dataset.points, reward)
-                  .policy_weights().values())
-    trajectories = 4 * (2 * K * B * d + K * B + B * d + B)  # float32 states, actions, r_hat, Y_K, h(Y_K)
-    def mean(name: str, key: str) -> float:
-        return statistics.fmean(m[key] for m in metrics[name] if key in m) if key in metrics[name][0] else 0.0
-    return {
-        "setting": "swiss_roll N=300 d=2 B=300 K=20 sde, chunk_size 150, paper Table 1 networks; Ray actors with "
-                   "0.5 CPU each on one 2-core machine, one local Ray instance",
-        "episodes_per_variant_per_round": episodes, "rounds": rounds,
-        "episodes_per_s_median": median, "episodes_per_s_rounds": rates,
-        "ratio_vs_in_process": {name: median[name] / median["in_process"] for name in variants},
-        "time_split_ms_mean": {name: {key: 1e3 * mean(name, f"time/{key}_s") for key in ("rollout", "transfer", "update")}
-                               for name in variants},
-        "policy_lag_mean": {name: mean(name, "parallel/policy_lag") for name in variants},
-        "bytes_per_update": {
-            "weights_one_copy": weights, "trajectories": trajectories,
-            **{name: workers * weights + (trajectories if workers else 0) for name, (workers, _) in variants.items()},
-            "measured_by_backend": {name: mean(name, "parallel/bytes_per_update") for name in variants if name != "in_process"}},
-        "ray_floor_ms": floor,
-        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
-    }
+    for result in results.values():
+        result["scaling_model"] = scaling_model(result, allreduce)
+    return {"settings": results, "allreduce": allreduce, "ray_floor_ms": floor,
+            "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]}
+
+
+NETWORK = {"latency_s": 50e-6, "seconds_per_byte": 1 / 1.25e9}
+"""Across nodes: an ASSUMED 10 Gbit/s Ethernet with 50 us per message (not measured here; one machine has no
+network). Replace with a cluster's own measured figures."""
+
+
+def allreduce_seconds(workers: int, nbytes: float, latency_s: float, seconds_per_byte: float) -> float:
+    """A(W, bytes) of a ring all-reduce: 2 (W - 1) messages, each worker sending 2 (W - 1) / W of the buffer."""
+    return 2 * (workers - 1) * latency_s + 2 * (workers - 1) / workers * nbytes * seconds_per_byte
+
+
+def scaling_model(result: dict, allreduce: dict, largest: int = 4096) -> dict:
+    """Time per update = (R + U) / W + A(W, bytes) + O, from one setting's measurements: R + U the in-process
+    episode, O what a ddp replica adds beyond it and its all-reduce (ddp W = 1's episode minus in-process's), A
+    the ring all-reduce of the gradients with the measured one-node cost (its W = 2 fit taken per message and per
+    byte) or the assumed NETWORK across nodes. -> predicted speedups over in-process for W = 2, 4, 16, 64 and the
+    W beyond which another worker no longer pays (the speedup's peak)."""
+    work = 1 / result["episodes_per_s_median"]["in_process"]
+    overhead = max(1 / result["episodes_per_s_median"]["ddp_w1"] - work, 0.0)
+    nbytes = result["bytes_per_update"]["ddp_w2"]
+    # one all_reduce of W = 2 on one node is one exchange each way: its fitted latency and per-byte cost
+    one_node = {"latency_s": allreduce["latency_s"] / 2, "seconds_per_byte": allreduce["seconds_per_byte"]}
+
+    def speedup(workers: int, link: dict) -> float:
+        return work / (work / workers + allreduce_seconds(workers, nbytes, **link) + overhead)
+
+    model = {"R_plus_U_ms": 1e3 * work, "O_ms": 1e3 * overhead, "gradient_bytes": nbytes}
+    for name, link in (("one_node", one_node), ("across_nodes_assumed_10gbit", NETWORK)):
+        model[name] = {"speedup": {str(w): speedup(w, link) for w in (2, 4, 16, 64)},
+                       "A_ms": {str(w): 1e3 * allreduce_seconds(w, nbytes, **link) for w in (2, 4, 16, 64)},
+                       "stops_paying_at_W": max(range(1, largest + 1), key=lambda w: speedup(w, link))}
+    return model
+
+
+def _allreduce_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    times = {}
+    for numel in config["sizes"]:
+        flat = torch.zeros(numel)
+        for _ in range(5):
+            dist.all_reduce(flat)
+        dist.barrier()
+        samples = []
+        for _ in range(config["repeats"]):
+            began = time.perf_counter()
+            dist.all_reduce(flat)
+            samples.append(time.perf_counter() - began)
+        times[str(numel * 4)] = statistics.median(samples)
+    if ray.train.get_context().get_world_rank() == 0:  # the workers share this machine's file system
+        Path(config["out"]).write_text(json.dumps(times))
+
+
+def _allreduce_cost(sizes=(1_024, 16_384, 262_144, 1_048_576, 4_194_304), repeats: int = 30) -> dict:
+    """Median gloo all_reduce time of float32 buffers between 2 Ray Train workers on this machine, and its
+    least-squares fit time = latency + bytes x seconds_per_byte (the scaling model's A for W = 2 on one node)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "times.json"
+        TorchTrainer(_allreduce_worker, train_loop_config={"sizes": list(sizes), "repeats": repeats, "out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+        times = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    xs, ys = list(times), list(times.values())
+    slope = statistics.covariance(xs, ys) / statistics.variance(xs)
+    return {"seconds_by_bytes": times, "latency_s": statistics.fmean(ys) - slope * statistics.fmean(xs),
+            "seconds_per_byte": slope, "workers": 2, "backend": "gloo, one node (loopback)"}
 
 
 def bench_rllib(rounds: int, timesteps: int) -> dict:
