@@ -46,8 +46,8 @@ class PolicyGradientLearner(Learner):
     with a frozen copy of the pretrained policy as dpok's reference."""
 
     def __init__(self, policy: PolicyMean, grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None, device: torch.device = CPU):
-        super().__init__(policy, None, grid, config, reference, device)
+                 reference: Optional[PolicyMean] = None, device: torch.device = CPU, reward_names: tuple[str, ...] = ()):
+        super().__init__(policy, None, grid, config, reference, device, reward_names=reward_names)
 
     def log_densities(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_psi(a_k | tau_k, Y_k) (K, B) with the policy's graph, and the means (K, B, d)."""
@@ -84,8 +84,8 @@ class PolicyGradientLearner(Learner):
         self._check(loss)
         norms = self.descend(loss, POLICY)
         self.updates += 1
-        return {"loss/policy_gradient": float(loss.detach()), "reward/terminal_mean": float(batch.terminal_rewards.mean()),
-                **metrics, "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
+        return {"loss/policy_gradient": float(loss.detach()), **self.batch_terminal_means(batch), **metrics,
+                "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
                 "time/update_s": time.perf_counter() - start}
 
     def _check(self, loss: torch.Tensor) -> None:

@@ -109,19 +109,27 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                 rao_blackwell=config.train.policy_gradient == "rao_blackwell")
 
 
+def listed_reward_names(config: Config) -> tuple[str, ...]:
+    """The names of a list reward.fn's entries (RewardConfig.names) in the per-reward metrics; () for one reward."""
+    return config.reward.names if isinstance(config.reward.fn, tuple) else ()
+
+
 def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
-                  labels: Optional[torch.Tensor] = None) -> Learner:
+                  labels: Optional[torch.Tensor] = None, reward_names: Optional[tuple[str, ...]] = None) -> Learner:
     """The central learner with fresh networks on train.device: Algorithm 1's, or a baseline's (distq.baselines) by
-    train.algorithm; conditional on the points' condition `labels` (N,) if given."""
+    train.algorithm; conditional on the points' condition `labels` (N,) if given. reward_names: the metrics' names
+    of a list reward.fn's entries (default listed_reward_names(config)); actors, whose config names reward files by
+    their absolute paths (distq.parallel.portable_config), get the driver's, so every backend's columns match."""
     device, classes = learner_device(config), class_count(labels)
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
+    names = listed_reward_names(config) if reward_names is None else reward_names
     if config.train.algorithm == "dsm":
-        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device)
+        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device, reward_names=names)
     if config.train.algorithm not in ("qlearning", "ct_finetune"):
         from distq.baselines import PolicyGradientLearner
 
-        return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device)
+        return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device, names)
     gains = (action_gains(make_grid(config), config.sde.sampler) if config.train.policy_gradient == "rao_blackwell"
              else None)
     return Learner(policy, build_value(config, points, terminal_reward, labels), make_grid(config), config.train,
-                   reference, device, gains)
+                   reference, device, gains, names)

@@ -35,7 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from distq import rundir
 from distq.checkpoint import load_checkpoint
-from distq.components import build_learner, build_rollout
+from distq.components import build_learner, build_rollout, listed_reward_names
 from distq.config import Config
 from distq.errors import DistqError
 from distq.learner import Learner, TrainingDiverged
@@ -93,7 +93,8 @@ class _Reducer:
     all_reduce of a flat buffer per update (distq.learner.Reduce)."""
 
     def __init__(self, learner: Learner):
-        self.size = sum(p.numel() for net in learner.networks.values() for p in net.parameters()) + 4 + 2
+        self.size = (sum(p.numel() for net in learner.networks.values() for p in net.parameters())
+                     + learner.metric_sums_size + 2)
         self.device = learner.device
         self.stop = self.stopping = self.reduced = False
         self.began = self.ended = 0.0
@@ -129,13 +130,14 @@ class _Replica:
     """One worker's learner and rollout (sharing the policy network), built from the config in the worker."""
 
     def __init__(self, config: Config, data: list, condition_values: tuple, standardization: Standardization,
-                 state: dict[str, Any]):
+                 state: dict[str, Any], reward_names: tuple[str, ...]):
+        """reward_names: the driver's names of a list reward.fn's entries (distq.components.build_learner)."""
         points, *labels = (shared_tensor(array) for array in ray.get(data))
         labels = labels[0] if labels else None
         # the points are the run's standardised ones; the reward sees the user's coordinates
         reward = load_reward(config.reward, points, labels, condition_values, standardization)
         self.config = config
-        self.learner = build_learner(config, points, reward, labels)
+        self.learner = build_learner(config, points, reward, labels, reward_names)
         self.learner.load_state_dict(state)
         self.rollout = build_rollout(config, points, reward, policy=self.learner.policy,
                                      reference=self.learner.reference, labels=labels, device=self.learner.device)
@@ -214,7 +216,7 @@ def train_worker(settings: dict[str, Any]) -> None:
     replica, failed = None, None
     try:
         replica = _Replica(config, settings["data"], settings["condition_values"], settings["standardization"],
-                           payload["learner"])
+                           payload["learner"], settings["reward_names"])
     except DistqError as err:
         failed = err
     if _any(failed is not None):  # every worker stops; those that failed say why
@@ -342,7 +344,7 @@ class DdpBackend:
         shutil.rmtree(storage, ignore_errors=True)  # Ray Train would restore an earlier attempt's checkpoints
         channel = Channel.remote()
         settings = {"config": self.portable, "data": self._data, "condition_values": dataset.condition_values,
-                    "standardization": dataset.standardization,
+                    "standardization": dataset.standardization, "reward_names": listed_reward_names(self.config),
                     "channel": channel, "header": run_header(self.config, dataset), "rows": list(log.rows),
                     "start": [ray.put({"episode": start, "learner": self.learner.state_dict()})]}
         try:

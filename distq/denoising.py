@@ -59,7 +59,8 @@ class DenoisingRollout(Rollout):
         x0 = data[index]
         states, targets = noised_data(x0, self.grid.mu, self.grid.sigma2, to_device(torch.cat(noise, 1), self.device))
         conditions = self.labels[index] if self.labels is not None else None
-        return Trajectories(states, targets, None, x0, self.terminal_rewards(x0, conditions), conditions)
+        terminal, parts = self.terminal_rewards_by_part(x0, conditions)
+        return Trajectories(states, targets, None, x0, terminal, conditions, terminal_reward_parts=parts)
 
 
 class DenoisingLearner(Learner):
@@ -74,6 +75,6 @@ class DenoisingLearner(Learner):
                                    "try a smaller train.lr_policy or set train.grad_clip")
         norms = self.descend(loss, POLICY)
         self.updates += 1
-        return {"loss/dsm": float(loss.detach()), "reward/terminal_mean": float(batch.terminal_rewards.mean()),
+        return {"loss/dsm": float(loss.detach()), **self.batch_terminal_means(batch),
                 "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
                 "time/update_s": time.perf_counter() - start}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -36,6 +36,14 @@ POLICY_COPIES = ("policy", "reference", "policy_average")
 
 Reduce = Callable[[list[torch.Tensor]], None]
 """Sums each tensor over the data-parallel replicas, in place (distq.ddp)."""
+
+TERMINAL_MEAN = "reward/terminal_mean"
+"""The batch's mean terminal reward h(Y_K); with a list reward.fn, TERMINAL_MEAN/<name> is each h_i's."""
+
+
+def terminal_means(terminal: float, parts: Sequence[float], names: tuple[str, ...]) -> dict[str, float]:
+    """The metrics of a batch's mean h(Y_K) and, for a list reward.fn with entries `names`, the means of each h_i."""
+    return {TERMINAL_MEAN: terminal, **{f"{TERMINAL_MEAN}/{name}": part for name, part in zip(names, parts)}}
 
 
 def _batch_mean(per_step: torch.Tensor, total: int) -> torch.Tensor:
@@ -78,12 +86,15 @@ class Learner:
 
     def __init__(self, policy: PolicyMean, value: Optional[ValueNet], grid: TimeGrid, config: TrainConfig,
                  reference: Optional[PolicyMean] = None, device: torch.device = CPU,
-                 action_gains: Optional[torch.Tensor] = None):
+                 action_gains: Optional[torch.Tensor] = None, reward_names: tuple[str, ...] = ()):
         """value None: a learner of the policy alone (the policy-gradient baselines, distq.baselines).
         reference: a frozen pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and
         broadcast with the weights. device: where the networks (moved there), the grid and the optimiser state live.
-        action_gains: dY_{k+1} / da_k (K,) of the sampler (distq.samplers.action_gains), for rao_blackwell."""
+        action_gains: dY_{k+1} / da_k (K,) of the sampler (distq.samplers.action_gains), for rao_blackwell.
+        reward_names: the entries of a list reward.fn (RewardConfig.names): the metrics then carry each one's batch
+        mean, from the batches' terminal_reward_parts (TERMINAL_MEAN/<name>)."""
         self.device, self.config, self.grid = device, config, to_device(grid, device)
+        self.reward_names = reward_names
         self.policy, self.value = to_device(policy, device), to_device(value, device)
         self.reference = to_device(reference, device).requires_grad_(False) if reference is not None else None
         # gain_k / (g^2 dt) of the steps before the last, shaped to scale grad J (K - 1, 1, 1)
@@ -233,11 +244,18 @@ class Learner:
         self.updates += 1
         return self.metrics_from_sums(sums, total, norms, start)
 
+    @property
+    def metric_sums_size(self) -> int:
+        """The length of metric_sums' vector."""
+        return 4 + len(self.reward_names)
+
     def metric_sums(self, delta: torch.Tensor, batch: Trajectories) -> torch.Tensor:
-        """Sums over the batch's trajectories (4,): 1/2 sum_k delta_k^2, sum_k |delta_k|, h(Y_K), sum_k r_hat_k dt_k."""
+        """Sums over the batch's trajectories (4 + R,): 1/2 sum_k delta_k^2, sum_k |delta_k|, h(Y_K),
+        sum_k r_hat_k dt_k, then each listed reward's h_i(Y_K) (R = len(reward_names), 0 for a single reward)."""
         delta = delta.detach()
-        return torch.stack([0.5 * delta.square().sum(), delta.abs().sum(), batch.terminal_rewards.sum(),
+        sums = torch.stack([0.5 * delta.square().sum(), delta.abs().sum(), batch.terminal_rewards.sum(),
                             (batch.running_rewards * self.grid.dt.unsqueeze(1)).sum()])
+        return torch.cat([sums, batch.terminal_reward_parts.sum(0)]) if self.reward_names else sums
 
     def metrics(self, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
                 start: float) -> dict[str, float]:
@@ -247,16 +265,21 @@ class Learner:
     def metrics_from_sums(self, sums: torch.Tensor, total: int, norms: dict[str, float],
                           start: float) -> dict[str, float]:
         """The namespaced metrics of an update on `total` trajectories from their metric_sums."""
-        td, td_abs, terminal, running = sums.tolist()
+        td, td_abs, terminal, running, *parts = sums.tolist()
         return {
             "loss/td": td / total,
             "td/abs_mean": td_abs / (total * self.grid.num_steps),
-            "reward/terminal_mean": terminal / total,
+            **terminal_means(terminal / total, [part / total for part in parts], self.reward_names),
             "reward/running_mean": running / total,
             **{f"grad_norm/{name}": norm for name, norm in norms.items()},
             "lr/policy": self.schedulers["policy"].get_last_lr()[0],
             "time/update_s": time.perf_counter() - start,
         }
+
+    def batch_terminal_means(self, batch: Trajectories) -> dict[str, float]:
+        """terminal_means of a whole batch (the learners that compute their metrics without metric_sums)."""
+        parts = batch.terminal_reward_parts.mean(0).tolist() if self.reward_names else []
+        return terminal_means(float(batch.terminal_rewards.mean()), parts, self.reward_names)
 
     def policy_weights(self, deployed: bool = False) -> dict[str, torch.Tensor]:
         """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any), as CPU

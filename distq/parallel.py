@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from distq.components import build_learner, build_rollout
+from distq.components import build_learner, build_rollout, listed_reward_names
 from distq.config import Config, ParallelConfig
 from distq.devices import CPU, to_device
 from distq.errors import DistqError
@@ -114,8 +114,13 @@ class RolloutWorker(_Actor):
 class Learner(_Actor):
     """Steps 2-3 of Algorithm 1 (E15-E16) on batches read straight from the workers' results."""
 
+    def __init__(self, *args, reward_names: tuple[str, ...] = ()):
+        """reward_names: the driver's names of a list reward.fn's entries (distq.components.build_learner)."""
+        self.reward_names = reward_names
+        super().__init__(*args)
+
     def build(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor], reward) -> None:
-        self.learner = build_learner(config, points, reward, labels)
+        self.learner = build_learner(config, points, reward, labels, self.reward_names)
 
     @ray.method(num_returns=2)
     def update(self, parts: list[ray.ObjectRef]) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
@@ -281,7 +286,7 @@ class RayBackend:
             self._learner = Learner.options(num_cpus=parallel.learner_num_cpus, num_gpus=parallel.learner_num_gpus,
                                             max_restarts=0, **_memory(parallel.learner_memory_mb)
                                             ).remote(self.config, self._data, self._condition_values,
-                                                      self._standardization)
+                                                      self._standardization, reward_names=listed_reward_names(config))
             self.rollout_workers = [self._new_worker() for _ in range(self.workers)]
             ready = [actor.ready.remote() for actor in (self._learner, *self.rollout_workers)]
             for ref in wait_placed(ready, parallel.connect_timeout_s, _asked(parallel)):

@@ -246,9 +246,13 @@ class RewardSum:
         """x: (B, d), conditions: (B,) or None -> (B, R): h_i(x) of each listed reward."""
         return torch.stack([r(x) if conditions is None else r(x, conditions) for r in self.rewards], 1)
 
+    def total(self, parts: torch.Tensor) -> torch.Tensor:
+        """parts h_i(x) (B, R) -> (B,): sum_i w_i h_i(x), from the parts already computed."""
+        return parts @ self.weights
+
     def __call__(self, x: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, d), conditions: (B,) or None -> (B,) float32: sum_i w_i h_i(x)."""
-        return self.parts(x, conditions) @ self.weights
+        return self.total(self.parts(x, conditions))
 
 
 def _load_one(cfg: RewardConfig, ref: str, dim: int, condition_values: tuple,

@@ -31,7 +31,8 @@ class Trajectories:
     (E14), final states Y_K (B, d), unweighted terminal rewards h(Y_K) (B,) and, in conditional runs, each
     trajectory's condition index (B,). For train.policy_gradient = rao_blackwell also the ratio scores s_hat_k
     (K, B, d) of r_hat_k, the mean action's successors (the step from Y_k with a_k = mu_k and the same Brownian
-    noise) (K, B, d) and h at the last of them (B,)."""
+    noise) (K, B, d) and h at the last of them (B,). With a list reward.fn also each listed reward h_i(Y_K) (B, R),
+    unweighted (the per-reward training metrics)."""
 
     states: torch.Tensor
     actions: torch.Tensor
@@ -42,6 +43,7 @@ class Trajectories:
     ratio_scores: Optional[torch.Tensor] = None
     mean_successors: Optional[torch.Tensor] = None
     mean_terminal_rewards: Optional[torch.Tensor] = None
+    terminal_reward_parts: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +63,8 @@ class Trajectories:
                               for field in dataclasses.fields(Trajectories)))
 
 
-_PER_TRAJECTORY = ("final_states", "terminal_rewards", "conditions", "mean_terminal_rewards")
+_PER_TRAJECTORY = ("final_states", "terminal_rewards", "conditions", "mean_terminal_rewards",
+                   "terminal_reward_parts")
 """Trajectories fields indexed by trajectory first; the others are (K, B, ...)."""
 
 
@@ -190,7 +193,8 @@ class Rollout:
             y = step(grid, k, y, action, step_noise)
         if rewards is None:
             rewards = self.with_running_rewards
-        trajectories = Trajectories(states, actions, None, y, self.terminal_rewards(y, conditions), conditions)
+        terminal, parts = self.terminal_rewards_by_part(y, conditions)
+        trajectories = Trajectories(states, actions, None, y, terminal, conditions, terminal_reward_parts=parts)
         if rewards:
             scores = self.step_scores(states, chunks, noise["subsets"], conditions)
             trajectories.running_rewards = self.rewards_from_scores(scores, actions)
@@ -212,8 +216,17 @@ class Rollout:
 
     def terminal_rewards(self, y: torch.Tensor, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h(Y_K) (B,), or h(Y_K, c) with the trajectories' condition indices (B,), computed on the CPU."""
-        inputs = (y,) if conditions is None else (y, conditions)
-        return to_device(self.terminal_reward(*to_device(inputs, CPU)), self.device)
+        return self.terminal_rewards_by_part(y, conditions)[0]
+
+    def terminal_rewards_by_part(self, y: torch.Tensor, conditions: Optional[torch.Tensor] = None
+                                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """terminal_rewards (B,) and, for a list reward.fn (distq.rewards.RewardSum), each h_i(Y_K) (B, R), the sum
+        formed from them: each reward is evaluated once. None for a single reward."""
+        inputs = to_device((y,) if conditions is None else (y, conditions), CPU)
+        if not hasattr(self.terminal_reward, "parts"):
+            return to_device(self.terminal_reward(*inputs), self.device), None
+        parts = self.terminal_reward.parts(*inputs)
+        return to_device((self.terminal_reward.total(parts), parts), self.device)
 
     def rewards_from_scores(self, scores: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(E14) for all steps at once, scores and actions (K, B, d) -> (K, B): one pass instead of K small ones."""

@@ -25,7 +25,7 @@ from distq.errors import DistqError
 from distq.evaluation import evaluate_policy, kl_reliability
 from distq.interrupt import Interrupted, StopRequest
 from distq.interrupt import name as signal_name
-from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
+from distq.learner import TERMINAL_MEAN, TrainingDiverged, deployed_policy, with_initial_policy
 from distq.plots import plot_samples, plot_training_curves
 from distq.rewards import load_reward
 from distq.rollout import Rollout, episode_chunks
@@ -117,9 +117,16 @@ class MetricsLog:
         total, rate = self.config.train.episodes, self.rate(episode)
         eta = (total - episode) / rate if rate > 0 else math.inf
         loss = next(key for key in metrics if key.startswith("loss/"))
-        self.echo(f"episode {episode}/{total} | reward {metrics['reward/terminal_mean']:.4g} | "
+        self.echo(f"episode {episode}/{total} | {_reward_part(metrics)} | "
                   f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
                   + _time_split(metrics) + _eval_part(self.last_eval))
+
+
+def _reward_part(metrics: dict[str, float]) -> str:
+    """'reward r' of the batch and, with a list reward.fn, each reward's: 'reward r (name_1 r_1, name_2 r_2)'."""
+    listed = [f"{key[len(TERMINAL_MEAN) + 1:]} {value:.3g}" for key, value in metrics.items()
+              if key.startswith(TERMINAL_MEAN + "/")]
+    return f"reward {metrics[TERMINAL_MEAN]:.4g}" + (f" ({', '.join(listed)})" if listed else "")
 
 
 def _eval_part(evals: dict[str, float]) -> str:
@@ -419,7 +426,7 @@ def final_progress(log: MetricsLog, start: int, episode: int) -> None:
     """The last progress line, from the last row, once training reached its last episode."""
     if log.rows and log.rows[-1]["episode"] == episode and episode > start:
         log.progress(episode, {k: v for k, v in log.rows[-1].items()
-                               if k == "reward/terminal_mean" or k.startswith("loss/")})
+                               if k.startswith((TERMINAL_MEAN, "loss/"))})
 
 
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog,

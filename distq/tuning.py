@@ -15,6 +15,7 @@ at once as the cluster holds with their workers (else trials would hold every CP
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -316,30 +317,65 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(rows: list[dict[str, Any]], best: Optional[dict[str, Any]], target: Optional[float],
-                path: Path, budget: Optional[float] = None) -> None:
-    """Mean reward against kNN KL of every finished trial (95% CIs), the Pareto front and the best trial, as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+PER_REWARD = "reward_mean/"
+"""Each reward's mean in the rows of trials with a list reward.fn (distq.evaluation.per_reward)."""
+
+
+def pareto_figure(rows: list[dict[str, Any]], best: Optional[dict[str, Any]], target: Optional[float],
+                  budget: Optional[float] = None):
+    """Mean reward against kNN KL of every finished trial (95% CIs), the Pareto front and the best trial; with a list
+    reward.fn also, per pair of rewards, one reward's mean against the other's (a weights sweep's trade-off)."""
     from matplotlib.figure import Figure
 
     done = [r for r in rows if r["status"] == "ok" and "kl_mean" in r]
-    points = [(r["kl_mean"], r["reward_mean"]) for r in done]
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.add_subplot()
-    ax.errorbar([p[0] for p in points], [p[1] for p in points], xerr=[r["kl_ci95"] for r in done],
-                yerr=[r["reward_ci95"] for r in done], fmt="o", color="tab:blue", alpha=0.6, label="trials")
-    front = [points[i] for i in pareto_front(points)]
-    ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:orange", label="Pareto front")
-    if best is not None:
-        ax.plot(best["kl_mean"], best["reward_mean"], "*", markersize=16, color="tab:red", label="best")
+    names = list(dict.fromkeys(k[len(PER_REWARD):] for r in done for k, v in r.items()
+                               if k.startswith(PER_REWARD) and v is not None))
+    pairs = list(itertools.combinations(names, 2))
+    fig = Figure(figsize=(6 * (1 + len(pairs)), 4.5))
+    ax = fig.add_subplot(1, 1 + len(pairs), 1)
+    _front(ax, done, "kl_mean", "reward_mean", best, lower_x=True)
     if target is not None:
         ax.axhline(target, linestyle="--", color="grey", label=f"reward target {target:g}")
     if budget is not None:
         ax.axvline(budget, linestyle="--", color="grey", label=f"KL budget {budget:g}")
     ax.set_xlabel("KL(generated || data), kNN estimate")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel("mean reward" + (" (each trial's weighted sum)" if names else ""))
     ax.legend()
+    for index, (first, second) in enumerate(pairs):
+        ax = fig.add_subplot(1, 1 + len(pairs), index + 2)
+        # trials of a sweep that also searches reward.fn may lack one of the two
+        both = [r for r in done if r.get(PER_REWARD + first) is not None and r.get(PER_REWARD + second) is not None]
+        points = _front(ax, both, PER_REWARD + first, PER_REWARD + second, best if best in both else None,
+                        lower_x=False)
+        fig.colorbar(points, ax=ax, label="kNN KL")
+        ax.set_xlabel(PER_REWARD + first)
+        ax.set_ylabel(PER_REWARD + second)
+        ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _front(ax, done: list[dict[str, Any]], x: str, y: str, best: Optional[dict[str, Any]], lower_x: bool):
+    """The trials' (x, y) means with their 95% CIs, coloured by KL, their Pareto front (more y, and less x if
+    `lower_x`, else more x) and the best trial; -> the scatter (for a colour bar)."""
+    ax.errorbar([r[x] for r in done], [r[y] for r in done], xerr=[r[x.replace("_mean", "_ci95", 1)] for r in done],
+                yerr=[r[y.replace("_mean", "_ci95", 1)] for r in done], fmt="none", color="0.6", alpha=0.6)
+    points = ax.scatter([r[x] for r in done], [r[y] for r in done], c=[r["kl_mean"] for r in done], cmap="viridis",
+                        zorder=2, label="trials")
+    sign = 1 if lower_x else -1
+    front = [done[i] for i in pareto_front([(sign * r[x], r[y]) for r in done])]
+    ax.plot([r[x] for r in front], [r[y] for r in front], "-", color="tab:orange", label="Pareto front")
+    if best is not None:
+        ax.plot(best[x], best[y], "*", markersize=16, color="tab:red", label="best")
+    return points
+
+
+def plot_pareto(rows: list[dict[str, Any]], best: Optional[dict[str, Any]], target: Optional[float],
+                path: Path, budget: Optional[float] = None) -> None:
+    """pareto_figure as PNG at `path`, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = pareto_figure(rows, best, target, budget)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:

@@ -24,7 +24,8 @@ rounding, ~1e-7 relative per update, amplified by Adam's normalisation where a g
 RUN = {"seed": 5, "data": {"source": "swiss_roll", "n_samples": N}, "reward": {"fn": "swiss_roll_rectangle"},
        "sde": {"dt": 0.5}, "eval": {"n_samples": 32, "batches": 2}}
 CONDITIONAL = {"data": {"source": "swiss_roll", "n_samples": N, "condition": "label", "classes": 2},
-               "reward": {"fn": "linear", "coef": [1.0, 0.0]}, "ratio": {"minibatch": 16}}
+               "reward": {"fn": ["linear", "brightness"], "coef": [1.0, 0.0], "weights": [1.0, 0.5]},
+               "ratio": {"minibatch": 16}}
 
 
 def _config(workers=0, episodes=4, train=None, parallel=None, **run):
@@ -51,18 +52,25 @@ def _assert_same_run(ours, reference):
     assert payload["learner"]["updates"] == ref_payload["learner"]["updates"]
     assert [r["episode"] for r in rows] == [r["episode"] for r in ref_rows]
     for row, ref in zip(rows, ref_rows):
-        for key in ("loss/td", "reward/terminal_mean", "reward/running_mean", "grad_norm/policy", "grad_norm/value"):
+        listed = [key for key in ref if key.startswith("reward/terminal_mean/")]
+        assert listed == [key for key in row if key.startswith("reward/terminal_mean/")]
+        for key in ("loss/td", "reward/terminal_mean", "reward/running_mean", "grad_norm/policy", "grad_norm/value",
+                    *listed):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["episode"], key)
 
 
 @pytest.mark.parametrize("workers, setting", [
-    (1, {"data": {"source": "swiss_roll", "n_samples": N, "standardize": True}}),  # the reward in the user's coordinates
+    # the rewards in the user's coordinates
+    (1, {"data": {"source": "swiss_roll", "n_samples": N, "standardize": True},
+         "reward": {"fn": ["swiss_roll_rectangle", "brightness"], "weights": [1.0, 0.5]}}),
     (2, {"train": {"policy_gradient": "rao_blackwell", "target_rate": 0.1, "ema_rate": 0.2}, **CONDITIONAL}),
 ])
 def test_ddp_trains_the_in_process_run_and_resumes_exactly(ray_session, tmp_path, workers, setting):
     reference = _trained(_config(**setting), tmp_path / "in_process")
     ours = _trained(_config(workers, **setting), tmp_path / "ddp")
     _assert_same_run(ours, reference)
+    # list rewards: each one's mean over the whole batch (W = 2: all-reduced), as in process
+    assert {f"reward/terminal_mean/{name}" for name in setting["reward"]["fn"]} <= set(ours[2][-1])
     assert ours[0]["workers"] == workers and ours[0]["worker_restarts"] == 0
     assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
             "parallel/bytes_allreduced"} <= set(ours[2][-1])

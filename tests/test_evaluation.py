@@ -68,6 +68,29 @@ def test_conditional_evaluation_passes_each_sample_s_condition_value_to_the_rewa
     assert metrics["reward_mean"] == pytest.approx(float(conditions.float().mean()))
 
 
+def test_a_conditional_reward_in_a_list_gets_each_sample_s_condition_value():
+    """reward.fn [h(x, c) = c, gmm1d_right] weighted (2, 1) on the conditioned mixture: the conditional entry's own
+    mean is the share of condition 1 among the drawn conditions, the other's is recomputed from the samples, and the
+    headline mean is the weighted sum of the two."""
+    from distq.components import build_rollout
+    from distq.evaluation import evaluate_policy
+    from distq.rewards import Reward, RewardSum, gmm1d_right
+
+    config = config_from_dict({"seed": 0, "data": {"source": "gmm1d", "n_samples": 200, "condition": "label"},
+                               "reward": {"fn": "gmm1d_right"}, "sde": {"dt": 0.5},
+                               "eval": {"n_samples": 20, "batches": 2}})
+    dataset = load_dataset(config.data, config.seed)
+    parts = [Reward(lambda x, c: c.float(), "condition", dataset.condition_values),
+             Reward(gmm1d_right, "gmm1d_right", dataset.condition_values)]
+    reward = RewardSum(parts, (2.0, 1.0), ("condition", "gmm1d_right"))
+    rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
+    metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
+    assert metrics["reward_mean/condition"] == pytest.approx(float(conditions.float().mean()))
+    assert metrics["reward_mean"] == pytest.approx(2 * metrics["reward_mean/condition"]
+                                                   + metrics["reward_mean/gmm1d_right"], rel=1e-5)
+    assert metrics["reward_mean/gmm1d_right"] == pytest.approx(float(gmm1d_right(samples).mean()), rel=1e-5)
+
+
 def test_knn_kl_flagged_unreliable_in_high_dimension():
     from distq.config import config_from_dict
     from distq.evaluation import kl_reliability

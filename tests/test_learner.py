@@ -10,6 +10,7 @@ from distq.components import build_learner, build_rollout
 from distq.config import config_from_dict
 from distq.errors import DistqError
 from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
+from distq.rewards import load_reward
 from distq.rollout import Trajectories, episode_chunks
 
 T, DT, D, B = 5.0, 0.5, 2, 12
@@ -153,6 +154,34 @@ def test_update_changes_parameters_and_returns_metrics():
     step = max(float((a - b).abs().max()) for a, b in zip(before[n_policy:], after[n_policy:]))
     assert step == pytest.approx(2e-3, rel=1e-2)
     assert learner.updates == 1
+
+
+@pytest.mark.parametrize("algorithm", ["qlearning", "ddpo_sf", "dsm"])
+def test_a_list_reward_s_update_reports_each_reward_s_batch_mean_from_one_evaluation(algorithm):
+    """reward.fn [linear (1, 0.5), brightness] weighted (2, 0.5): the update's reward/terminal_mean/<name> are the
+    means of x @ c and of x.mean(-1) over the batch's final states (dsm: its data points), recomputed here; their
+    weighted sum is reward/terminal_mean; the rollout evaluated each reward once."""
+    config = config_from_dict({**_config().to_dict(), "reward": {"fn": ["linear", "brightness"], "coef": [1.0, 0.5],
+                                                                 "weights": [2.0, 0.5]},
+                               "train": {**_config().to_dict()["train"], "algorithm": algorithm}})
+    points = _points()
+    reward = load_reward(config.reward, points)
+    learner = build_learner(config, points, reward)
+    rollout = build_rollout(config, points, reward, policy=learner.policy)
+    calls = []
+    for entry in reward.rewards:
+        entry.fn = (lambda fn: lambda x: calls.append(x.shape[0]) or fn(x))(entry.fn)
+    batch = _batch(rollout, config)
+    assert calls == [B, B]
+    metrics = learner.update(batch)
+    x = batch.final_states
+    expected = {"linear": float((x @ torch.tensor([1.0, 0.5])).mean()), "brightness": float(x.mean(-1).mean())}
+    assert {k for k in metrics if k.startswith("reward/terminal_mean/")} == {f"reward/terminal_mean/{n}"
+                                                                             for n in expected}
+    for name, mean in expected.items():
+        assert metrics[f"reward/terminal_mean/{name}"] == pytest.approx(mean, rel=1e-5, abs=1e-6)
+    assert metrics["reward/terminal_mean"] == pytest.approx(2 * expected["linear"] + 0.5 * expected["brightness"],
+                                                            rel=1e-5)
 
 
 @pytest.mark.parametrize("field", ["running_rewards", "terminal_rewards", "actions"])

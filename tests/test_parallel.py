@@ -115,6 +115,31 @@ def test_conditional_sync_updates_equal_the_in_process_run(ray_session, tmp_path
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
+def test_a_list_reward_s_columns_equal_the_in_process_run(ray_session, monkeypatch, tmp_path):
+    """reward.fn [a relative h(x, c) file, swiss_roll_rectangle] on two workers: the Learner actor reports each
+    reward's mean over the whole batch, named as the driver names it (the actors' config names the file by its
+    absolute path), equal to the in-process run's; the weighted means add up to reward/terminal_mean."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cond_reward.py").write_text("def h(x, c):\n    return x[:, 0] * (c + 1)\n")
+    values = {**TINY, "data": {"source": "swiss_roll", "n_samples": N, "condition": "label", "classes": 2},
+              "reward": {"fn": ["cond_reward.py:h", "swiss_roll_rectangle"], "weights": [0.5, 2.0]},
+              "train": {"batch_size": B, "chunk_size": CHUNK, "beta": 1.0}}
+    config = config_from_dict(values)
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values)
+    reference = _run(InProcessBackend(config, dataset, reward), 2)[1]
+    actors = config_from_dict({**values, "parallel": {"workers": 2, "num_cpus_per_worker": 0.5,
+                                                      "learner_num_cpus": 0.5}})
+    metrics = _run(parallel.RayBackend(actors, dataset, reward, None), 2)[1]
+    names = ["reward/terminal_mean/cond_reward.py:h", "reward/terminal_mean/swiss_roll_rectangle"]
+    for ours, theirs in zip(metrics, reference):
+        assert sorted(k for k in ours if k.startswith("reward/terminal_mean/")) == sorted(names)
+        for key in names:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+        weighted = 0.5 * ours[names[0]] + 2.0 * ours[names[1]]
+        assert weighted == pytest.approx(ours["reward/terminal_mean"], rel=1e-5)
+
+
 def test_rao_blackwell_sync_updates_equal_the_in_process_run(ray_session):
     """train.policy_gradient = rao_blackwell on actors: the scores and mean-action successors travel with the batch
     from two workers to the learner actor, whose updates are the in-process ones; the learner actor keeps the

@@ -324,14 +324,17 @@ def test_a_signal_stops_a_ddp_run_with_a_checkpoint_of_the_same_episode_on_every
 
 def test_a_reward_list_weighted_1_0_trains_as_its_first_reward_alone(tmp_path):
     """reward.fn [swiss_roll_rectangle, linear] with weights (1, 0): h = 1 h_1 + 0 h_2 is h_1 to the bit, so the
-    run's weights and metrics equal the single-reward run's; it also reports each reward's evaluation."""
+    run's weights and metrics equal the single-reward run's; it also reports each reward's evaluation and, per episode
+    row and in the progress line, each reward's batch mean."""
+    lines = []
+
     def run(name: str, reward: dict) -> tuple[dict, list[dict], dict]:
         config = config_from_dict({
             "seed": 0, "data": {"source": "swiss_roll", "n_samples": 64}, "reward": reward, "sde": {"dt": 0.5},
             "train": {"beta": 1.0, "episodes": 4, "batch_size": 32, "chunk_size": 32, "threads": 1, "log_every": 2,
                       "processes": 1},
             "eval": {"n_samples": 50, "batches": 2, "every": 4}})
-        summary = train(config, tmp_path / name, echo=_quiet)
+        summary = train(config, tmp_path / name, echo=lines.append)
         rows = pq.read_table(tmp_path / name / "metrics.parquet").to_pylist()
         return summary, rows, load_checkpoint(tmp_path / name / "checkpoint.pt")["learner"]["policy"]
 
@@ -347,3 +350,10 @@ def test_a_reward_list_weighted_1_0_trains_as_its_first_reward_alone(tmp_path):
     assert two["reward_mean/swiss_roll_rectangle"] == pytest.approx(one["reward_mean"])
     assert two_rows[-1]["eval/reward_mean/swiss_roll_rectangle"] == pytest.approx(one_rows[-1]["eval/reward_mean"])
     assert "reward_mean/linear" in two and "eval/reward_ci95/linear" in two_rows[-1]
+    for one_row, two_row in zip(one_rows, two_rows):
+        assert two_row["reward/terminal_mean/swiss_roll_rectangle"] == one_row["reward/terminal_mean"]
+        assert "reward/terminal_mean/linear" in two_row and "reward/terminal_mean/linear" not in one_row
+    last = two_rows[-1]
+    assert (f"| reward {last['reward/terminal_mean']:.4g} (swiss_roll_rectangle "
+            f"{last['reward/terminal_mean/swiss_roll_rectangle']:.3g}, linear {last['reward/terminal_mean/linear']:.3g})"
+            " |") in [line for line in lines if line.startswith("episode 4/4")][-1]

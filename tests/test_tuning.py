@@ -21,8 +21,8 @@ from distq.cli import main
 from distq.configfile import load_config
 from distq.errors import DistqError
 from distq.sweep import PENALTY, load_sweep
-from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, concurrent_trials, pareto_front,
-                          param_space, run_sweep, trial_resources)
+from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, concurrent_trials, pareto_figure,
+                          pareto_front, param_space, run_sweep, trial_resources)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
@@ -195,6 +195,33 @@ def test_paper_sweep_proposes_with_tpe_over_its_ranges_and_stops_with_asha():
     assert isinstance(scheduler, ASHAScheduler) and scheduler._time_attr == "episode"
 
 
+def _reward_pair_axes(fig):
+    """The axes of pareto.png's first per-reward panel: its labels, the trials' points and the front's points."""
+    ax = fig.axes[1]
+    trials = [tuple(p) for p in ax.collections[-1].get_offsets().tolist()]
+    front = list(zip(*(v.tolist() for v in ax.lines[0].get_data())))
+    return ax.get_xlabel(), ax.get_ylabel(), trials, front
+
+
+def test_pareto_figure_of_two_rewards_shows_their_trade_off():
+    """Four trials with rewards a and b: the second panel plots b's mean against a's; its front keeps the trials no
+    other beats on both rewards, (1, 0), (0.4, 0.5) and (0, 1), and drops (0.3, 0.3)."""
+    def trial(a, b, kl):
+        return {"status": "ok", "kl_mean": kl, "kl_ci95": 0.1, "reward_mean": a + b, "reward_ci95": 0.1,
+                "reward_mean/a": a, "reward_ci95/a": 0.05, "reward_mean/b": b, "reward_ci95/b": 0.05}
+
+    rows = [trial(1.0, 0.0, 0.3), trial(0.0, 1.0, 0.5), trial(0.3, 0.3, 0.1), trial(0.4, 0.5, 0.2),
+            {"status": "error"}]
+    fig = pareto_figure(rows, rows[0], None)
+    assert len(fig.axes) == 3  # reward against KL, b against a, the colour bar (KL)
+    x, y, trials, front = _reward_pair_axes(fig)
+    assert (x, y) == ("reward_mean/a", "reward_mean/b")
+    assert trials == [(1.0, 0.0), (0.0, 1.0), (0.3, 0.3), (0.4, 0.5)]
+    assert front == [(1.0, 0.0), (0.4, 0.5), (0.0, 1.0)]
+    single = [{k: v for k, v in row.items() if "/" not in k} for row in rows]
+    assert len(pareto_figure(single, None, None).axes) == 1  # one reward: reward against KL alone
+
+
 # ---- Ray ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.ray
@@ -338,3 +365,27 @@ def test_a_sweep_over_reward_weights_validates(tmp_path):
     with pytest.raises(DistqError, match="reward.weights"):
         load_sweep(_sweep_file(tmp_path, overrides=overrides, search_space={"reward.weights": {"choice": [[1]]}},
                                search={"algorithm": "random", "num_samples": 3}))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_over_reward_weights_plots_each_reward_s_trade_off(tmp_path, ray_session):
+    """Two trials, reward.weights (1, 0) and (0, 1) of [swiss_roll_rectangle, linear (1, 0)]: each trial reports each
+    reward's mean, and pareto.png's second panel plots the linear reward's against the rectangle's, trial by trial."""
+    overrides = {**TINY, "train.episodes": 4, "reward.fn": ["swiss_roll_rectangle", "linear"], "reward.coef": [1, 0],
+                 "train.beta": 1.0}
+    path = _sweep_file(tmp_path, name="weights", overrides=overrides, report_every=4,
+                       search_space={"reward.weights": {"grid": [[1, 0], [0, 1]]}})
+    outputs = run_sweep(path, echo=lambda line: None)
+    experiment = tmp_path / "runs" / "weights"
+    assert (experiment / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert sorted(tuple(r["config/reward.weights"]) for r in rows) == [(0.0, 1.0), (1.0, 0.0)]
+    assert all(r["status"] == "ok" for r in rows)
+    for row in rows:  # each trial's reward is its weighted sum of the two
+        weights = row["config/reward.weights"]
+        mixed = weights[0] * row["reward_mean/swiss_roll_rectangle"] + weights[1] * row["reward_mean/linear"]
+        assert row["reward_mean"] == pytest.approx(mixed, rel=1e-5)
+    x, y, trials, _ = _reward_pair_axes(pareto_figure(rows, outputs["best"], None))
+    assert (x, y) == ("reward_mean/swiss_roll_rectangle", "reward_mean/linear")
+    assert trials == [(r["reward_mean/swiss_roll_rectangle"], r["reward_mean/linear"]) for r in rows]
