@@ -66,18 +66,19 @@ def _assert_same_run(ours, reference):
     (2, {"train": {"policy_gradient": "rao_blackwell", "target_rate": 0.1, "ema_rate": 0.2}, **CONDITIONAL}),
 ])
 def test_ddp_trains_the_in_process_run_and_resumes_exactly(ray_session, tmp_path, workers, setting):
+    """W = 2 trains 2 episodes, then resumes from that ddp checkpoint to 4 (each Ray Train start-up costs seconds of
+    the suite's budget): equal to the straight in-process run is both the exactness and the resume (a ddp checkpoint
+    continuing in process: tests/test_train.py's signal test)."""
     reference = _trained(_config(**setting), tmp_path / "in_process")
-    ours = _trained(_config(workers, **setting), tmp_path / "ddp")
+    if workers == 2:
+        _trained(_config(workers, episodes=2, **setting), tmp_path / "ddp")
+    ours = _trained(_config(workers, **setting), tmp_path / "ddp", resume=workers == 2)
     _assert_same_run(ours, reference)
     # list rewards: each one's mean over the whole batch (W = 2: all-reduced), as in process
     assert {f"reward/terminal_mean/{name}" for name in setting["reward"]["fn"]} <= set(ours[2][-1])
     assert ours[0]["workers"] == workers and ours[0]["worker_restarts"] == 0
     assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
             "parallel/bytes_allreduced"} <= set(ours[2][-1])
-    if workers == 2:  # resume from a ddp checkpoint in ddp (W = 1 shares the code; a ddp checkpoint continues in
-        # process in tests/test_train.py's signal test): each Ray Train start-up costs seconds of the suite's budget
-        _trained(_config(workers, episodes=2, **setting), tmp_path / "resumed")
-        _assert_same_run(_trained(_config(workers, **setting), tmp_path / "resumed", resume=True), reference)
 
 
 def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tmp_path, capsys):
