@@ -5,9 +5,10 @@
 
 Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md (Swiss
 roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK, q-learning and, as
-the no-RL yardstick, reward-weighted dsm: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5
-steps, beta = 0 and the reward-directed model, an ablation of time grids against the perfect learner and one of a
-learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory
+the no-RL yardstick, reward-weighted dsm: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method),
+results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model, an
+ablation of time grids against the perfect learner and one of a learned time embedding), the runs' sample plots as
+PNG, and the exact command. Each training is a run directory
 under results/runs/; a finished one (summary.json present) is not trained again and an interrupted one continues
 from its last checkpoint, so an interrupted reproduction continues where it stopped.
 """
