@@ -11,8 +11,9 @@ from typing import Callable, Optional
 import torch
 
 from distq.config import PRETRAINED_ALGORITHMS, Config
-from distq.denoising import DenoisingLearner, DenoisingRollout
-from distq.devices import resolve_device, to_device
+from distq.denoising import MAX_ROWS, DataTilt, DenoisingLearner, DenoisingRollout, data_tilt
+from distq.devices import CPU, resolve_device, to_device
+from distq.errors import DistqError
 from distq.learner import Learner
 from distq.policy import PolicyMean, Preconditioner
 from distq.ratio import RatioEstimator
@@ -86,27 +87,48 @@ def rollout_device(config: Config) -> torch.device:
     return resolve_device(config.parallel.rollout_device, "parallel.rollout_device")
 
 
+def build_tilt(config: Config, points: torch.Tensor, terminal_reward: Reward,
+               labels: Optional[torch.Tensor] = None) -> Optional[DataTilt]:
+    """Weighted dsm's tilt of the training points (N, d) by exp(beta h(x0)) (h(x0, c) with the points' condition
+    `labels` (N,)), h evaluated once on all of them in the run's coordinates; None unless train.algorithm is dsm and
+    train.beta > 0."""
+    beta, n = config.train.beta, points.shape[0]
+    if config.train.algorithm != "dsm" or beta == 0:
+        return None
+    if n > MAX_ROWS:
+        raise DistqError(f"train.beta={beta:g} with train.algorithm dsm draws rows by weight, for at most "
+                         f"{MAX_ROWS:,} training points; the data have {n:,} (use train.beta 0 or fewer rows)")
+    inputs = (points,) if labels is None else (points, labels)
+    try:
+        rewards = terminal_reward(*to_device(inputs, CPU))
+    except DistqError as err:
+        raise DistqError(f"{err} (weighted dsm, train.beta={beta:g}, weights all {n} training points by "
+                         "exp(beta h))") from None
+    return data_tilt(rewards, beta, to_device(labels, CPU))
+
+
 def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
                   policy: Optional[PolicyMean] = None, reference: Optional[PolicyMean] = None,
                   labels: Optional[torch.Tensor] = None, classes: int = 0,
-                  device: Optional[torch.device] = None) -> Rollout:
+                  device: Optional[torch.device] = None, tilt: Optional[DataTilt] = None) -> Rollout:
     """A rollout over `points` (for dsm, of noised data points) on `device` (default: parallel.rollout_device); it
     shares `policy` (in-process, on the same device) or builds its own copy, and for ct_finetune the pretrained
     `reference` likewise. Conditional runs give the points' condition `labels` (or, to generate only, the number
-    of `classes`)."""
+    of `classes`). A dsm rollout that trains a weighted dsm run draws its rows by `tilt` (build_tilt); rollouts
+    that only generate need none."""
     device = rollout_device(config) if device is None else device
     classes = classes or class_count(labels)
     policy = policy if policy is not None else build_policy(config, points, classes)
     algorithm = config.train.algorithm
     if algorithm == "ct_finetune" and reference is None:
         reference = build_reference(config, points, classes)
-    kind = DenoisingRollout if algorithm == "dsm" else Rollout
+    kind, extra = (DenoisingRollout, {"tilt": tilt}) if algorithm == "dsm" else (Rollout, {})
     return kind(policy, make_grid(config), config.sde.sampler,
                 RatioEstimator.from_config(to_device(points, device), config.ratio), terminal_reward,
                 config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
                 running_rewards=algorithm in ("qlearning", "ct_finetune"),
                 reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device,
-                rao_blackwell=config.train.policy_gradient == "rao_blackwell")
+                rao_blackwell=config.train.policy_gradient == "rao_blackwell", **extra)
 
 
 def listed_reward_names(config: Config) -> tuple[str, ...]:

@@ -28,7 +28,8 @@ ALGORITHMS = ("qlearning", "ct_finetune", "ddpo_sf", "ddpo_is", "dpok", "dsm")
 with the pretrained policy mean of train.init in place of the ratio-estimated score), and by policy gradient on
 the terminal reward alone (distq.baselines) ddpo_sf (score function), ddpo_is (clipped importance sampling) and
 dpok (ddpo_sf plus a per-step KL to the pretrained policy of train.init). dsm: plain denoising score matching on
-the data (distq.denoising), a pretrainer to compare with qlearning at beta = 0."""
+the data (distq.denoising), a pretrainer to compare with qlearning at beta = 0; with train.beta > 0 on the data
+weighted by exp(beta h) (reward-weighted regression), the no-RL yardstick for qlearning at the same tilt (E7)."""
 DEVICES = ("auto", "cpu", "cuda")
 """auto: cuda if the process sees a CUDA device, else cpu (distq.devices.resolve_device, when the run starts)."""
 PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
@@ -255,7 +256,7 @@ class TrainConfig:
     init: Optional[str] = None
     """A run directory whose trained policy mean starts this run (and is ct_finetune's and dpok's reference)."""
     beta: float = 0.0
-    """Weight of the terminal reward beta (E6); 0 = plain score matching."""
+    """Weight of the terminal reward beta (E6); 0 = plain score matching. dsm: the data's weights exp(beta h)."""
     temperature: float = 5.0
     """Entropy temperature theta (E8); policy covariance theta / g^2 (E10)."""
     episodes: int = 50000

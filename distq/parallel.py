@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from distq.components import build_learner, build_rollout, listed_reward_names
+from distq.components import build_learner, build_rollout, build_tilt, listed_reward_names
 from distq.config import Config, ParallelConfig
 from distq.devices import CPU, to_device
 from distq.errors import DistqError
@@ -97,7 +97,8 @@ class RolloutWorker(_Actor):
     """Step 1 of Algorithm 1 for the chunks it is given, with the weights it is given."""
 
     def build(self, config: Config, points: torch.Tensor, labels: Optional[torch.Tensor], reward) -> None:
-        self.rollout = build_rollout(config, points, reward, labels=labels)
+        self.rollout = build_rollout(config, points, reward, labels=labels,
+                                     tilt=build_tilt(config, points, reward, labels))
 
     @ray.method(num_returns=2)
     def run(self, weights: dict[str, torch.Tensor], chunks: list[Chunk]) -> tuple[Trajectories, dict[str, float]]:

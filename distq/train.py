@@ -17,10 +17,11 @@ import torch
 from distq import rundir
 from distq.budget import Monitor
 from distq.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from distq.components import build_learner, build_rollout, learner_device, rollout_device
+from distq.components import build_learner, build_rollout, build_tilt, learner_device, rollout_device
 from distq.config import Config, single_process_reason
 from distq.configfile import save_config
 from distq.data import Dataset, check_distinct, load_dataset
+from distq.denoising import DataTilt
 from distq.errors import DistqError
 from distq.evaluation import evaluate_policy, kl_reliability
 from distq.interrupt import Interrupted, StopRequest
@@ -53,7 +54,8 @@ class InProcessBackend:
         device = rollout_device(config)
         self.shared = device == self.learner.device
         shared = {"policy": self.learner.policy, "reference": self.learner.reference} if self.shared else {}
-        self.rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=device, **shared)
+        self.rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels, device=device,
+                                     tilt=build_tilt(config, dataset.points, reward, dataset.labels), **shared)
 
     def step(self, episode: int) -> dict[str, float]:
         """Collect the episode's batch with the current policy (E10) and apply one update (E15-E16)."""
@@ -86,8 +88,9 @@ class MetricsLog:
     """Window means of the learner's metrics, one row per `log_every` episodes, and the progress line."""
 
     def __init__(self, config: Config, rows: list[dict[str, Any]], start_episode: int, echo: Echo,
-                 on_row: Optional[Callable[[dict[str, Any]], None]] = None):
-        self.config, self.rows, self.echo, self.on_row = config, rows, echo, on_row
+                 on_row: Optional[Callable[[dict[str, Any]], None]] = None, tilt: Optional[DataTilt] = None):
+        """tilt: weighted dsm's data tilt, whose effective sample size every progress line shows."""
+        self.config, self.rows, self.echo, self.on_row, self.tilt = config, rows, echo, on_row, tilt
         self.window: dict[str, list[float]] = {}
         self.start_episode, self.start_time = start_episode, time.perf_counter()
         self.last_print = -math.inf
@@ -119,7 +122,7 @@ class MetricsLog:
         loss = next(key for key in metrics if key.startswith("loss/"))
         self.echo(f"episode {episode}/{total} | {_reward_part(metrics)} | "
                   f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
-                  + _time_split(metrics) + _eval_part(self.last_eval))
+                  + _ess_part(self.tilt) + _time_split(metrics) + _eval_part(self.last_eval))
 
 
 def _reward_part(metrics: dict[str, float]) -> str:
@@ -135,6 +138,41 @@ def _eval_part(evals: dict[str, float]) -> str:
         return ""
     return (f" | eval reward {evals['eval/reward_mean']:.4g} ± {evals['eval/reward_ci95']:.2g}, "
             f"KL {evals['eval/kl_mean']:.4g} ± {evals['eval/kl_ci95']:.2g}")
+
+
+def _ess_part(tilt: Optional[DataTilt]) -> str:
+    """' | ESS e/N' of weighted dsm (summed over conditions), else ''."""
+    return "" if tilt is None else f" | ESS {float(tilt.ess.sum()):.1f}/{int(tilt.sizes.sum())}"
+
+
+def ess_summary(tilt: Optional[DataTilt], dataset: Dataset) -> dict[str, Any]:
+    """summary.json's effective sample size of weighted dsm (none for other runs): `ess`, summed over conditions,
+    its share of the N training points `ess_fraction`, and in conditional runs `ess_per_condition`."""
+    if tilt is None:
+        return {}
+    summary = {"ess": float(tilt.ess.sum()), "ess_fraction": float(tilt.ess.sum() / tilt.sizes.sum())}
+    if dataset.classes:
+        summary["ess_per_condition"] = {str(v): float(e) for v, e in zip(dataset.condition_values, tilt.ess)}
+    return summary
+
+
+ESS_WARNING_FRACTION = 0.1
+"""Weighted dsm warns when an effective sample size falls below this share of its rows."""
+
+
+def ess_warning(tilt: Optional[DataTilt], config: Config, dataset: Dataset) -> Optional[str]:
+    """One line when weighted dsm's effective sample size (of any condition, in conditional runs) is below
+    ESS_WARNING_FRACTION of its rows: the model then learns little more than those few points."""
+    if tilt is None:
+        return None
+    low = [i for i in range(len(tilt.ess)) if tilt.ess[i] < ESS_WARNING_FRACTION * tilt.sizes[i]]
+    if not low:
+        return None
+    where = ", ".join(f"{float(tilt.ess[i]):.1f} of {int(tilt.sizes[i])}" +
+                      (f" in condition {dataset.condition_values[i]}" if dataset.classes else "") for i in low)
+    return (f"warning: weighted dsm at train.beta={config.train.beta:g}: effective sample size {where} training "
+            f"points, below {ESS_WARNING_FRACTION:.0%}; the weights exp(beta h) sit on a few points, which the model "
+            "will copy (lower train.beta, or use train.algorithm qlearning)")
 
 
 _LOSS_NAMES = {"loss/td": "td loss", "loss/policy_gradient": "pg loss", "loss/dsm": "dsm loss"}
@@ -243,7 +281,8 @@ def _resumed_standardization(run_dir: Path) -> Optional[Standardization]:
 
 
 def check_inputs(config: Config, resume: bool, run_dir: Optional[Path] = None):
-    """Check the inputs before the run directory is touched: devices, data, reward, initial run."""
+    """Check the inputs before the run directory is touched: devices, data, reward (on all the data for weighted
+    dsm), initial run. -> (dataset, reward, initial policy or None, weighted dsm's tilt or None)."""
     rollout_device(config)  # this process evaluates the run
     if config.parallel.workers == 0:  # else the Learner actor (or each ddp worker) checks its own, on its node
         learner_device(config)
@@ -253,7 +292,7 @@ def check_inputs(config: Config, resume: bool, run_dir: Optional[Path] = None):
     reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values,
                          dataset.standardization)
     init = initial_policy(config, dataset) if config.train.init and not resume else None
-    return dataset, reward, init
+    return dataset, reward, init, build_tilt(config, dataset.points, reward, dataset.labels)
 
 
 def check_run(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
@@ -295,13 +334,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """
     run_dir = Path(run_dir)
     configure_cpu(config.train.threads)
-    dataset, reward, init = check_inputs(config, resume, run_dir)
+    dataset, reward, init, tilt = check_inputs(config, resume, run_dir)
     with rundir.locked(run_dir, "--resume" if resume else "--out"):
         payload = check_run(config, run_dir, resume, overwrite)
         kept = Kept(run_dir, payload["episode"] if payload is not None else None)
         tracker = open_tracker(config, run_dir)
         try:
-            summary = _train(config, run_dir, dataset, reward, payload, init, kept, echo, address, tracker)
+            summary = _train(config, run_dir, dataset, reward, payload, init, tilt, kept, echo, address, tracker)
         except KeyboardInterrupt:  # before the run's own handlers were up
             raise Interrupted(signal.SIGINT, kept.message(signal.SIGINT)) from None
         except Interrupted as stop:
@@ -326,15 +365,18 @@ def open_tracker(config: Config, run_dir: Path):
     return None if mode == "disabled" else RunTracker(config, run_dir, mode)
 
 
-def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init, kept: Kept,
-           echo: Echo, address: Optional[str], tracker) -> dict[str, Any]:
+def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init,
+           tilt: Optional[DataTilt], kept: Kept, echo: Echo, address: Optional[str], tracker) -> dict[str, Any]:
     start = payload["episode"] if payload is not None else 0
+    warning = ess_warning(tilt, config, dataset)
+    if warning:
+        echo(warning)
     backend = make_backend(config, dataset, reward, address, echo)
     monitor = Monitor(config, dataset, reward, payload.get("monitor") if payload is not None else None)
     with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
         try:
             log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo,
-                             tracker.row if tracker is not None else None)
+                             tracker.row if tracker is not None else None, tilt)
             began = time.perf_counter()
             if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
                 backend.loop(run_dir, dataset, log, start, stop, kept)
@@ -349,7 +391,8 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
             backend.close()
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
         rollout.set_weights(weights)
-        extra = {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall)}
+        extra = {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall),
+                 **ess_summary(tilt, dataset)}
         try:
             summary = finish(config, run_dir, rollout, dataset, reward, log, (start, last), wall, echo, extra)
         except DistqError as err:

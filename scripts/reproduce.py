@@ -4,10 +4,11 @@
     python scripts/reproduce.py              # the paper's 50,000 episodes per run: hours; resumable
 
 Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md (Swiss
-roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK and q-learning: KL
-at reward 0.7 / 0.8 / 0.9 from a beta sweep per method), results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5
-steps, beta = 0 and the reward-directed model, an ablation of time grids against the perfect learner and one of a
-learned time embedding), the runs' sample plots as PNG, and the exact command. Each training is a run directory
+roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK, q-learning and, as
+the no-RL yardstick, reward-weighted dsm: KL at reward 0.7 / 0.8 / 0.9 from a beta sweep per method),
+results/tables5_6.md (sde / ode_euler / ddim at 50 / 10 / 5 steps, beta = 0 and the reward-directed model, an
+ablation of time grids against the perfect learner and one of a learned time embedding), the runs' sample plots as
+PNG, and the exact command. Each training is a run directory
 under results/runs/; a finished one (summary.json present) is not trained again and an interrupted one continues
 from its last checkpoint, so an interrupted reproduction continues where it stopped.
 """
@@ -50,9 +51,13 @@ TARGETS = (0.7, 0.8, 0.9)
 TILT_FLOOR = (0.08, 0.19, 0.37)
 """The least KL of any law with mean rectangle reward 0.7 / 0.8 / 0.9 from the data (its exponential tilt,
 algorithm.md section 13), before any sampler error."""
-FINETUNE_BETAS = {"qlearning": (0.75, 1.5, 2.25, 3.0, 4.5), "dpok": (0.005, 0.01, 0.02, 0.04)}
+FINETUNE_BETAS = {"qlearning": (0.75, 1.5, 2.25, 3.0, 4.5), "dpok": (0.005, 0.01, 0.02, 0.04),
+                  "dsm": (0.75, 1.5, 2.25, 3.0, 4.5)}
 """dpok with Adam is invariant to the scale of beta h alone: what counts is beta against train.kl_weight (0.01), and
-the KL-regularised optimum is the tilt by exp(beta h / kl_weight)."""
+the KL-regularised optimum is the tilt by exp(beta h / kl_weight). dsm at beta > 0 (weighted dsm) trains on the data
+weighted by exp(beta h), whose optimum is q-learning's tilt: the same betas."""
+METHOD_LABELS = {"dsm": "weighted dsm"}
+"""A method's name in the tables, where it is not its train.algorithm; the paper has no numbers for weighted dsm."""
 FINE_CONFIG = "configs/swiss_roll_fine.yaml"
 """Tables 3-4 and the grid ablation run every method on the finer grid, smoothed ratio estimator and wider networks
 (README, "Performance and results"), whose perfect-learner KL at reward 0.8 is below the paper's; models A and B
@@ -174,7 +179,7 @@ def pretrained_model(name: str, share: float, args, embedded: bool = True) -> tu
 
 def tables3_4(args) -> str:
     """Models A (args.episodes at beta = 0) and B (60% of that: the paper's 30,000 of 50,000) fine-tuned by DDPO,
-    DPOK and q-learning; each method's KL at equal reward from its beta sweep."""
+    DPOK, q-learning and weighted dsm; each method's KL at equal reward from its beta sweep."""
     sections = []
     for model, share, paper in (("A", 1.0, PAPER_TABLE3), ("B", 0.6, PAPER_TABLE4)):
         model_config, model_dir, pretrained = pretrained_model(model, share, args)
@@ -189,16 +194,17 @@ def tables3_4(args) -> str:
                  f"| pretrained model {model} (paper: reward {paper['pretrained'][0]}, KL "
                  f"{paper['pretrained'][1]}) | 0 | {_reward_kl(pretrained)} | {_reward_kl(finer)} |"]
         for method, betas in FINETUNE_BETAS.items():
+            name, quoted = METHOD_LABELS.get(method, method), paper.get(method, ("-",) * len(TARGETS))
             points: tuple[list, list] = ([], [])
             for beta in betas:
                 evaluations = _finetuned(model, model_dir, method, beta, args)
                 for sampled, metrics in zip(points, evaluations):
                     sampled.append((metrics["reward_mean"], metrics["kl_mean"]))
-                sweep.append(f"| {method} | {beta:g} | " + " | ".join(map(_reward_kl, evaluations)) + " |")
-            for label, sampled in zip((method, f"{method}, sampled at {FINER_SAMPLING_STEPS} steps"), points):
+                sweep.append(f"| {name} | {beta:g} | " + " | ".join(map(_reward_kl, evaluations)) + " |")
+            for label, sampled in zip((name, f"{name}, sampled at {FINER_SAMPLING_STEPS} steps"), points):
                 cells = [kl_at_reward(sampled, r) for r in TARGETS]
                 rows.append(f"| {label} | " + " | ".join(
-                    f"{'not bracketed' if kl is None else f'{kl:.3f}'} ({p})" for kl, p in zip(cells, paper[method]))
+                    f"{'not bracketed' if kl is None else f'{kl:.3f}'} ({p})" for kl, p in zip(cells, quoted))
                     + " |")
         if "ddpo_sf" in paper:  # DDPO normalises rewards per batch, so beta does not matter: one run
             evaluations = _finetuned(model, model_dir, "ddpo_sf", 1.0, args)
@@ -209,13 +215,16 @@ def tables3_4(args) -> str:
                         "beta = 0)\n\n" + "\n".join(rows) +
                         "\n\nThe runs behind it (KL at a reward is interpolated linearly between the two runs of a "
                         "method whose rewards bracket it):\n\n" + "\n".join(sweep))
-    return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK and q-learning\n\n" + _header(args) +
+    return ("# Tables 3-4: fine-tuning pretrained models with DDPO, DPOK, q-learning and weighted dsm\n\n" +
+            _header(args) +
             f"Every run: `{FINE_CONFIG}` with `model.time_frequencies: {TIME_FREQUENCIES}` (a learned time "
             "embedding); fine-tuning runs start from the model's policy (`train.init`) and take "
             f"{args.finetune_episodes:,} episodes. Each is evaluated with the sde on its training grid "
             f"({model_config.sde.num_steps} steps) and at {FINER_SAMPLING_STEPS} steps (rows `sampled at "
             f"{FINER_SAMPLING_STEPS} steps`: the same policy, a finer discretisation of the same continuous-time "
-            "process).\n\n" + "\n\n".join(sections)
+            "process). Weighted dsm (`train.algorithm: dsm` at beta > 0, no RL) regresses on the data drawn by "
+            "the weights exp(beta h), also from the model's policy; it trains on the unsmoothed data "
+            "(`ratio.bandwidth` does not enter its targets).\n\n" + "\n\n".join(sections)
             + "\n")
 
 

@@ -139,7 +139,8 @@ def test_init_starts_from_the_run_and_checks_it(pretrained, tmp_path):
 @pytest.mark.ray
 @pytest.mark.parametrize("algorithm, loss", [("ddpo_sf", "loss/policy_gradient"), ("dsm", "loss/dsm")])
 def test_baselines_distribute_over_ray_workers_with_the_same_updates(ray_session, algorithm, loss):
-    """ddpo_sf and dsm with W = 2 Ray rollout actors (no running rewards cross) equal the in-process run."""
+    """ddpo_sf and dsm with W = 2 Ray rollout actors (no running rewards cross) equal the in-process run; at
+    beta = 1 the dsm actors draw their rows by the weights exp(beta h) they compute themselves."""
     from distq.parallel import RayBackend
     from distq.train import InProcessBackend
 

@@ -223,14 +223,15 @@ def test_resume_with_explicit_config_and_same_out(tmp_path):
 
 @pytest.mark.parametrize("method", ["qlearning", "dsm"])
 def test_pretrain_is_train_at_beta_zero_and_starts_other_runs(tmp_path, method):
-    """`distq pretrain` forces beta = 0 and the method's algorithm, resumes as the same method, and its run is an
-    --init for fine-tuning."""
+    """`distq pretrain` forces beta = 0 and the method's algorithm (dsm unweighted: no effective sample size), resumes
+    as the same method, and its run is an --init for fine-tuning."""
     config = write_config(tmp_path, train={"beta": 2.0})
     pretrained = tmp_path / "pretrained"
     code, out, err = run_cli("pretrain", config, "--method", method, "--out", pretrained)
     assert code == 0, err
     saved = load_config(pretrained / "config.yaml")
     assert saved.train.beta == 0.0 and saved.train.algorithm == method
+    assert "ess" not in json.loads((pretrained / "summary.json").read_text())
     code, _, err = run_cli("pretrain", "--resume", pretrained, "--set", "train.episodes=25")
     assert code == 0, err
     assert load_checkpoint(pretrained / "checkpoint.pt")["episode"] == 25

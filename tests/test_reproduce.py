@@ -1,6 +1,7 @@
 """scripts/reproduce.py on a tiny grid (slow): it writes the figures' and tables' markdown with the paper's numbers
 beside distq's, says how short the runs were, copies the plots, and a second call trains nothing again."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ def _reproduce():
 
 def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     reproduce = _reproduce()
-    reproduce.FINETUNE_BETAS = {"qlearning": (1.0, 2.0), "dpok": (4.0,)}  # a smaller sweep: the suite's time
+    # a smaller sweep: the suite's time
+    reproduce.FINETUNE_BETAS = {"qlearning": (1.0, 2.0), "dpok": (4.0,), "dsm": (2.0,)}
     argv = ["--episodes", "10", "--eval-batches", "2", "--finetune-episodes", "3", "--out", str(tmp_path)]
     reproduce.main(argv)
     figure1, tables = (tmp_path / "figure1.md").read_text(), (tmp_path / "tables5_6.md").read_text()
@@ -38,6 +40,10 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     assert tables34.count("| qlearning | ") == 2 * (1 + len(reproduce.FINETUNE_BETAS["qlearning"]))
     # every method also sampled at FINER_SAMPLING_STEPS: one more KL-at-reward row per model, two more columns per run
     assert tables34.count("| dpok, sampled at 40 steps | ") == 2 and "| KL, 40 steps |" in tables34
+    # weighted dsm: a sweep row per model, and KL-at-reward rows with no paper number beside them
+    assert tables34.count("| weighted dsm | 2 | ") == 2 and tables34.count("| weighted dsm | ") == 4
+    assert "| weighted dsm, sampled at 40 steps | " in tables34
+    assert "ess" in json.loads((tmp_path / "runs" / "table_A_dsm_beta2" / "summary.json").read_text())
     assert sum(line.count(" | ") == 5 for line in tables34.splitlines()
                if line.startswith("| qlearning | ")) == 2 * len(reproduce.FINETUNE_BETAS["qlearning"])
     # the grid ablation: each sampler on each grid power, learned beside the perfect learner

@@ -357,3 +357,29 @@ def test_a_reward_list_weighted_1_0_trains_as_its_first_reward_alone(tmp_path):
     assert (f"| reward {last['reward/terminal_mean']:.4g} (swiss_roll_rectangle "
             f"{last['reward/terminal_mean/swiss_roll_rectangle']:.3g}, linear {last['reward/terminal_mean/linear']:.3g})"
             " |") in [line for line in lines if line.startswith("episode 4/4")][-1]
+
+
+@pytest.mark.parametrize("condition", [None, "label"])
+def test_weighted_dsm_reports_its_effective_sample_size(tmp_path, condition):
+    """dsm at beta = 2 on the 1D mixture (h = -|x - 6|): ESS = 1 / sum w_i^2 with w = softmax(beta h) over the data
+    (per condition in conditional runs), here below 10% of N: one warning line before training, the ESS on every
+    progress line, and in summary.json."""
+    config = config_from_dict({"seed": 0, "data": {"source": "gmm1d", "n_samples": 300, "condition": condition},
+                               "reward": {"fn": "gmm1d_right"},
+                               "train": {"algorithm": "dsm", "beta": 2.0, "episodes": 3, "batch_size": 50,
+                                         "progress_seconds": 0, "log_every": 1, "checkpoint_every": 10_000},
+                               "eval": {"n_samples": 50, "batches": 2}})
+    dataset = load_dataset(config.data, config.seed)
+    h = -(dataset.points[:, 0].double() - 6).abs()
+    groups = dataset.labels if condition else torch.zeros(300, dtype=torch.long)
+    ess = [1 / torch.softmax(2 * h[groups == c], 0).square().sum().item() for c in range(int(groups.max()) + 1)]
+    lines = []
+    summary = train(config, tmp_path / "run", echo=lines.append)
+    assert summary["ess"] == pytest.approx(sum(ess)) and summary["ess_fraction"] == pytest.approx(sum(ess) / 300)
+    assert (summary.get("ess_per_condition") == pytest.approx({"0": ess[0], "1": ess[1]}) if condition
+            else "ess_per_condition" not in summary)
+    warnings = [line for line in lines if line.startswith("warning: weighted dsm")]
+    assert len(warnings) == 1 and lines[0] == warnings[0] and "below 10%" in warnings[0], lines
+    progress = [line for line in lines if line.startswith("episode ")]
+    assert progress and all(f"| ESS {sum(ess):.1f}/300 |" in line or line.endswith(f"| ESS {sum(ess):.1f}/300")
+                            for line in progress), progress
