@@ -59,10 +59,8 @@ def _assert_same_run(ours, reference):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["episode"], key)
 
 
+# W = 1 (with standardised data and a list reward) runs as a Tune trial: tests/test_tuning.py
 @pytest.mark.parametrize("workers, setting", [
-    # the rewards in the user's coordinates
-    (1, {"data": {"source": "swiss_roll", "n_samples": N, "standardize": True},
-         "reward": {"fn": ["swiss_roll_rectangle", "brightness"], "weights": [1.0, 0.5]}}),
     (2, {"train": {"policy_gradient": "rao_blackwell", "target_rate": 0.1, "ema_rate": 0.2}, **CONDITIONAL}),
 ])
 def test_ddp_trains_the_in_process_run_and_resumes_exactly(ray_session, tmp_path, workers, setting):

@@ -332,27 +332,36 @@ def test_sweep_resumes_after_the_driver_is_killed_or_stopped(tmp_path, ray_sessi
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_ddp_trial_in_a_sweep_trains_the_in_process_run(tmp_path, ray_session):
-    """One trial of parallel.mode = ddp (one Ray Train worker beside the trial's process on the session's 2 CPUs)
-    ends with the weights of the same run trained in process (tests/test_ddp.py's tolerance)."""
+    """One trial of parallel.mode = ddp with W = 1 (one Ray Train worker beside the trial's process on the session's
+    2 CPUs; tests/test_ddp.py has W = 2): the in-process run's weights and metrics rows, with standardised data (the
+    worker's rewards in the user's coordinates) and a list reward (each one's column)."""
     from distq.checkpoint import load_checkpoint
     from distq.sweep import config_from_flat
     from distq.train import train
 
     ddp = {**TINY, "parallel.mode": "ddp", "parallel.workers": 1, "parallel.num_cpus_per_worker": 0.5,
-           "train.episodes": 6, "train.checkpoint_every": 3}
+           "train.episodes": 6, "train.checkpoint_every": 3, "train.log_every": 1, "data.standardize": True,
+           "reward.fn": ["swiss_roll_rectangle", "brightness"], "reward.weights": [1.0, 0.5]}
     path = _sweep_file(tmp_path, name="ddp", overrides=ddp, search_space={"train.beta": {"grid": [1.0]}},
                        report_every=6)
     run_sweep(path, echo=lambda line: None)
     (row,) = pq.read_table(tmp_path / "runs" / "ddp" / "results.parquet").to_pylist()
-    assert row["status"] == "ok" and row["episode"] == 6 and row["workers"] == 1
+    assert row["status"] == "ok" and row["episode"] == 6 and row["workers"] == 1 and row["worker_restarts"] == 0
     (trial_run,) = (tmp_path / "runs" / "ddp").glob("*/run")
     in_process = config_from_flat({**load_sweep(path).base, "train.beta": 1.0, "parallel.workers": 0,
                                    "parallel.mode": "sync"})
     train(in_process, tmp_path / "in_process", echo=lambda line: None)
-    ours, reference = (load_checkpoint(run / rundir.CHECKPOINT)["learner"] for run in (trial_run, tmp_path / "in_process"))
+    runs = (trial_run, tmp_path / "in_process")
+    ours, reference = (load_checkpoint(run / rundir.CHECKPOINT)["learner"] for run in runs)
     for part in ("policy", "value"):
         for name, tensor in reference[part].items():
             assert torch.allclose(ours[part][name], tensor, atol=1e-5), f"{part}.{name}"
+    rows, ref_rows = (rundir.read_table_rows(run / rundir.METRICS) for run in runs)
+    assert [r["episode"] for r in rows] == [r["episode"] for r in ref_rows] == list(range(1, 7))
+    for ours_row, ref in zip(rows, ref_rows):
+        for key in ("loss/td", "reward/terminal_mean", "reward/terminal_mean/swiss_roll_rectangle",
+                    "reward/terminal_mean/brightness", "grad_norm/policy"):
+            assert ours_row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ours_row["episode"], key)
 
 
 def test_a_sweep_over_reward_weights_validates(tmp_path):
