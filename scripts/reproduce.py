@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py --quick      # about 10 minutes on 2 cores, 3,000 episodes per run (says so)
     python scripts/reproduce.py              # the paper's 50,000 episodes per run: hours; resumable
+    python scripts/reproduce.py --set train.device=cuda   # any config override, for every run
 
 Writes results/figure1.md (1D mixture, beta 0 / 0.1 / 1, against the closed-form tilt), results/figure3.md (Swiss
 roll, several beta), results/tables3_4.md (fine-tuning pretrained models A and B with DDPO, DPOK, q-learning and, as
@@ -88,7 +89,8 @@ def trained(name: str, config_file: str, overrides: list[str], args,
     run_dir = args.out / "runs" / name
     episodes = episodes or args.episodes
     config = load_config(ROOT / config_file, [*overrides, f"train.episodes={episodes}",
-                                              f"eval.batches={args.eval_batches}", "train.progress_seconds=60"])
+                                              f"eval.batches={args.eval_batches}", "train.progress_seconds=60",
+                                              *args.set])
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         if load_config(run_dir / "config.yaml") == config:
@@ -345,6 +347,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--finetune-episodes", type=int, help="episodes per fine-tuning run of Tables 3-4 "
                                                               "(default 10,000; --quick 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default results/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, after the script's own (e.g. train.device=cuda); "
+                             "repeatable")
     args = parser.parse_args(argv)
     args.command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.episodes = args.episodes or (3000 if args.quick else 50_000)

@@ -59,26 +59,6 @@ def _assert_same_run(ours, reference):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["episode"], key)
 
 
-# W = 1 (with standardised data and a list reward) runs as a Tune trial: tests/test_tuning.py
-@pytest.mark.parametrize("workers, setting", [
-    (2, {"train": {"policy_gradient": "rao_blackwell", "target_rate": 0.1, "ema_rate": 0.2}, **CONDITIONAL}),
-])
-def test_ddp_trains_the_in_process_run_and_resumes_exactly(ray_session, tmp_path, workers, setting):
-    """W = 2 trains 2 episodes, then resumes from that ddp checkpoint to 4 (each Ray Train start-up costs seconds of
-    the suite's budget): equal to the straight in-process run is both the exactness and the resume (a ddp checkpoint
-    continuing in process: tests/test_train.py's signal test)."""
-    reference = _trained(_config(**setting), tmp_path / "in_process")
-    if workers == 2:
-        _trained(_config(workers, episodes=2, **setting), tmp_path / "ddp")
-    ours = _trained(_config(workers, **setting), tmp_path / "ddp", resume=workers == 2)
-    _assert_same_run(ours, reference)
-    # list rewards: each one's mean over the whole batch (W = 2: all-reduced), as in process
-    assert {f"reward/terminal_mean/{name}" for name in setting["reward"]["fn"]} <= set(ours[2][-1])
-    assert ours[0]["workers"] == workers and ours[0]["worker_restarts"] == 0
-    assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
-            "parallel/bytes_allreduced"} <= set(ours[2][-1])
-
-
 def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tmp_path, capsys):
     """NaN in one worker's part only (2 chunks of the B = 32 batch): the other worker stops at the same episode."""
     monkeypatch.chdir(tmp_path)
@@ -110,10 +90,10 @@ calls = 0
 
 
 def h(x):
-    # episode 3 of a W = 2 run (a worker's part is {part} trajectories): wait at the gate until the test has killed
-    # a worker; the restarted workers find the gate open
+    # once the test has armed the gate, at a W = 2 worker's third call on its part ({part} trajectories): wait until
+    # the test has killed a worker; the restarted workers find the gate open
     global calls
-    calls += x.shape[0] == {part}
+    calls += x.shape[0] == {part} and (FOLDER / "armed").exists()
     if calls == 3 and not (FOLDER / "open").exists():
         (FOLDER / f"pid_{{os.getpid()}}").write_text("")
         deadline = time.monotonic() + 300
@@ -123,8 +103,12 @@ def h(x):
 """
 
 
-def test_a_killed_worker_costs_the_episodes_since_the_checkpoint_and_the_run_equals_an_uninterrupted_one(
-        ray_session, tmp_path):
+def test_ddp_resumes_survives_a_killed_worker_and_trains_the_in_process_run(ray_session, tmp_path):
+    """W = 2, conditional, rao_blackwell with a target network and EMA, a list reward: 2 episodes, then a resume from
+    that ddp checkpoint to 6 in which a worker is killed mid-run, at its third reward call on its part after the
+    resume (Ray Train restarts the group from the last checkpoint). The end equals the straight in-process run: exactness, resume and fault tolerance at once (each
+    Ray Train start-up costs seconds of the suite's budget; W = 1 runs as a Tune trial in tests/test_tuning.py, a
+    ddp checkpoint continuing in process in tests/test_train.py's signal test)."""
     import os
     import signal
     import threading
@@ -133,8 +117,11 @@ def test_a_killed_worker_costs_the_episodes_since_the_checkpoint_and_the_run_equ
     gate = tmp_path / "gate"
     gate.mkdir()
     (tmp_path / "gated.py").write_text(GATED_REWARD.format(folder=str(gate), part=B // 2))
-    reward = {"fn": f"{tmp_path / 'gated.py'}:h"}
-    reference = _trained(_config(episodes=6, reward=reward), tmp_path / "in_process")
+    setting = {"train": {"policy_gradient": "rao_blackwell", "target_rate": 0.1, "ema_rate": 0.2}, **CONDITIONAL,
+               "reward": {**CONDITIONAL["reward"], "fn": [f"{tmp_path / 'gated.py'}:h", "brightness"]}}
+    reference = _trained(_config(episodes=6, **setting), tmp_path / "in_process")
+    _trained(_config(2, episodes=2, **setting), tmp_path / "ddp")
+    (gate / "armed").touch()
 
     def kill_the_first_at_the_gate():
         deadline = time.monotonic() + 300
@@ -145,7 +132,11 @@ def test_a_killed_worker_costs_the_episodes_since_the_checkpoint_and_the_run_equ
 
     killer = threading.Thread(target=kill_the_first_at_the_gate, daemon=True)
     killer.start()
-    ours = _trained(_config(2, episodes=6, reward=reward), tmp_path / "ddp")
+    ours = _trained(_config(2, episodes=6, **setting), tmp_path / "ddp", resume=True)
     killer.join()
     _assert_same_run(ours, reference)
     assert ours[0]["worker_restarts"] == 1 and ours[0]["workers"] == 2
+    # list rewards: each one's mean over the whole batch (all-reduced), as in process
+    assert {f"reward/terminal_mean/{name}" for name in setting["reward"]["fn"]} <= set(ours[2][-1])
+    assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
+            "parallel/bytes_allreduced"} <= set(ours[2][-1])

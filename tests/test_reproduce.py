@@ -24,7 +24,9 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     reproduce = _reproduce()
     # a smaller sweep: the suite's time
     reproduce.FINETUNE_BETAS = {"qlearning": (1.0, 2.0), "dpok": (4.0,), "dsm": (2.0,)}
-    argv = ["--episodes", "10", "--eval-batches", "2", "--finetune-episodes", "3", "--out", str(tmp_path)]
+    # one process per run: the configs' second (critic) process gives the same numbers (tests/test_split.py)
+    argv = ["--episodes", "10", "--eval-batches", "2", "--finetune-episodes", "3", "--out", str(tmp_path),
+            "--set", "train.processes=1"]
     reproduce.main(argv)
     figure1, tables = (tmp_path / "figure1.md").read_text(), (tmp_path / "tables5_6.md").read_text()
     assert "QUICK: 10 episodes per run" in figure1 and "| 1 |" in figure1 and "0.982" in figure1
@@ -43,6 +45,7 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     # weighted dsm: a sweep row per model, and KL-at-reward rows with no paper number beside them
     assert tables34.count("| weighted dsm | 2 | ") == 2 and tables34.count("| weighted dsm | ") == 4
     assert "| weighted dsm, sampled at 40 steps | " in tables34
+    assert load_config(tmp_path / "runs" / "table_A_dsm_beta2" / "config.yaml").train.processes == 1  # --set
     assert "ess" in json.loads((tmp_path / "runs" / "table_A_dsm_beta2" / "summary.json").read_text())
     assert sum(line.count(" | ") == 5 for line in tables34.splitlines()
                if line.startswith("| qlearning | ")) == 2 * len(reproduce.FINETUNE_BETAS["qlearning"])

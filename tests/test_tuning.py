@@ -282,43 +282,84 @@ def _result_lines(experiment: Path) -> dict[str, list[str]]:
     return {p.parent.name: p.read_text().splitlines() for p in experiment.glob("*/result.json")}
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
-def test_sweep_resumes_after_the_driver_is_killed_or_stopped(tmp_path, ray_session, stop):
-    """SIGKILL: a crash, Tune's last saved state is resumed. SIGTERM (a scheduler, `ray stop`): Tune saves its state,
-    the driver exits 143 with one line saying how to continue."""
-    path = _sweep_file(tmp_path, name="resume", overrides={**TINY, "train.episodes": 60},
-                       search_space={"train.beta": {"grid": [0.0, 0.5, 1.0]}})
-    experiment = tmp_path / "runs" / "resume"
+HELD_REWARD = """
+import time
+from pathlib import Path
+
+HOLD = Path({hold!r})
+
+
+def h(x):
+    # while the file HOLD exists a trial waits here, after saying so: the sweep is then surely mid-trial
+    if HOLD.exists():
+        (HOLD.parent / "held").touch()
+        deadline = time.monotonic() + 300
+        while HOLD.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return x[:, 0]
+"""
+
+
+def _driver(path: Path, *flags: str) -> subprocess.Popen:
+    """scripts/tune.py in a session of its own with an embedded Ray instance of its own."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)  # an embedded Ray instance of its own
-    driver = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "tune.py"), str(path)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "tune.py"), str(path), *flags], cwd=path.parent,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _stop(driver: subprocess.Popen, sig: int) -> str:
+    """Send `sig`, wait for the driver, then kill what is left of its session and its Ray instance; its stderr."""
     try:
-        deadline = time.monotonic() + 150
-        while not _terminated(experiment):
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-        finished = _terminated(experiment)
-        os.kill(driver.pid, stop)
-        err = driver.communicate(timeout=120)[1]
-        before = _result_lines(experiment)
+        os.kill(driver.pid, sig)
+        return driver.communicate(timeout=120)[1]
     finally:
         with contextlib.suppress(ProcessLookupError):  # after SIGTERM the driver stopped its Ray itself
-            os.killpg(driver.pid, signal.SIGKILL)  # the Ray instance the driver started
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
         _kill_orphans(driver.pid)
-    if stop == signal.SIGTERM:
-        assert driver.returncode == 143, err[-2000:]
-        assert err.splitlines()[-1].startswith("distq: sweep stopped by SIGTERM; its state is saved in ")
-        assert err.splitlines()[-1].endswith(f"(continue with: distq tune {path} --resume)")
+
+
+def _wait_for(event, driver: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 150
+    while not event():
+        assert driver.poll() is None, f"the sweep ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_resumes_after_the_driver_is_stopped_and_after_it_is_killed(tmp_path, ray_session):
+    """SIGTERM (a scheduler, `ray stop`) once a trial has finished: Tune saves its state, the driver exits 143 with
+    one line saying how to continue. Its --resume is then SIGKILLed (a crash) while a trial is surely running (held
+    at its reward). The next --resume finishes the sweep from Tune's last saved state: every trial once, a trial
+    finished before any stop neither rerun nor reported again."""
+    hold = tmp_path / "hold"
+    (tmp_path / "held_reward.py").write_text(HELD_REWARD.format(hold=str(hold)))
+    path = _sweep_file(tmp_path, name="resume", search_space={"train.beta": {"grid": [0.0, 0.5, 1.0]}},
+                       overrides={**TINY, "train.episodes": 60, "reward.fn": f"{tmp_path / 'held_reward.py'}:h"})
+    experiment = tmp_path / "runs" / "resume"
+
+    driver = _driver(path)
+    _wait_for(lambda: _terminated(experiment), driver, "a finished trial")
+    err = _stop(driver, signal.SIGTERM)
+    assert driver.returncode == 143, err[-2000:]
+    assert err.splitlines()[-1].startswith("distq: sweep stopped by SIGTERM; its state is saved in ")
+    assert err.splitlines()[-1].endswith(f"(continue with: distq tune {path} --resume)")
+    finished = set(_terminated(experiment))
+    assert 1 <= len(finished) < 3 and not (experiment / "results.parquet").exists()  # stopped mid-sweep
+    before = _result_lines(experiment)
+
+    hold.touch()
+    driver = _driver(path, "--resume")
+    _wait_for((tmp_path / "held").exists, driver, "a trial held at its reward")
+    _stop(driver, signal.SIGKILL)
+    hold.unlink()
     assert not (experiment / "results.parquet").exists()
-    assert 1 <= len(set(finished)) < 3  # interrupted mid-sweep
 
     outputs = run_sweep(path, resume=True, echo=lambda line: None)
-
     rows = pq.read_table(experiment / "results.parquet").to_pylist()
     assert sorted(r["config/train.beta"] for r in rows) == [0.0, 0.5, 1.0]
     assert all(r["status"] == "ok" and r["episode"] == 60 for r in rows)
