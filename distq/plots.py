@@ -144,9 +144,11 @@ def _numeric_columns(metrics: dict[str, list[float]] | pyarrow.Table) -> dict[st
     return numeric
 
 
-def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, x: str = "episode") -> None:
+def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, x: str = "episode") -> Figure:
     """PNG grid of line plots, one per numeric column of `metrics` (dict of lists or pyarrow Table), against `x`; the
-    eval/* columns of evaluations during training (eval.every) as one panel, their path in the (KL, reward) plane."""
+    eval/* columns of evaluations during training (eval.every) as one panel, their path in the (KL, reward) plane.
+    Columns that never change (a constant learning rate, no transfer time in process) get no panel; positive
+    losses are drawn on a log scale. Returns the figure (written to `path`)."""
     columns = _numeric_columns(metrics)
     if x not in columns:
         raise DistqError(f"plot_training_curves needs a numeric '{x}' column; got columns {', '.join(columns)}")
@@ -158,6 +160,9 @@ def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, 
             f"plot_training_curves needs numeric 1-D columns as long as '{x}' ({len(steps)}); "
             f"mismatched: {', '.join(mismatched) or 'none'}, numeric: {', '.join(columns) or 'none'}"
         )
+    varying = {name: values for name, values in columns.items()
+               if np.unique(values[~np.isnan(values)]).size > 1}
+    columns = varying or columns  # a one-row table: every column is constant, show them all
     panels = len(columns) + ("eval/kl_mean" in evals)
     ncols = min(3, panels)
     nrows = math.ceil(panels / ncols)
@@ -169,7 +174,10 @@ def plot_training_curves(metrics: dict[str, list[float]] | pyarrow.Table, path, 
         # Metrics logged every few episodes are nan in between; drop those so the line stays connected.
         logged = ~np.isnan(values)
         ax.plot(steps[logged], values[logged], linewidth=1.2, marker="o" if logged.sum() <= 50 else None, markersize=3)
+        if name.startswith("loss/") and (values[logged] > 0).all():
+            ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
     _save_atomically(fig, path)
+    return fig

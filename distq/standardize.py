@@ -4,7 +4,7 @@ mean m and standard deviation s.
 Why: the sampler's Euler step (E5) of the OU drift multiplies by 1 + dt where the exact flow has e^dt, so every
 step loses about 2.6% (dt = 0.25) of the state's distance from the origin, and the score's pull back toward the data
 is ~1 / (mu_t^2 s^2 + sigma_t^2): weak when s >> 1. Data far from the origin or widely spread therefore shrink
-toward the origin even under the exact score (algorithm.md (E5); README "Your own data"). On standardised data
+toward the origin even under the exact score (algorithm.md (E5); docs/data-and-rewards.md). On standardised data
 neither happens, and training becomes affine-equivariant: a x + b (a diagonal, invertible) trains exactly as x does.
 The tilt (E7) does not depend on the coordinates, so h(s z + m) in standardised coordinates is the same target.
 

@@ -95,12 +95,15 @@ class MetricsLog:
         self.start_episode, self.start_time = start_episode, time.perf_counter()
         self.last_print = -math.inf
         self.last_eval: dict[str, float] = {}
+        self.warm: Optional[tuple[int, float]] = None  # (episode, time) at the end of this run's first episode
 
     def add(self, episode: int, metrics: dict[str, float], evals: dict[str, float]) -> None:
         """The episode's learner metrics (into the window) and its evaluation's eval/* numbers, if it had one (a row
         of their own)."""
         for key, value in metrics.items():
             self.window.setdefault(key, []).append(value)
+        if self.warm is None:
+            self.warm = (episode, time.perf_counter())
         self.last_eval = evals or self.last_eval
         if episode % self.config.train.log_every == 0 or episode == self.config.train.episodes or evals:
             row = {"episode": episode, **{k: sum(v) / len(v) for k, v in self.window.items()},
@@ -116,12 +119,18 @@ class MetricsLog:
         return (episode - self.start_episode) / max(time.perf_counter() - self.start_time, 1e-9)
 
     def progress(self, episode: int, metrics: dict[str, float]) -> None:
+        """The progress line. Its speed and ETA leave out this run's first episode (start-up: worker processes,
+        first allocations), so the first line has none."""
         self.last_print = time.perf_counter()
-        total, rate = self.config.train.episodes, self.rate(episode)
-        eta = (total - episode) / rate if rate > 0 else math.inf
+        total = self.config.train.episodes
+        warm_episode, warm_time = self.warm
+        speed = ""
+        if episode > warm_episode:
+            rate = (episode - warm_episode) / max(self.last_print - warm_time, 1e-9)
+            speed = f" | {rate:.1f} episodes/s | ETA {_duration((total - episode) / rate)}"
         loss = next(key for key in metrics if key.startswith("loss/"))
         self.echo(f"episode {episode}/{total} | {_reward_part(metrics)} | "
-                  f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g} | {rate:.1f} episodes/s | ETA {_duration(eta)}"
+                  f"{_LOSS_NAMES.get(loss, loss)} {metrics[loss]:.4g}{speed}"
                   + _ess_part(self.tilt) + _time_split(metrics) + _eval_part(self.last_eval))
 
 

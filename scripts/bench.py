@@ -1,4 +1,4 @@
-"""Benchmarks, written as JSON under benchmarks/ and quoted by the README.
+"""Benchmarks, written as JSON under benchmarks/ and quoted by the README and docs/.
 
     python scripts/bench.py core      # paper-scale speed, side by side: distq vs a plain torch loop, 1 vs 2 threads,
                                       # and distq with train.processes = 2

@@ -6,7 +6,7 @@ temp dir our own. `ray up -y`, `ray submit CLUSTER scripts/tune.py`, checks thro
 best trial, the dashboard through `ray dashboard`'s port-forward with the token, `ray down -y`. Everything on the
 head runs as that user, so the `ray stop` of ray up and ray down cannot touch the machine's other Ray instances.
 Whatever happens, the ssh server is stopped by its pid and the user, its processes and the temporary files go.
-README "Clusters" says what this covers and what only a cloud account can.
+docs/sweeps.md ("Clusters") says what this covers and what only a cloud account can.
 """
 from __future__ import annotations
 

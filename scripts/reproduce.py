@@ -61,7 +61,7 @@ METHOD_LABELS = {"dsm": "weighted dsm"}
 """A method's name in the tables, where it is not its train.algorithm; the paper has no numbers for weighted dsm."""
 FINE_CONFIG = "configs/swiss_roll_fine.yaml"
 """Tables 3-4 and the grid ablation run every method on the finer grid, smoothed ratio estimator and wider networks
-(README, "Performance and results"), whose perfect-learner KL at reward 0.8 is below the paper's; models A and B
+(docs/results.md), whose perfect-learner KL at reward 0.8 is below the paper's; models A and B
 are trained on it too."""
 GRID_POWERS = (1.0, 1.5, 2.0)
 FINER_SAMPLING_STEPS = 40

@@ -421,7 +421,7 @@ def test_rao_blackwell_q_learning_learns_class_conditional_digits(tmp_path, requ
     """Issue 7's high-d check for Algorithm 1 itself: digits (d = 64), class-conditional, beta = 0, 300 episodes of
     q-learning from a fresh policy with train.policy_gradient = rao_blackwell (ratio.bandwidth 2, a slow critic):
     the images of each requested digit are classified as that digit far above chance (0.1); seed 0 gave 100%.
-    With the sampled (E16) gradient the same run stays at chance (README, "Large data sets")."""
+    With the sampled (E16) gradient the same run stays at chance (docs/large-data.md)."""
     from distq.train import train
 
     config = config_from_dict({
@@ -440,8 +440,8 @@ def test_rao_blackwell_q_learning_learns_class_conditional_digits(tmp_path, requ
 def test_value_prior_and_target_make_q_learning_follow_a_digit_reward(tmp_path):
     """Issue 7's image reward, "make it a 3": unconditional digits, h = P(digit = 3 | x), beta = 3. The data's mean
     h is 0.10 and its tilt's (E7) 0.615; 200 episodes of q-learning with the value prior and a target network
-    raise the mean reward of generated images well above the data's (seed 0: see the README). Without them the
-    critic diverges within 1,500 episodes (README)."""
+    raise the mean reward of generated images well above the data's (seed 0: see docs/large-data.md). Without them the
+    critic diverges within 1,500 episodes (docs/large-data.md)."""
     from distq.train import train
 
     config = config_from_dict({

@@ -76,3 +76,11 @@ def test_square_dimensions_are_drawn_as_image_grids(tmp_path):
     generated, data = torch.rand(70, 64), torch.rand(90, 64)
     plot_samples(generated, data, tuple(f"x{i}" for i in range(64)), tmp_path / "grid.png", title="digits")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_leave_out_constant_columns_and_draw_positive_losses_on_a_log_scale(tmp_path):
+    metrics = {"episode": [50, 100, 150], "loss/td": [1.0, 0.1, 0.01], "loss/policy_gradient": [0.5, -0.2, 0.1],
+               "lr/policy": [1e-3] * 3, "time/transfer_s": [0.0] * 3, "reward/terminal_mean": [0.2, 0.4, 0.5]}
+    fig = plot_training_curves(metrics, tmp_path / "curves.png")
+    scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
+    assert scales == {"loss/td": "log", "loss/policy_gradient": "linear", "reward/terminal_mean": "linear"}

@@ -383,3 +383,19 @@ def test_weighted_dsm_reports_its_effective_sample_size(tmp_path, condition):
     progress = [line for line in lines if line.startswith("episode ")]
     assert progress and all(f"| ESS {sum(ess):.1f}/300 |" in line or line.endswith(f"| ESS {sum(ess):.1f}/300")
                             for line in progress), progress
+
+
+def test_the_first_progress_line_has_no_speed_or_eta_from_the_start_up_episode():
+    """Episode 1 of a run carries its start-up (worker processes, first allocations): the line after it shows no
+    rate and no ETA; the next lines measure from the end of episode 1."""
+    from distq.train import MetricsLog
+
+    lines: list[str] = []
+    config = config_from_dict({"train": {"episodes": 10, "progress_seconds": 0, "log_every": 100}})
+    log = MetricsLog(config, [], start_episode=0, echo=lines.append)
+    metrics = {"loss/td": 1.0, "reward/terminal_mean": 0.5}
+    for episode in (1, 2, 3):
+        log.add(episode, metrics, {})
+    first, *later = lines
+    assert "episodes/s" not in first and "ETA" not in first, first
+    assert len(later) == 2 and all(re.search(r"\| [\d.]+ episodes/s \| ETA \d", line) for line in later), later
