@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from distq import rundir
 from distq.errors import DistqError
@@ -56,10 +57,16 @@ def _histograms(ax, generated: np.ndarray, data: np.ndarray, column: str) -> Non
     ax.set_ylabel("density")
 
 
-def _scatter(ax, generated: np.ndarray, data: np.ndarray, columns: tuple[str, ...]) -> None:
+def _scatter(ax, generated: np.ndarray, data: np.ndarray, columns: tuple[str, ...],
+             region: Optional[tuple[float, float, float, float]]) -> None:
     """Overlaid scatter of the first two coordinates on equal axes, with as many generated points as data points
-    (the first ones) so that neither cloud hides the other."""
+    (the first ones) so that neither cloud hides the other; the rewarded box (x0 low, x0 high, x1 low, x1 high)
+    shaded."""
     generated = generated[: data.shape[0]]
+    if region is not None:
+        x0_low, x0_high, x1_low, x1_high = region
+        ax.add_patch(Rectangle((x0_low, x1_low), x0_high - x0_low, x1_high - x1_low, color="tab:green", alpha=0.12,
+                               label="rewarded region"))
     ax.scatter(data[:, 0], data[:, 1], s=6, alpha=0.4, color=DATA_COLOUR, label="data")
     ax.scatter(generated[:, 0], generated[:, 1], s=6, alpha=0.4, color=GENERATED_COLOUR, label="generated")
     ax.set_aspect("equal", adjustable="datalim")
@@ -73,9 +80,11 @@ def plot_samples(
     columns: tuple[str, ...],
     path,
     title: str = "",
-) -> None:
+    region: Optional[tuple[float, float, float, float]] = None,
+) -> Figure:
     """PNG of generated (n, d) vs data (m, d): density histograms when d == 1, image grids when d is a square >= 16
-    (8x8 digits), else a scatter of columns 0 and 1.
+    (8x8 digits), else a scatter of columns 0 and 1 with the rewarded box `region` (distq.rewards.rewarded_region)
+    shaded. Returns the figure.
 
     `columns` names the d coordinates (axis labels); `title` is shown as given.
     """
@@ -88,33 +97,43 @@ def plot_samples(
         )
     side = math.isqrt(d)
     if d >= 16 and side * side == d:
-        _image_grids(generated, data, side, path, title)
-        return
+        return _image_grids(generated, data, side, path, title)
     fig = Figure(figsize=(6, 5), layout="constrained")
     ax = fig.add_subplot()
     if d == 1:
         _histograms(ax, generated, data, columns[0])
     else:
-        _scatter(ax, generated, data, columns)
+        _scatter(ax, generated, data, columns, region)
     ax.legend(loc="best")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     _save_atomically(fig, path)
+    return fig
 
 
-def _image_grids(generated: np.ndarray, data: np.ndarray, side: int, path, title: str, rows: int = 8) -> None:
-    """Two grids of rows x rows images (side x side pixels, grey scale shared by both): generated, then data."""
+def image_grid(points: np.ndarray, side: int, rows: int, background: float) -> np.ndarray:
+    """The first rows x rows of `points` (n, side * side) as one (rows (side + 1), rows (side + 1)) image, row by row:
+    tile (i, j) is point i rows + j, followed by a 1-pixel gap of `background` on its right and below (8x8 digits
+    have blank side columns but none at the top or bottom, and would otherwise run into tall stripes); missing
+    points are background."""
+    count, cell = min(rows * rows, points.shape[0]), side + 1
+    tiles = np.full((rows * rows, cell, cell), background)
+    tiles[:count, :side, :side] = points[:count].reshape(count, side, side)
+    return tiles.reshape(rows, rows, cell, cell).transpose(0, 2, 1, 3).reshape(rows * cell, rows * cell)
+
+
+def _image_grids(generated: np.ndarray, data: np.ndarray, side: int, path, title: str, rows: int = 8) -> Figure:
+    """Two grids of rows x rows square tiles (side x side pixels and a gap, grey scale shared by both): generated,
+    then data."""
     fig = Figure(figsize=(10, 5.4), layout="constrained")
     low, high = float(data.min()), float(data.max())
     for panel, (name, points) in enumerate((("generated", generated), ("data", data))):
-        count = min(rows * rows, points.shape[0])
-        tiles = np.full((rows * rows, side, side), low)
-        tiles[:count] = points[:count].reshape(count, side, side)
-        grid = tiles.reshape(rows, rows, side, side).transpose(0, 2, 1, 3).reshape(rows * side, rows * side)
+        grid = image_grid(points, side, rows, low)
         ax = fig.add_subplot(1, 2, panel + 1)
         ax.imshow(grid, cmap="gray_r", vmin=low, vmax=high)
         ax.set_title(f"{name}" + (f": {title}" if title and panel == 0 else ""), fontsize=9)
         ax.axis("off")
     _save_atomically(fig, path)
+    return fig
 
 
 def _eval_path(ax, steps: np.ndarray, evals: dict[str, np.ndarray]) -> None:

@@ -31,10 +31,20 @@ def gmm1d_right(x: torch.Tensor) -> torch.Tensor:
     return -(x[:, 0] - 6.0).abs()
 
 
+SWISS_ROLL_RECTANGLE = (-15.0, 15.0, 0.0, 17.5)
+"""(x0 low, x0 high, x1 low, x1 high) of the Swiss roll's rewarded rectangle (section 12)."""
+
+
 def swiss_roll_rectangle(x: torch.Tensor) -> torch.Tensor:
     """h(x) = 1 if -15 <= x_0 <= 15 and 0 <= x_1 <= 17.5 else 0 (section 12); x: (B, d >= 2) -> (B,)."""
-    inside = (x[:, 0] >= -15.0) & (x[:, 0] <= 15.0) & (x[:, 1] >= 0.0) & (x[:, 1] <= 17.5)
+    x0_low, x0_high, x1_low, x1_high = SWISS_ROLL_RECTANGLE
+    inside = (x[:, 0] >= x0_low) & (x[:, 0] <= x0_high) & (x[:, 1] >= x1_low) & (x[:, 1] <= x1_high)
     return inside.to(x.dtype)
+
+
+def rewarded_region(fn: str | tuple[str, ...]) -> Optional[tuple[float, float, float, float]]:
+    """The box (x0 low, x0 high, x1 low, x1 high) where `reward.fn` pays, when it is a built-in region alone."""
+    return SWISS_ROLL_RECTANGLE if fn in ("swiss_roll_rectangle", ("swiss_roll_rectangle",)) else None
 
 
 class LinearReward:

@@ -28,7 +28,7 @@ from distq.interrupt import Interrupted, StopRequest
 from distq.interrupt import name as signal_name
 from distq.learner import TERMINAL_MEAN, TrainingDiverged, deployed_policy, with_initial_policy
 from distq.plots import plot_samples, plot_training_curves
-from distq.rewards import load_reward
+from distq.rewards import load_reward, rewarded_region
 from distq.rollout import Rollout, episode_chunks
 from distq.runtime import configure_cpu
 from distq.schema import flatten
@@ -492,7 +492,10 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns,
                          _condition_column(config, dataset, conditions))
     plot_samples(samples, to_user(dataset.points), dataset.columns, run_dir / rundir.PLOT,
-                 title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}")
+                 title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}\n"
+                       f"reward {metrics['reward_mean']:.3f} +- {metrics['reward_ci95']:.3f}, "
+                       f"KL {metrics['kl_mean']:.3f} +- {metrics['kl_ci95']:.3f} (95% CIs)",
+                 region=rewarded_region(config.reward.fn))
     if log.rows:
         columns = list(dict.fromkeys(k for r in log.rows for k in r))
         plot_training_curves({k: [r.get(k) for r in log.rows] for k in columns}, run_dir / rundir.TRAINING_PLOT)

@@ -85,3 +85,18 @@ def test_missing_file_and_bad_yaml_are_distq_errors(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(DistqError, match="mapping"):
         load_config(listed)
+
+
+def test_every_shipped_config_is_valid():
+    """configs/*.yaml as the docs run them: the fine-tuning ones with the --init the docs give, the conditional one
+    beside the my_rewards.py its reward names (only its import is checked when training starts, not here)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        config = load_config(path, ["train.init=runs/pretrained"] if "dpok" in path.name else [])
+        assert config.train.episodes > 0, path.name
+    gpu = load_config(root / "configs" / "swiss_roll_gpu.yaml")
+    assert gpu.train.device == "cuda" and gpu.parallel.workers == 8 and gpu.parallel.learner_num_gpus == 1

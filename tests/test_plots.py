@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distq.errors import DistqError
-from distq.plots import plot_samples, plot_training_curves
+from distq.plots import image_grid, plot_samples, plot_training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -72,6 +72,14 @@ def test_plot_training_curves_needs_the_x_column(tmp_path):
         plot_training_curves({"episode": [0, 1, 2], "loss/td": [1.0, 2.0]}, tmp_path / "curves.png")
 
 
+def test_image_grid_tiles_are_square_in_reading_order_with_a_gap():
+    points = np.arange(5 * 4, dtype=float).reshape(5, 4) + 1  # five 2x2 images, values 1..20
+    grid = image_grid(points, side=2, rows=3, background=0.0)
+    assert grid.shape == (9, 9)
+    assert (grid[0:2, 3:5] == points[1].reshape(2, 2)).all() and (grid[3:5, 3:5] == points[4].reshape(2, 2)).all()
+    assert (grid[2, :] == 0).all() and (grid[:, 2] == 0).all() and (grid[3:5, 6:8] == 0).all()  # gaps, missing
+
+
 def test_square_dimensions_are_drawn_as_image_grids(tmp_path):
     generated, data = torch.rand(70, 64), torch.rand(90, 64)
     plot_samples(generated, data, tuple(f"x{i}" for i in range(64)), tmp_path / "grid.png", title="digits")
@@ -84,3 +92,18 @@ def test_training_curves_leave_out_constant_columns_and_draw_positive_losses_on_
     fig = plot_training_curves(metrics, tmp_path / "curves.png")
     scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
     assert scales == {"loss/td": "log", "loss/policy_gradient": "linear", "reward/terminal_mean": "linear"}
+
+
+def test_samples_plot_shades_a_built_in_rewarded_region(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from distq.rewards import SWISS_ROLL_RECTANGLE, rewarded_region, swiss_roll_rectangle
+
+    assert rewarded_region("swiss_roll_rectangle") == SWISS_ROLL_RECTANGLE and rewarded_region("linear") is None
+    assert rewarded_region(("swiss_roll_rectangle", "linear")) is None  # a sum of rewards pays outside it too
+    inside, outside = torch.tensor([[-14.9, 0.1], [14.9, 17.4]]), torch.tensor([[-15.1, 5.0], [0.0, 17.6]])
+    assert swiss_roll_rectangle(inside).tolist() == [1.0, 1.0] and swiss_roll_rectangle(outside).tolist() == [0, 0]
+    fig = plot_samples(np.zeros((5, 2)), np.ones((5, 2)), ("x0", "x1"), tmp_path / "s.png", title="reward 0.8",
+                       region=SWISS_ROLL_RECTANGLE)
+    (patch,) = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    assert (patch.get_x(), patch.get_y(), patch.get_width(), patch.get_height()) == (-15.0, 0.0, 30.0, 17.5)
