@@ -29,6 +29,23 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
+# The files whose tests look at a run's samples.png / training.png or at what is made of them (W&B media, the
+# reproduction's figures, the documented commands as a user runs them)
+PLOTTING_FILES = {"test_cli.py", "test_docs.py", "test_plots.py", "test_reproduce.py", "test_run_tracking.py",
+                  "test_tuning.py"}
+
+
+@pytest.fixture(autouse=True)
+def _no_run_plots(request, monkeypatch):
+    """Elsewhere a training run in this process skips its two PNGs: about a second of matplotlib per run, hundreds of
+    runs in the suite. The plots' own tests are tests/test_plots.py; a real run's, tests/test_cli.py."""
+    if request.path.name not in PLOTTING_FILES:
+        import distq.train
+
+        monkeypatch.setattr(distq.train, "plot_samples", lambda *args, **kwargs: None)
+        monkeypatch.setattr(distq.train, "plot_training_curves", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")
