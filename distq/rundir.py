@@ -121,8 +121,16 @@ def clear_outputs(run_dir: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """write(tmp) beside `path`, then rename: a failure or an interruption leaves any earlier `path` intact and
-    removes the temporary file; an OSError (full disk, no permission) is a DistqError naming `path`."""
+    removes the temporary file; an OSError (full disk, no permission) is a DistqError naming `path`. An existing
+    `path` that is not a regular file (/dev/null, a FIFO) is written in place: a rename would replace the device
+    itself (as root, `--out /dev/null` once turned /dev/null into a file)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        try:
+            write(path)
+        except OSError as err:
+            raise DistqError(f"cannot write {path} ({_reason(err)})") from None
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)

@@ -70,3 +70,19 @@ def test_space_check_refuses_a_full_disk_and_an_unwritable_directory(tmp_path, m
     with pytest.raises(DistqError, match=f"cannot write in {tmp_path}: .*Permission denied"):
         rundir.check_space(tmp_path, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_target_that_is_not_a_regular_file_is_written_in_place_not_replaced(tmp_path):
+    """A FIFO (as /dev/null, a device): renaming a temporary file over it would replace it with a regular file."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    rundir.write_json(fifo, {"a": 1})
+    reader.join(timeout=30)
+    assert received == [b'{\n  "a": 1\n}\n'] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left beside it
