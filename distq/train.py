@@ -123,9 +123,9 @@ class MetricsLog:
         first allocations), so the first line has none."""
         self.last_print = time.perf_counter()
         total = self.config.train.episodes
-        warm_episode, warm_time = self.warm
         speed = ""
-        if episode > warm_episode:
+        if self.warm is not None and episode > self.warm[0]:
+            warm_episode, warm_time = self.warm
             rate = (episode - warm_episode) / max(self.last_print - warm_time, 1e-9)
             speed = f" | {rate:.1f} episodes/s | ETA {_duration((total - episode) / rate)}"
         loss = next(key for key in metrics if key.startswith("loss/"))
