@@ -43,7 +43,7 @@ from distq.parallel import portable_config, shared_tensor, split_chunks
 from distq.ray_cluster import connect_ray
 from distq.rewards import load_reward
 from distq.rollout import episode_chunks
-from distq.runtime import configure_cpu
+from distq.runtime import configure_cpu, worker_env
 from distq.standardize import Standardization
 
 if TYPE_CHECKING:
@@ -332,7 +332,8 @@ class DdpBackend:
                                                          resources_per_worker=resources),
                             run_config=RunConfig(name=NAME, storage_path=str(storage),
                                                  failure_config=FailureConfig(max_failures=parallel.max_failures),
-                                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                                 worker_runtime_env={"env_vars": worker_env()}))
 
     def loop(self, run_dir: Path, dataset: "Dataset", log, start: int, stop: "StopRequest", kept) -> None:
         """Train episodes start + 1 .. train.episodes on the workers; each checkpoint they report is copied into

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import ray
 
 from distq.errors import DistqError
+from distq.runtime import worker_env
 
 def connect_ray(address: Optional[str], timeout_s: float, num_cpus: Optional[int] = None,
                 quiet: bool = True) -> bool:
@@ -28,6 +29,7 @@ def connect_ray(address: Optional[str], timeout_s: float, num_cpus: Optional[int
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     options = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
+    options["runtime_env"] = {"env_vars": worker_env()}
     if address in (None, "local"):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)

@@ -2,6 +2,7 @@
 metrics (up to float summation order); a ddp checkpoint resumes exactly, in any mode; a bad reward in a worker is
 one line."""
 import json
+import os
 import textwrap
 
 import pytest
@@ -60,10 +61,15 @@ def _assert_same_run(ours, reference):
 
 
 def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tmp_path, capsys):
-    """NaN in one worker's part only (2 chunks of the B = 32 batch): the other worker stops at the same episode."""
+    """NaN in one worker's part only (2 chunks of the B = 32 batch): the other worker stops at the same episode.
+    The workers run with glibc's one arena (distq.runtime.worker_env), which the reward records."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_reward.py").write_text(textwrap.dedent(f"""
+        import os
+
         def h(x):
+            with open({str(tmp_path / "arenas")!r}, "a") as seen:
+                seen.write(f"{{os.getpid()}} {{os.environ.get('MALLOC_ARENA_MAX')}}\\n")
             out = x[:, 0].clone()
             if x.shape[0] == {2 * CHUNK}:
                 out[0] = float("nan")
@@ -78,6 +84,9 @@ def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tm
     err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True) if not line.startswith("\x1b[36m("))
     assert err.count("\n") == 1 and err.startswith("distq: error: reward.fn '")
     assert f"returned 1 non-finite values (NaN or inf) in a batch of {2 * CHUNK}" in err
+    workers = {line.split()[1] for line in (tmp_path / "arenas").read_text().splitlines()
+               if int(line.split()[0]) != os.getpid()}
+    assert workers == {"1"}
     assert ray.is_initialized()
 
 

@@ -79,6 +79,23 @@ def test_an_embedded_ray_that_does_not_start_is_one_line_from_the_cli(monkeypatc
     assert err.count("\n") == 1 and "could not start an embedded Ray instance" in err and "timed out" in err
 
 
+@pytest.mark.parametrize("address", ["local", "auto"])
+def test_the_job_starts_its_workers_with_one_malloc_arena_unless_the_user_set_one(monkeypatch, address):
+    """Ray Train and Tune train in a thread of their workers; glibc gives such a thread an arena that returns its
+    heaps to the OS (distq.runtime): every worker of the job is started with MALLOC_ARENA_MAX."""
+    calls = []
+    monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_cluster, "_resolve", lambda address: ("127.0.0.1", 1))
+    monkeypatch.setattr(ray_cluster, "_wait_for_listener", lambda *args: None)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert ray_cluster.connect_ray(address, 1.0)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert ray_cluster.connect_ray(address, 1.0)
+    assert [call["runtime_env"] for call in calls] == [{"env_vars": {"MALLOC_ARENA_MAX": "1"}},
+                                                      {"env_vars": {"MALLOC_ARENA_MAX": "4"}}]
+
+
 @pytest.mark.ray
 def test_actors_the_cluster_has_no_room_for_fail_after_the_timeout_naming_the_fields(ray_session):
     config = config_from_dict({**TINY, "parallel": {"workers": 2, "num_cpus_per_worker": 8, "learner_num_cpus": 0.5,

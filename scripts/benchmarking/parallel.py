@@ -13,6 +13,7 @@ import torch
 
 from distq import rundir
 from distq.config import config_from_dict
+from distq.ray_cluster import connect_ray
 from distq.rollout import episode_chunks
 
 from .speed import PAPER_SCALE, _setup
@@ -112,7 +113,6 @@ def bench_parallel(rounds: int, episodes: Optional[int], settings: Sequence[str]
     """Steady-state episodes/s of every VARIANTS entry on each setting, alternated in rounds (the same work each:
     WARM_UP + episodes full distq train runs in one local Ray instance of this machine's cores), with ratios to
     in-process one process; plus the gloo all-reduce cost per byte (the scaling model's A) and Ray's own floor."""
-    import logging
     import tempfile
 
     import ray
@@ -120,8 +120,7 @@ def bench_parallel(rounds: int, episodes: Optional[int], settings: Sequence[str]
     from distq.train import train
 
     load_before = os.getloadavg()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
+    connect_ray("local", 0.0, os.cpu_count())  # as `distq train` starts Ray (its workers' environment too)
     results = {}
     try:
         for setting_name in settings:
