@@ -146,7 +146,8 @@ def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
     names = listed_reward_names(config) if reward_names is None else reward_names
     if config.train.algorithm == "dsm":
-        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device, reward_names=names)
+        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device, reward_names=names,
+                                bandwidth=config.ratio.bandwidth)
     if config.train.algorithm not in ("qlearning", "ct_finetune"):
         from distq.baselines import PolicyGradientLearner
 

@@ -210,7 +210,8 @@ class RatioConfig:
     """Neighbours k of the knn method."""
     bandwidth: float = 0.0
     """h >= 0: score of the data smoothed by N(0, h^2 I) (a kernel density estimate): kernel variance
-    sigma_t^2 + mu_t^2 h^2 in (E13). 0 = the paper's estimator of the empirical law's score."""
+    sigma_t^2 + mu_t^2 h^2 in (E13); dsm then learns that smoothed law too. 0 = the paper's estimator of the
+    empirical law's score."""
 
     def __post_init__(self) -> None:
         _choice(self.method, "ratio.method", RATIO_METHODS)
@@ -482,8 +483,8 @@ class Config:
             # the loop runs in the Ray Train workers; evaluating there during training is not built
             _require(self.eval.every == 0, "eval.every",
                      "evaluations during training are not available with parallel.mode ddp yet; use sync or async")
-            _require(self.train.algorithm in ("qlearning", "ct_finetune"), "parallel.mode",
-                     f"ddp trains qlearning and ct_finetune (Algorithm 1's update), not {self.train.algorithm}")
+            _require(self.train.algorithm in ("qlearning", "ct_finetune", "dsm"), "parallel.mode",
+                     f"ddp trains qlearning, ct_finetune and dsm, not {self.train.algorithm}")
             _require(self.train.device == self.parallel.rollout_device, "parallel.mode",
                      "ddp: each worker rolls out and updates on one device; set train.device and "
                      "parallel.rollout_device alike")

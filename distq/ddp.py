@@ -35,7 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from distq import rundir
 from distq.checkpoint import load_checkpoint
-from distq.components import build_learner, build_rollout, listed_reward_names
+from distq.components import build_learner, build_rollout, build_tilt, listed_reward_names
 from distq.config import Config
 from distq.errors import DistqError
 from distq.learner import Learner, TrainingDiverged
@@ -140,7 +140,8 @@ class _Replica:
         self.learner = build_learner(config, points, reward, labels, reward_names)
         self.learner.load_state_dict(state)
         self.rollout = build_rollout(config, points, reward, policy=self.learner.policy,
-                                     reference=self.learner.reference, labels=labels, device=self.learner.device)
+                                     reference=self.learner.reference, labels=labels, device=self.learner.device,
+                                     tilt=build_tilt(config, points, reward, labels))
         self.reducer = _Reducer(self.learner)
         context = ray.train.get_context()
         self.rank, self.size = context.get_world_rank(), context.get_world_size()

@@ -10,11 +10,16 @@ usual way.
 
 With train.beta > 0 (weighted dsm, reward-weighted regression) the rows are drawn with the self-normalised weights
 w_i = exp(beta h(x0_i)) / sum_j exp(beta h(x0_j)) instead of uniformly: the regression function is then the score of
-the forward-noised tilt (E7) of the empirical law, the action of Algorithm 1's perfect learner at ratio.bandwidth 0
+the forward-noised tilt (E7) of the empirical law, the action of Algorithm 1's perfect learner
 (distq.ratio.tilted_ratio_score), learned without RL. Rows are drawn by weight, with replacement, rather than
 uniformly with the loss weighted by N w_i: uniform rows spend the batch on points of little weight, and the batch
 gradient's variance grew by about N / ESS with loss weights (measured on the Swiss roll, rectangle reward, B = 300:
 1.1x / 1.6x / 2.1x at beta = 1 / 2.25 / 4); drawn rows also keep the loss at plain dsm's scale for Adam.
+
+With ratio.bandwidth h > 0 dsm learns the law the ratio estimator and the perfect learner use, the data smoothed by
+N(0, h^2 I): Y_k = mu_k x0 + s_k xi with s_k^2 = sigma_k^2 + mu_k^2 h^2 (distq.ratio.smoothed_variance) and target
+-xi / s_k, the conditional score given the point x0 (rather than given a smoothed draw x0 + h eta: the same regression
+function, less variance). Weighted dsm's optimum is then the perfect learner's action at any bandwidth.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch
 
 from distq.devices import to_device
 from distq.errors import DistqError
-from distq.learner import Learner, TrainingDiverged
+from distq.learner import Learner, Reduce, TrainingDiverged, terminal_means
+from distq.ratio import smoothed_variance
 from distq.rollout import Chunk, Rollout, Trajectories
 
 POLICY = ("policy",)
@@ -35,14 +41,16 @@ POLICY = ("policy",)
 def noised_data(x0: torch.Tensor, mu: torch.Tensor, sigma2: torch.Tensor,
                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-noised copies of data x0 (B, d) at K times (E1-E2): states mu_k x0 + sigma_k xi (K, B, d) and their
-    conditional scores -xi / sigma_k (K, B, d); mu, sigma2: (K,), noise xi: (K, B, d)."""
+    conditional scores -xi / sigma_k (K, B, d); mu, sigma2: (K,) (sigma2 the smoothed variance with a bandwidth),
+    noise xi: (K, B, d)."""
     sigma = sigma2.sqrt().view(-1, 1, 1)
     return torch.addcmul(mu.view(-1, 1, 1) * x0, sigma, noise), -noise / sigma
 
 
-def denoising_loss(means: torch.Tensor, targets: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """1/2 sum_k sigma_k^2 |mu_psi - target|^2, averaged over the batch; means, targets (K, B, d), sigma2 (K,)."""
-    return 0.5 * (sigma2.view(-1, 1) * (means - targets).pow(2).sum(-1)).sum(0).mean()
+def denoising_loss(means: torch.Tensor, targets: torch.Tensor, sigma2: torch.Tensor, total: int) -> torch.Tensor:
+    """1/2 sum_k sigma_k^2 |mu_psi - target|^2, summed over the B rows and divided by `total` (B for the batch mean, a
+    data-parallel replica's share of it otherwise); means, targets (K, B, d), sigma2 (K,)."""
+    return 0.5 * (sigma2.view(-1, 1) * (means - targets).pow(2).sum(-1)).sum() / total
 
 
 def group_max(values: torch.Tensor, groups: torch.Tensor, classes: int) -> torch.Tensor:
@@ -116,6 +124,7 @@ class DenoisingRollout(Rollout):
         """tilt: weighted dsm's row probabilities (data_tilt), None for plain dsm."""
         super().__init__(*args, labels=labels, **kwargs)
         self.labels = to_device(labels, self.device)
+        self.variances = smoothed_variance(self.grid.mu, self.grid.sigma2, self.ratio.bandwidth)
         # on the CPU, with the generators that draw from them
         self.row_probabilities = tilt.probabilities if tilt is not None else None
 
@@ -133,7 +142,7 @@ class DenoisingRollout(Rollout):
             noise.append(torch.randn(K, size, self.dim, generator=gen))
         index = to_device(torch.cat(rows), self.device)
         x0 = data[index]
-        states, targets = noised_data(x0, self.grid.mu, self.grid.sigma2, to_device(torch.cat(noise, 1), self.device))
+        states, targets = noised_data(x0, self.grid.mu, self.variances, to_device(torch.cat(noise, 1), self.device))
         conditions = self.labels[index] if self.labels is not None else None
         terminal, parts = self.terminal_rewards_by_part(x0, conditions)
         return Trajectories(states, targets, None, x0, terminal, conditions, terminal_reward_parts=parts)
@@ -142,15 +151,37 @@ class DenoisingRollout(Rollout):
 class DenoisingLearner(Learner):
     """dsm: a Learner of the policy mean alone (Adam, schedule and clipping as Algorithm 1's) on denoising_loss."""
 
-    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
+    def __init__(self, *args, bandwidth: float = 0.0, **kwargs):
+        """bandwidth: ratio.bandwidth; each step's loss is weighted by its targets' variance s_k^2."""
+        super().__init__(*args, **kwargs)
+        self.variances = smoothed_variance(self.grid.mu, self.grid.sigma2, bandwidth)
+
+    @property
+    def metric_sums_size(self) -> int:
+        """The length of update_on_device's metric sums: the loss, sum h(x0), each listed reward's sum."""
+        return 2 + len(self.reward_names)
+
+    def update_on_device(self, batch: Trajectories, total: Optional[int] = None,
+                         reduce: Optional[Reduce] = None) -> dict[str, float]:
+        """One Adam step on denoising_loss; data-parallel (distq.ddp) as Learner.update_on_device: `batch` is this
+        replica's part of a batch of `total` rows, reduce(tensors) sums the gradients and metric sums over the
+        replicas in place."""
         start = time.perf_counter()
+        total = batch.batch_size if total is None else total
         means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
-        loss = denoising_loss(means, batch.actions, self.grid.sigma2)
+        loss = denoising_loss(means, batch.actions, self.variances, total)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"denoising loss became {loss.item()} at update {self.updates + 1}; "
                                    "try a smaller train.lr_policy or set train.grad_clip")
-        norms = self.descend(loss, POLICY)
+        parts = batch.terminal_reward_parts.sum(0) if self.reward_names else loss.new_zeros(0)
+        sums = torch.cat([torch.stack([loss.detach(), batch.terminal_rewards.sum()]), parts])
+        self.backward(loss, POLICY)
+        if reduce is not None:
+            reduce([*self.gradients(POLICY), sums])
+        norms = self.step(POLICY)
         self.updates += 1
-        return {"loss/dsm": float(loss.detach()), **self.batch_terminal_means(batch),
+        loss_sum, terminal, *part_sums = sums.tolist()
+        return {"loss/dsm": loss_sum, **terminal_means(terminal / total, [part / total for part in part_sums],
+                                                        self.reward_names),
                 "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
                 "time/update_s": time.perf_counter() - start}

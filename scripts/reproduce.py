@@ -225,8 +225,8 @@ def tables3_4(args) -> str:
             f"({model_config.sde.num_steps} steps) and at {FINER_SAMPLING_STEPS} steps (rows `sampled at "
             f"{FINER_SAMPLING_STEPS} steps`: the same policy, a finer discretisation of the same continuous-time "
             "process). Weighted dsm (`train.algorithm: dsm` at beta > 0, no RL) regresses on the data drawn by "
-            "the weights exp(beta h), also from the model's policy; it trains on the unsmoothed data "
-            "(`ratio.bandwidth` does not enter its targets).\n\n" + "\n\n".join(sections)
+            "the weights exp(beta h), also from the model's policy, on the data smoothed by `ratio.bandwidth` as "
+            "the ratio estimator's.\n\n" + "\n\n".join(sections)
             + "\n")
 
 

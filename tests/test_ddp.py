@@ -149,3 +149,20 @@ def test_ddp_resumes_survives_a_killed_worker_and_trains_the_in_process_run(ray_
     assert {f"reward/terminal_mean/{name}" for name in setting["reward"]["fn"]} <= set(ours[2][-1])
     assert {"time/rollout_s", "time/gradient_s", "time/allreduce_s", "time/step_s",
             "parallel/bytes_allreduced"} <= set(ours[2][-1])
+
+
+def test_ddp_trains_weighted_dsm_as_in_process(ray_session, tmp_path):
+    """Weighted dsm (train.algorithm dsm, beta > 0), conditional with a list reward, on W = 2 replicas: each draws its
+    chunks' rows by the tilt, the loss and metric sums are all-reduced, and the run ends with the in-process run's
+    weights and metrics."""
+    setting = {**CONDITIONAL, "train": {"algorithm": "dsm"}}
+    (summary, payload, rows), (ref_summary, ref_payload, ref_rows) = (
+        _trained(_config(2, episodes=3, **setting), tmp_path / "ddp"),
+        _trained(_config(episodes=3, **setting), tmp_path / "in_process"))
+    assert summary["workers"] == 2 and payload["episode"] == ref_payload["episode"] == 3
+    assert summary["ess"] == pytest.approx(ref_summary["ess"]) and summary["ess"] < N
+    for name, tensor in ref_payload["learner"]["policy"].items():
+        assert torch.allclose(payload["learner"]["policy"][name], tensor, atol=ATOL), name
+    for row, ref in zip(rows, ref_rows, strict=True):
+        for key in ("loss/dsm", "reward/terminal_mean", "reward/terminal_mean/brightness", "grad_norm/policy"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["episode"], key)

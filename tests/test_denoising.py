@@ -47,8 +47,11 @@ def test_targets_regress_on_the_exact_gaussian_score():
 
 
 def test_loss_is_the_sigma2_weighted_square_error():
-    means, targets = torch.zeros(2, 1, 1), torch.tensor([[[2.0]], [[1.0]]])
-    assert float(denoising_loss(means, targets, torch.tensor([0.25, 1.0]))) == pytest.approx(0.5 * (0.25 * 4 + 1))
+    """Summed over the rows and divided by the whole batch's size (a data-parallel replica's share of the mean)."""
+    means, targets = torch.zeros(2, 2, 1), torch.tensor([[[2.0], [0.0]], [[1.0], [0.0]]])
+    sigma2 = torch.tensor([0.25, 1.0])
+    assert float(denoising_loss(means, targets, sigma2, 2)) == pytest.approx(0.5 * (0.25 * 4 + 1) / 2)
+    assert float(denoising_loss(means, targets, sigma2, 4)) == pytest.approx(0.5 * (0.25 * 4 + 1) / 4)
 
 
 def test_batch_is_the_same_however_chunks_are_split():
@@ -135,10 +138,10 @@ def test_class_conditional_digits_are_classified_as_the_requested_digit(tmp_path
 
 # ---- weighted dsm (train.beta > 0) ---------------------------------------------------------------------------------
 
-def _gaussian_config(beta: float, coef=(0.4, -0.2), n_samples: int = 300, **train_extra):
+def _gaussian_config(beta: float, coef=(0.4, -0.2), n_samples: int = 300, bandwidth: float = 0.0, **train_extra):
     return config_from_dict({
         "seed": 0, "data": {"source": "gaussian", "mean": [1.0, -1.0], "std": 1.5, "n_samples": n_samples},
-        "reward": {"fn": "linear", "coef": list(coef)}, "sde": {"dt": 0.5},
+        "reward": {"fn": "linear", "coef": list(coef)}, "sde": {"dt": 0.5}, "ratio": {"bandwidth": bandwidth},
         "train": {"algorithm": "dsm", "beta": beta, "batch_size": 100, "chunk_size": 100, **train_extra}})
 
 
@@ -148,19 +151,21 @@ def _weighted_rollout(config):
     return dataset, build_rollout(config, dataset.points, reward, tilt=build_tilt(config, dataset.points, reward))
 
 
-def test_weighted_targets_regress_on_the_exact_tilted_score():
-    """(E7): tilting N(m, s^2 I) by exp(beta a.x) gives N(m + beta s^2 a, s^2 I), whose forward marginal at step k is
-    N(mu_k m', v_k I), v_k = mu_k^2 s^2 + sigma_k^2, with score -(y - mu_k m') / v_k. The least-squares fit of
-    weighted dsm's targets on (Y, 1) recovers its slope -1 / v_k and intercept mu_k m' / v_k at every step; plain
-    dsm's intercept mu_k m / v_k is far off at the small t where the tilt shows."""
+@pytest.mark.parametrize("bandwidth", [0.0, 0.5])
+def test_weighted_targets_regress_on_the_exact_tilted_score(bandwidth):
+    """(E7): tilting N(m, s^2 I) by exp(beta a.x) gives N(m + beta s^2 a, s^2 I); smoothed by N(0, h^2 I)
+    (ratio.bandwidth h) it is N(m', (s^2 + h^2) I), whose forward marginal at step k is N(mu_k m', v_k I),
+    v_k = mu_k^2 (s^2 + h^2) + sigma_k^2, with score -(y - mu_k m') / v_k. The least-squares fit of weighted dsm's
+    targets on (Y, 1) recovers its slope -1 / v_k and intercept mu_k m' / v_k at every step; plain dsm's intercept
+    mu_k m / v_k is far off at the small t where the tilt shows."""
     beta, s, a, m = 1.0, 1.5, torch.tensor([0.4, -0.2]), torch.tensor([1.0, -1.0])
-    config = _gaussian_config(beta, n_samples=20_000)
+    config = _gaussian_config(beta, n_samples=20_000, bandwidth=bandwidth)
     dataset, rollout = _weighted_rollout(config)
     batch = rollout.run(episode_chunks(0, 1, 40_000, 10_000))
     tilted = m + beta * s * s * a
     grid = make_grid(config)
     for k in range(grid.num_steps):
-        mu, v = float(grid.mu[k]), float(grid.mu[k]) ** 2 * s * s + float(grid.sigma2[k])
+        mu, v = float(grid.mu[k]), float(grid.mu[k]) ** 2 * (s * s + bandwidth ** 2) + float(grid.sigma2[k])
         inputs = torch.cat([batch.states[k], torch.ones(batch.batch_size, 1)], 1).double()
         fit = torch.linalg.lstsq(inputs, batch.actions[k].double()).solution  # (3, 2): slope rows, then intercept
         assert torch.allclose(fit[:2], -torch.eye(2, dtype=torch.float64) / v, atol=0.03 / v), k
