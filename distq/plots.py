@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,12 +81,16 @@ def plot_samples(
     path,
     title: str = "",
     region: Optional[tuple[float, float, float, float]] = None,
+    groups: Optional[tuple[Sequence[str], Sequence[str]]] = None,
+    rewards: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> Figure:
     """PNG of generated (n, d) vs data (m, d): density histograms when d == 1, image grids when d is a square >= 16
     (8x8 digits), else a scatter of columns 0 and 1 with the rewarded box `region` (distq.rewards.rewarded_region)
     shaded. Returns the figure.
 
-    `columns` names the d coordinates (axis labels); `title` is shown as given.
+    `columns` names the d coordinates (axis labels); `title` is shown as given. Image grids only: `groups` (the
+    generated samples' and the data's condition labels, n and m strings) puts one condition per row, and `rewards`
+    (h of each generated sample and data point, (n,) and (m,)) their mean; either is written under each row.
     """
     generated, data = _as_array(generated, "generated"), _as_array(data, "data")
     d = data.shape[1]
@@ -96,8 +100,8 @@ def plot_samples(
             f"got {generated.shape[1]}, {d} and {len(columns)} ({', '.join(columns)})"
         )
     side = math.isqrt(d)
-    if d >= 16 and side * side == d:
-        return _image_grids(generated, data, side, path, title)
+    if is_image(d):
+        return _image_grids((generated, data), side, path, title, groups, rewards)
     fig = Figure(figsize=(6, 5), layout="constrained")
     ax = fig.add_subplot()
     if d == 1:
@@ -110,26 +114,62 @@ def plot_samples(
     return fig
 
 
-def image_grid(points: np.ndarray, side: int, rows: int, background: float) -> np.ndarray:
-    """The first rows x rows of `points` (n, side * side) as one (rows (side + 1), rows (side + 1)) image, row by row:
-    tile (i, j) is point i rows + j, followed by a 1-pixel gap of `background` on its right and below (8x8 digits
-    have blank side columns but none at the top or bottom, and would otherwise run into tall stripes); missing
-    points are background."""
+def is_image(dim: int) -> bool:
+    """Whether samples of dimension `dim` are drawn as square images (a square >= 16: 8x8 digits)."""
+    return dim >= 16 and math.isqrt(dim) ** 2 == dim
+
+
+def image_grid(points: np.ndarray, side: int, rows: int, background: float, label_space: int = 0) -> np.ndarray:
+    """The first rows x rows of `points` (n, side * side) as one (rows (side + 1 + label_space), rows (side + 1))
+    image, row by row: tile (i, j) is point i rows + j, followed by a 1-pixel gap of `background` on its right and
+    below (8x8 digits have blank side columns but none at the top or bottom, and would otherwise run into tall
+    stripes), and `label_space` background pixels under each row of tiles for its label; missing points and NaN
+    rows are background."""
     count, cell = min(rows * rows, points.shape[0]), side + 1
-    tiles = np.full((rows * rows, cell, cell), background)
-    tiles[:count, :side, :side] = points[:count].reshape(count, side, side)
-    return tiles.reshape(rows, rows, cell, cell).transpose(0, 2, 1, 3).reshape(rows * cell, rows * cell)
+    tiles = np.full((rows * rows, cell + label_space, cell), background)
+    tiles[:count, :side, :side] = np.nan_to_num(points[:count], nan=background).reshape(count, side, side)
+    return tiles.reshape(rows, rows, cell + label_space, cell).transpose(0, 2, 1, 3).reshape(
+        rows * (cell + label_space), rows * cell)
 
 
-def _image_grids(generated: np.ndarray, data: np.ndarray, side: int, path, title: str, rows: int = 8) -> Figure:
+def grid_rows(count: int, rows: int, groups: Optional[Sequence[str]] = None) -> list[np.ndarray]:
+    """Which of `count` images fill each row of a rows x rows grid: in order, or, with a group label per image,
+    the first `rows` images of each group, one group per row (groups in sorted order, the first `rows` of them)."""
+    if groups is None:
+        return [np.arange(start, min(start + rows, count)) for start in range(0, min(count, rows * rows), rows)]
+    labels = np.asarray(groups)
+    return [np.flatnonzero(labels == group)[:rows] for group in sorted(set(labels.tolist()))[:rows]]
+
+
+GRID_ROWS = 8
+"""Rows (and tiles per row) of an image grid."""
+LABEL_SPACE = 5
+"""Pixels under each row of an image grid for its label (8x8 tiles)."""
+
+
+def _image_grids(panels: tuple[np.ndarray, np.ndarray], side: int, path, title: str,
+                 groups: Optional[tuple[Sequence[str], Sequence[str]]] = None,
+                 rewards: Optional[tuple[np.ndarray, np.ndarray]] = None, rows: int = GRID_ROWS) -> Figure:
     """Two grids of rows x rows square tiles (side x side pixels and a gap, grey scale shared by both): generated,
-    then data."""
-    fig = Figure(figsize=(10, 5.4), layout="constrained")
+    then data; with groups or rewards, each row's condition and mean reward under it."""
+    fig = Figure(figsize=(10, 5.4 if groups is None and rewards is None else 6.4), layout="constrained")
+    generated, data = panels
     low, high = float(data.min()), float(data.max())
+    labelled = groups is not None or rewards is not None
+    space = LABEL_SPACE if labelled else 0
     for panel, (name, points) in enumerate((("generated", generated), ("data", data))):
-        grid = image_grid(points, side, rows, low)
+        members = grid_rows(points.shape[0], rows, None if groups is None else groups[panel])
+        laid_out = np.full((rows * rows, points.shape[1]), np.nan)
+        for row, indices in enumerate(members):
+            laid_out[row * rows:row * rows + len(indices)] = points[indices]
         ax = fig.add_subplot(1, 2, panel + 1)
-        ax.imshow(grid, cmap="gray_r", vmin=low, vmax=high)
+        ax.imshow(image_grid(laid_out, side, rows, low, space), cmap="gray_r", vmin=low, vmax=high)
+        for row, indices in enumerate(members if labelled else []):
+            parts = [str(groups[panel][indices[0]])] if groups is not None and len(indices) else []
+            if rewards is not None and len(indices):
+                parts.append(f"h {float(np.mean(rewards[panel][indices])):.2f}")
+            ax.text(rows * (side + 1) / 2 - 0.5, row * (side + 1 + space) + side + space / 2, ", ".join(parts),
+                    ha="center", va="center", fontsize=7)
         ax.set_title(f"{name}" + (f": {title}" if title and panel == 0 else ""), fontsize=9)
         ax.axis("off")
     _save_atomically(fig, path)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from distq import rundir
@@ -27,7 +28,7 @@ from distq.evaluation import evaluate_policy, kl_reliability
 from distq.interrupt import Interrupted, StopRequest
 from distq.interrupt import name as signal_name
 from distq.learner import TERMINAL_MEAN, TrainingDiverged, deployed_policy, with_initial_policy
-from distq.plots import plot_samples, plot_training_curves
+from distq.plots import GRID_ROWS, grid_rows, is_image, plot_samples, plot_training_curves
 from distq.rewards import load_reward, rewarded_region
 from distq.rollout import Rollout, episode_chunks
 from distq.runtime import configure_cpu
@@ -481,6 +482,23 @@ def final_progress(log: MetricsLog, start: int, episode: int) -> None:
                                if k.startswith((TERMINAL_MEAN, "loss/"))})
 
 
+def plot_image_grids(config: Config, dataset: Dataset, reward, samples: torch.Tensor,
+                     conditions: Optional[torch.Tensor], path: Path, title: str):
+    """samples.png of image data: the tiles it shows (a row per condition in conditional runs), each row's condition
+    and mean reward under it; h is evaluated on the shown tiles only. samples: the model's coordinates."""
+    panels, groups, rewards = [], [], []
+    for points, labels in ((samples, conditions), (dataset.points, dataset.labels)):
+        names = (None if labels is None else
+                 [f"{config.data.condition} {dataset.condition_values[int(c)]}" for c in labels])
+        shown = torch.from_numpy(np.concatenate(grid_rows(points.shape[0], GRID_ROWS, names)))
+        inputs = (points[shown],) + (() if labels is None else (labels[shown],))
+        panels.append(dataset.standardization.to_user(points[shown]))
+        groups.append(None if names is None else [names[i] for i in shown.tolist()])
+        rewards.append(np.asarray(reward(*inputs).detach().cpu(), dtype=float))
+    return plot_samples(*panels, dataset.columns, path, title=title,
+                        groups=None if groups[0] is None else (groups[0], groups[1]), rewards=(rewards[0], rewards[1]))
+
+
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog,
            episodes: tuple[int, int], wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the run trained over `episodes` (first, last], write samples, plots and summary.json, and print the
@@ -488,14 +506,17 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
     metrics.update(kl_reliability(config, dataset.dim))
     to_user = dataset.standardization.to_user
-    samples = to_user(samples)
+    model_samples, samples = samples, to_user(samples)
     rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns,
                          _condition_column(config, dataset, conditions))
-    plot_samples(samples, to_user(dataset.points), dataset.columns, run_dir / rundir.PLOT,
-                 title=f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}\n"
-                       f"reward {metrics['reward_mean']:.3f} +- {metrics['reward_ci95']:.3f}, "
-                       f"KL {metrics['kl_mean']:.3f} +- {metrics['kl_ci95']:.3f} (95% CIs)",
-                 region=rewarded_region(config.reward.fn))
+    title = (f"{dataset.name}: beta={config.train.beta:g}, {config.sde.sampler}, K={config.sde.num_steps}\n"
+             f"reward {metrics['reward_mean']:.3f} +- {metrics['reward_ci95']:.3f}, "
+             f"KL {metrics['kl_mean']:.3f} +- {metrics['kl_ci95']:.3f} (95% CIs)")
+    if is_image(dataset.dim):
+        plot_image_grids(config, dataset, reward, model_samples, conditions, run_dir / rundir.PLOT, title)
+    else:
+        plot_samples(samples, to_user(dataset.points), dataset.columns, run_dir / rundir.PLOT, title=title,
+                     region=rewarded_region(config.reward.fn))
     if log.rows:
         columns = list(dict.fromkeys(k for r in log.rows for k in r))
         plot_training_curves({k: [r.get(k) for r in log.rows] for k in columns}, run_dir / rundir.TRAINING_PLOT)

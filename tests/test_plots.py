@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distq.errors import DistqError
-from distq.plots import image_grid, plot_samples, plot_training_curves
+from distq.plots import LABEL_SPACE, grid_rows, image_grid, plot_samples, plot_training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -78,6 +78,51 @@ def test_image_grid_tiles_are_square_in_reading_order_with_a_gap():
     assert grid.shape == (9, 9)
     assert (grid[0:2, 3:5] == points[1].reshape(2, 2)).all() and (grid[3:5, 3:5] == points[4].reshape(2, 2)).all()
     assert (grid[2, :] == 0).all() and (grid[:, 2] == 0).all() and (grid[3:5, 6:8] == 0).all()  # gaps, missing
+
+
+def test_grid_rows_in_order_or_one_group_per_row():
+    assert [r.tolist() for r in grid_rows(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    groups = ["b", "a", "b", "c", "a", "b", "b", "d"]
+    # sorted groups, the first `rows` of them, each row its first `rows` members
+    assert [r.tolist() for r in grid_rows(8, 3, groups)] == [[1, 4], [0, 2, 5], [3]]
+
+
+def test_image_grids_write_each_rows_condition_and_mean_reward_under_it(tmp_path):
+    side, rows = 8, 8
+    generated, data = np.random.default_rng(0).random((20, 64)), np.random.default_rng(1).random((30, 64))
+    generated_groups = ["label 1" if i % 2 else "label 0" for i in range(20)]
+    data_groups = [f"label {i % 3}" for i in range(30)]
+    generated_rewards, data_rewards = np.arange(20, dtype=float), np.full(30, 0.5)
+    fig = plot_samples(generated, data, tuple(f"x{i}" for i in range(64)), tmp_path / "grid.png",
+                       groups=(generated_groups, data_groups), rewards=(generated_rewards, data_rewards))
+    texts = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    # label 0: samples 0, 2, .., 14 (the first 8 of the group), mean 7; label 1: 1, 3, .., 15, mean 8
+    assert texts == [["label 0, h 7.00", "label 1, h 8.00"], ["label 0, h 0.50", "label 1, h 0.50", "label 2, h 0.50"]]
+    height = fig.axes[0].images[0].get_array().shape[0]
+    assert height == rows * (side + 1 + LABEL_SPACE)  # room under each row for its label
+
+
+def test_a_conditional_digits_runs_grid_has_a_row_per_label_with_its_mean_reward(tmp_path):
+    """distq.train.plot_image_grids: h (own_digit) evaluated on the shown tiles, with their conditions."""
+    from distq.config import config_from_dict
+    from distq.data import load_dataset
+    from distq.rewards import load_reward
+    from distq.train import plot_image_grids
+
+    config = config_from_dict({"data": {"source": "digits", "condition": "label", "n_samples": 200},
+                               "reward": {"fn": "own_digit"}})
+    dataset = load_dataset(config.data, config.seed)
+    reward = load_reward(config.reward, dataset.points, dataset.labels, dataset.condition_values,
+                         dataset.standardization)
+    samples, conditions = dataset.points[:60], dataset.labels[:60]
+    fig = plot_image_grids(config, dataset, reward, samples, conditions, tmp_path / "samples.png", "digits")
+    generated = [t.get_text() for t in fig.axes[0].texts]
+    expected = []
+    for index in range(8):  # the first 8 labels present, each row its first 8 samples
+        rows = torch.nonzero(conditions == index).flatten()[:8]
+        h = reward(samples[rows], conditions[rows]).mean()
+        expected.append(f"label {dataset.condition_values[index]}, h {float(h):.2f}")
+    assert generated == expected
 
 
 def test_square_dimensions_are_drawn_as_image_grids(tmp_path):
