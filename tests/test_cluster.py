@@ -93,12 +93,72 @@ def test_the_mounted_checkout_does_not_shadow_the_installed_package(tmp_path):
     assert found == str(ROOT / "distq" / "__init__.py")
 
 
+def _cluster_nodes(config: dict) -> list[dict[str, float]]:
+    """The resources of every node of a cluster file at its largest: the head, and each worker type's max_workers."""
+    nodes = []
+    for name, node_type in config["available_node_types"].items():
+        count = 1 if name == config["head_node_type"] else node_type["max_workers"]
+        nodes += [dict(node_type["resources"]) for _ in range(count)]
+    return nodes
+
+
+def _packs(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether the bundles (each on one node, as Ray places a placement group's bundle) fit the nodes: first fit,
+    largest bundles first."""
+    free = [dict(node) for node in nodes]
+    for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            return False
+        for k, v in bundle.items():
+            node[k] -= v
+    return True
+
+
+def test_the_packing_check_can_fail():
+    nodes = [{"CPU": 8}, {"CPU": 4, "GPU": 1}]
+    assert _packs([{"CPU": 4, "GPU": 1}, {"CPU": 8}], nodes)
+    assert not _packs([{"CPU": 1, "GPU": 2}], nodes) and not _packs([{"CPU": 5, "GPU": 1}], nodes)
+    assert not _packs([{"CPU": 6}] * 2, nodes)
+
+
 def test_gpu_cluster_is_aws_with_a_cpu_head_and_autoscaled_gpu_workers():
     config = _load("gpu.yaml")
     assert config["provider"]["type"] == "aws"
     nodes = config["available_node_types"]
     head = nodes[config["head_node_type"]]
     assert head["node_config"]["InstanceType"].startswith(("m", "c"))  # general purpose / compute: no GPU
+    assert "GPU" not in head["resources"]
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
     assert workers and all(w["node_config"]["InstanceType"].startswith(("g", "p")) for w in workers)
-    assert all(w["min_workers"] == 0 and w["max_workers"] >= 1 for w in workers)
+    assert all(w["min_workers"] == 0 and w["max_workers"] >= 1 and w["resources"]["GPU"] >= 1 for w in workers)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tuning").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweeps_trials_fit_the_gpu_cluster(path):
+    """A trial's placement group (distq.tuning.trial_resources: its process, and a Learner and RolloutWorkers when it
+    trains on actors) must fit gpu.yaml's nodes, each bundle on one node, or the sweep waits for ever there. Memory
+    reservations are left out (every node type has at least 16 GiB)."""
+    tuning = pytest.importorskip("distq.tuning")
+    from distq.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    # each numeric searched value at its largest (resources grow with them)
+    trial = {dim.path: tuning._largest(sweep, dim.path) for dim in sweep.search_space
+             if all(isinstance(v, (int, float)) for v in dim.values)}
+    bundles = [{k: v for k, v in b.items() if k != "memory"}
+               for b in tuning.trial_resources(sweep)(trial).bundles]
+    assert _packs(bundles, _cluster_nodes(_load("gpu.yaml"))), bundles
+
+
+def test_the_gpu_training_config_fits_the_gpu_cluster():
+    """configs/swiss_roll_gpu.yaml, the run gpu.yaml's header shows: its Learner actor's GPU and CPUs on one GPU
+    worker, its rollout actors' CPUs anywhere in the cluster."""
+    from distq.configfile import load_config
+
+    parallel = load_config(ROOT / "configs" / "swiss_roll_gpu.yaml").parallel
+    learner = {"CPU": parallel.learner_num_cpus, "GPU": parallel.learner_num_gpus}
+    worker = {"CPU": parallel.num_cpus_per_worker, "GPU": parallel.num_gpus_per_worker}
+    bundles = [{k: v for k, v in b.items() if v > 0} for b in [learner] + [worker] * parallel.workers]
+    assert learner["GPU"] >= 1 and _packs(bundles, _cluster_nodes(_load("gpu.yaml")))
+    assert "configs/swiss_roll_gpu.yaml" in (ROOT / "cluster" / "gpu.yaml").read_text()
