@@ -2,8 +2,8 @@
 
 One W&B run per Tune trial (run id = trial id), one group per sweep. Ray's WandbLoggerCallback logs from the Tune
 driver, so every run's files land in the experiment directory whatever node the trial ran on: the trial's
-config, the metrics of every report, the evaluation's sample plot (samples.png of each checkpoint) and, as the
-run's summary, the final report.
+config, the metrics of every report, the evaluation's sample plot (samples.png of each checkpoint that has one: the
+last report's) and, as the run's summary, the final report.
 
 Offline unless WANDB_API_KEY is set (or WANDB_MODE says otherwise): nothing reaches the network, and each trial
 gets TRIAL_DIR/wandb/offline-run-*; upload them later with `wandb sync TRIAL_DIR/wandb/offline-run-*`.

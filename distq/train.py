@@ -89,9 +89,12 @@ class MetricsLog:
     """Window means of the learner's metrics, one row per `log_every` episodes, and the progress line."""
 
     def __init__(self, config: Config, rows: list[dict[str, Any]], start_episode: int, echo: Echo,
-                 on_row: Optional[Callable[[dict[str, Any]], None]] = None, tilt: Optional[DataTilt] = None):
-        """tilt: weighted dsm's data tilt, whose effective sample size every progress line shows."""
+                 on_row: Optional[Callable[[dict[str, Any]], None]] = None, tilt: Optional[DataTilt] = None,
+                 report_every: int = 0):
+        """tilt: weighted dsm's data tilt, whose effective sample size every progress line shows. report_every: a
+        row also ends at each report (Reports), whose metrics read the last row."""
         self.config, self.rows, self.echo, self.on_row, self.tilt = config, rows, echo, on_row, tilt
+        self.report_every = report_every
         self.window: dict[str, list[float]] = {}
         self.start_episode, self.start_time = start_episode, time.perf_counter()
         self.last_print = -math.inf
@@ -106,7 +109,8 @@ class MetricsLog:
         if self.warm is None:
             self.warm = (episode, time.perf_counter())
         self.last_eval = evals or self.last_eval
-        if episode % self.config.train.log_every == 0 or episode == self.config.train.episodes or evals:
+        reported = self.report_every > 0 and episode % self.report_every == 0
+        if episode % self.config.train.log_every == 0 or episode == self.config.train.episodes or evals or reported:
             row = {"episode": episode, **{k: sum(v) / len(v) for k, v in self.window.items()},
                    "episodes_per_s": self.rate(episode), **evals}
             self.rows.append(row)
@@ -334,15 +338,28 @@ class Kept:
         return f"{stopped} before the first checkpoint; no checkpoint was written (start again, {self.run_dir} holds no run)"
 
 
+@dataclasses.dataclass(frozen=True)
+class Reports:
+    """Reports during a run, for a Tune trial that keeps one run (data, networks, actors) across its reports: every
+    `every` episodes before the last the run is checkpointed and evaluated, summary.json is written (no samples, no
+    plots) and send(summary) is called. The last report is train()'s return value."""
+
+    every: int
+    send: Callable[[dict[str, Any]], None]
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, echo: Echo = print,
-          address: Optional[str] = None) -> dict[str, Any]:
+          address: Optional[str] = None, reports: Optional[Reports] = None) -> dict[str, Any]:
     """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents.
 
     `address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded instance).
+    `reports`: interim reports (not with parallel.mode ddp, whose loop runs in its workers).
     The run directory is locked throughout. SIGINT or SIGTERM stops the run after its current episode, with a
     checkpoint of it: Interrupted, whose message says which checkpoint is kept.
     """
     run_dir = Path(run_dir)
+    if reports is not None and config.parallel.mode == "ddp":
+        raise ValueError("interim reports are not available with parallel.mode ddp")
     configure_cpu(config.train.threads)
     dataset, reward, init, tilt = check_inputs(config, resume, run_dir)
     with rundir.locked(run_dir, "--resume" if resume else "--out"):
@@ -350,7 +367,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         kept = Kept(run_dir, payload["episode"] if payload is not None else None)
         tracker = open_tracker(config, run_dir)
         try:
-            summary = _train(config, run_dir, dataset, reward, payload, init, tilt, kept, echo, address, tracker)
+            summary = _train(config, run_dir, dataset, reward, payload, init, tilt, kept, echo, address, tracker,
+                             reports)
         except KeyboardInterrupt:  # before the run's own handlers were up
             raise Interrupted(signal.SIGINT, kept.message(signal.SIGINT)) from None
         except Interrupted as stop:
@@ -376,7 +394,8 @@ def open_tracker(config: Config, run_dir: Path):
 
 
 def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init,
-           tilt: Optional[DataTilt], kept: Kept, echo: Echo, address: Optional[str], tracker) -> dict[str, Any]:
+           tilt: Optional[DataTilt], kept: Kept, echo: Echo, address: Optional[str], tracker,
+           reports: Optional[Reports] = None) -> dict[str, Any]:
     start = payload["episode"] if payload is not None else 0
     warning = ess_warning(tilt, config, dataset)
     if warning:
@@ -386,13 +405,29 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
     with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
         try:
             log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo,
-                             tracker.row if tracker is not None else None, tilt)
+                             tracker.row if tracker is not None else None, tilt,
+                             reports.every if reports is not None else 0)
             began = time.perf_counter()
+            report = None
+            if reports is not None:
+                evaluator = build_rollout(config, dataset.points, reward, labels=dataset.labels)
+
+                def report(episode: int) -> None:
+                    evaluator.set_weights(backend.policy_weights())
+                    metrics = evaluate_policy(evaluator, dataset, reward, config)[0]
+                    metrics.update(kl_reliability(config, dataset.dim))
+                    wall = time.perf_counter() - began
+                    summary = summarize(config, dataset, metrics, (start, episode), wall, {
+                        "workers": backend.workers, "worker_restarts": backend.restarts,
+                        **monitor.summary(run_dir, wall), **ess_summary(tilt, dataset)})
+                    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+                    reports.send(summary)
             if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
                 backend.loop(run_dir, dataset, log, start, stop, kept)
                 last = config.train.episodes
             else:
-                last = _loop(config, run_dir, backend, dataset, log, start, stop, kept, monitor)
+                last = _loop(config, run_dir, backend, dataset, log, start, stop, kept, monitor,
+                             (reports.every, report) if reports is not None else None)
             wall = time.perf_counter() - began
             stop.stop_deferring()
             weights = backend.policy_weights()
@@ -443,8 +478,9 @@ def _nbytes(state: Any) -> int:
 
 
 def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int, stop: StopRequest,
-          kept: Kept, monitor: Monitor) -> int:
+          kept: Kept, monitor: Monitor, report: Optional[tuple[int, Callable[[int], None]]] = None) -> int:
     """Episodes start + 1 .. train.episodes; after a signal, the episode under way is checkpointed and the loop stops.
+    report (every, call): every `every` episodes before the last, a checkpoint, then call(episode).
     -> the last episode (earlier than train.episodes if the KL budget stopped the run)."""
     episode = start
     for episode in range(start + 1, config.train.episodes + 1):
@@ -466,9 +502,12 @@ def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: Metrics
         if monitor.stop_reason:
             log.echo(f"stopped at episode {episode}: {monitor.stop_reason}")
             break
-        if episode % config.train.checkpoint_every == 0 or stop.signum is not None:
+        reporting = report is not None and episode % report[0] == 0 and episode < config.train.episodes
+        if episode % config.train.checkpoint_every == 0 or stop.signum is not None or reporting:
             _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
             kept.episode = episode
+        if reporting:
+            report[1](episode)
     final_progress(log, start, episode)
     _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
     kept.episode = episode
@@ -499,6 +538,18 @@ def plot_image_grids(config: Config, dataset: Dataset, reward, samples: torch.Te
                         groups=None if groups[0] is None else (groups[0], groups[1]), rewards=(rewards[0], rewards[1]))
 
 
+def summarize(config: Config, dataset: Dataset, metrics: dict[str, Any], episodes: tuple[int, int], wall: float,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's contents: the evaluation's metrics of the run trained over `episodes` (first, last] in `wall`
+    seconds, what it was, and `extra`."""
+    start, last = episodes
+    return {**metrics, "episodes": last, "wall_s": wall,
+            "episodes_per_s": (last - start) / wall if wall > 0 else 0.0, "dim": dataset.dim, "n_data": dataset.n,
+            "beta": config.train.beta, "temperature": config.train.temperature, "sampler": config.sde.sampler,
+            "steps": config.sde.num_steps, "schedule": config.sde.schedule,
+            "standardized": not dataset.standardization.identity, **extra}
+
+
 def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, reward, log: MetricsLog,
            episodes: tuple[int, int], wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the run trained over `episodes` (first, last], write samples, plots and summary.json, and print the
@@ -520,13 +571,7 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
     if log.rows:
         columns = list(dict.fromkeys(k for r in log.rows for k in r))
         plot_training_curves({k: [r.get(k) for r in log.rows] for k in columns}, run_dir / rundir.TRAINING_PLOT)
-    start, last = episodes
-    done = last - start
-    summary = {**metrics, "episodes": last, "wall_s": wall,
-               "episodes_per_s": done / wall if wall > 0 else 0.0, "dim": dataset.dim, "n_data": dataset.n,
-               "beta": config.train.beta, "temperature": config.train.temperature, "sampler": config.sde.sampler,
-               "steps": config.sde.num_steps, "schedule": config.sde.schedule,
-               "standardized": not dataset.standardization.identity, **extra}
+    summary = summarize(config, dataset, metrics, episodes, wall, extra)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     echo(f"reward {metrics['reward_mean']:.4f} ± {metrics['reward_ci95']:.4f} | "
          f"KL {metrics['kl_mean']:.4f} ± {metrics['kl_ci95']:.4f} (estimator floor {metrics['kl_floor']:.4f}) | "

@@ -86,17 +86,26 @@ def _metrics(summary: dict[str, Any], run_dir: Path, sweep: Sweep) -> dict[str, 
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
-    """Tune function trainable: train the trial's config, reporting and checkpointing every report_every episodes."""
-    from distq.train import train
+    """Tune function trainable: train the trial's config, reporting and checkpointing every report_every episodes.
+    One run (its data, networks and actors) serves all the reports (distq.train.Reports); a ddp run, whose loop
+    runs in its Ray Train workers, is continued from its checkpoint for each report instead."""
+    from distq.train import Reports, train
 
     full = config_from_flat({**sweep.base, **config})
     full = dataclasses.replace(full, tracking=dataclasses.replace(full.tracking, wandb=False))  # the callback logs
     run_dir = Path(tune.get_context().get_trial_dir()) / RUN
     start = _restore(run_dir)
+
+    def report(summary: dict[str, Any]) -> None:
+        tune.report(_metrics(summary, run_dir, sweep), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+
+    if full.parallel.mode != "ddp":
+        report(train(full, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None,
+                     reports=Reports(sweep.report_every, report)))
+        return
     for end in _report_points(start, full.train.episodes, sweep.report_every):
         segment = dataclasses.replace(full, train=dataclasses.replace(full.train, episodes=end))
-        summary = train(segment, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None)
-        tune.report(_metrics(summary, run_dir, sweep), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+        report(train(segment, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None))
         start = end
 
 

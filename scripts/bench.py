@@ -9,6 +9,8 @@
     python scripts/bench.py ratio     # bias and variance of the running reward for each ratio.method, m and k
     python scripts/bench.py scale     # episodes/s and peak memory as N, d and B grow, per ratio method (+ scale.png)
     python scripts/bench.py scale-large  # only scale's minibatch N = 10^5 vs 10^6 comparison
+    python scripts/bench.py tune      # sweep efficiency: a 2-trial sweep vs its trials as plain runs side by side
+                                      # (--checkouts DIR ...: other distq checkouts, e.g. git worktrees, beside it)
 
 Speed figures are measured in one process, alternating the variants in rounds so machine noise hits all alike.
 """
@@ -26,6 +28,7 @@ from scripts.benchmarking.parallel import SETTINGS as PARALLEL_SETTINGS, bench_p
 from scripts.benchmarking.quality import bench_quality  # noqa: E402
 from scripts.benchmarking.ratio import _scale_cell, bench_large_minibatch, bench_ratio, bench_scale, plot_scale  # noqa: E402
 from scripts.benchmarking.speed import bench_core  # noqa: E402
+from scripts.benchmarking.tuning import bench_tune  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -35,13 +38,16 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_scale_cell":  # one cell of `scale`, in its own process
         print(json.dumps(_scale_cell(json.loads(sys.argv[2]))))
         return
-    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale", "scale-large", "scale-plot"), nargs="?",
+    parser.add_argument("what", choices=("core", "quality", "parallel", "rllib", "ratio", "scale", "scale-large", "scale-plot",
+                                         "tune"), nargs="?",
                         default="core")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=None, help="episodes per round (rllib: env steps per round)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.5])
     parser.add_argument("--settings", nargs="+", choices=tuple(PARALLEL_SETTINGS), default=tuple(PARALLEL_SETTINGS),
                         help="parallel: which settings to run")
+    parser.add_argument("--checkouts", nargs="+", type=Path, default=None,
+                        help="tune: distq checkouts to compare, e.g. a git worktree of an older commit (default: this one)")
     parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for quality runs, e.g. --set sde.dt=0.1 (repeatable)")
@@ -51,6 +57,8 @@ def main() -> None:
         result = bench_core(args.rounds, args.episodes or 100)
     elif args.what == "parallel":
         result = bench_parallel(args.rounds, args.episodes, args.settings)
+    elif args.what == "tune":
+        result = bench_tune(args.rounds, args.episodes, args.checkouts or (OUT.parent,))
     elif args.what == "rllib":
         result = bench_rllib(args.rounds, args.episodes or 4000)
     elif args.what == "ratio":

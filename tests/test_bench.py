@@ -65,3 +65,13 @@ def test_the_scaling_model_predicts_from_the_measured_parts():
     # the peak of 20 / (20 / W + 2 (W - 1) 0.1 + 2 (W - 1) / W + 2) (ms) is at W = sqrt((20 - 2) / 0.2) ~ 9.5
     assert model["one_node"]["stops_paying_at_W"] in (9, 10)
     assert model["across_nodes_assumed_10gbit"]["speedup"]["2"] < 20 / 12
+
+
+def test_tune_times_a_sweep_and_its_trials_as_plain_runs(bench):
+    """bench.py tune at 3 episodes: the sweep and the two plain runs both finish (each command exits 0) and the
+    efficiency is their ratio."""
+    result = bench.bench_tune(rounds=1, episodes=3)
+    (checkout,) = result["checkouts"].values()
+    assert checkout["plain_s_median"] > 0 and checkout["sweep_s_median"] > 0
+    assert checkout["efficiency"] == pytest.approx(checkout["plain_s_median"] / checkout["sweep_s_median"])
+    json.dumps(result)
