@@ -18,22 +18,12 @@ from typing import Any
 import torch
 
 from distq import rundir
-from distq.config import Config, config_from_dict
+from distq.config import Config, config_from_dict, run_settings
 from distq.errors import DistqError
 from distq.schema import flatten
 
 FORMAT, UNCHECKED_FORMAT = 2, 1
 HEADER = b"distq checkpoint sha256 "
-# Fields that may change between a run and its resumption: how long, how it reports and where it computes (a
-# GPU-trained run continues on a laptop), not what it learns.
-RESUMABLE_CHANGES = ("train.episodes", "train.log_every", "train.checkpoint_every", "train.progress_seconds",
-                     "train.processes", "train.device", "train.kl_patience", "eval.every",
-                     "tracking.wandb", "tracking.project", "tracking.group", "tracking.entity", "tracking.mode",
-                     "train.threads", "eval.n_samples", "eval.batches", "eval.k", "parallel.workers",
-                     "parallel.num_cpus_per_worker", "parallel.num_gpus_per_worker", "parallel.learner_num_cpus",
-                     "parallel.learner_num_gpus", "parallel.rollout_device", "parallel.memory_per_worker_mb",
-                     "parallel.learner_memory_mb", "parallel.ray_num_cpus",
-                     "parallel.connect_timeout_s", "parallel.mode", "parallel.max_failures")
 _REQUIRED = ("format", "config", "episode", "learner", "columns")
 
 
@@ -95,7 +85,9 @@ def _reason(err: Exception) -> str:
 
 
 def config_differences(saved: dict[str, Any], config: Config) -> list[str]:
-    """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring RESUMABLE_CHANGES.
+    """Dotted keys whose values differ between a checkpoint's config and `config`, ignoring the run settings
+    (distq.config.run_settings: how long, how it reports and where it computes -- a GPU-trained run continues on a
+    laptop -- not what it learns).
     Keys that an older distq did not write take their defaults (they did what the default does)."""
     try:
         saved = config_from_dict(saved).to_dict()
@@ -103,7 +95,8 @@ def config_differences(saved: dict[str, Any], config: Config) -> list[str]:
         pass  # compared as written: every differing key is named
     old, new = flatten(saved), flatten(config.to_dict())
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    resumable = run_settings()
+    return [k for k in keys if k not in resumable and old.get(k) != new.get(k)]
 
 
 def check_compatible(payload: dict[str, Any], config: Config, path: str | Path) -> None:
@@ -113,4 +106,5 @@ def check_compatible(payload: dict[str, Any], config: Config, path: str | Path) 
         flat_old = flatten(payload["config"])
         shown = ", ".join(f"{k} (checkpoint {flat_old.get(k)!r})" for k in diffs[:6])
         raise DistqError(f"checkpoint {path} was trained with a different config: {shown}; "
-                         f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume")
+                         "only run settings (how long, devices, workers, logging, evaluation, tracking; "
+                         "docs/configuration.md) may change on --resume")

@@ -13,6 +13,19 @@ from typing import Any, Optional
 
 from distq.schema import build, fail, plain
 
+RUN_SETTING = "run_setting"
+"""Field metadata of the keys that only say how to run an experiment, not what it is: how long, on which devices,
+threads, processes and workers, how often to log, checkpoint and evaluate, how the evaluation samples, tracking.
+`--resume` accepts changes to them (distq.checkpoint); every other key defines the experiment."""
+RUN_SECTIONS = ("parallel", "tracking")
+"""Sections whose every key is a run setting."""
+
+
+def run_setting(default: Any) -> Any:
+    """A dataclass field with `default` that is a run setting (RUN_SETTING)."""
+    return field(default=default, metadata={RUN_SETTING: True})
+
+
 SOURCES = ("gmm1d", "swiss_roll", "gaussian", "gmm", "digits", "file")
 SCHEDULES = ("ou", "ve", "vp")
 SAMPLERS = ("sde", "ode_euler", "ddim")
@@ -260,21 +273,21 @@ class TrainConfig:
     """Weight of the terminal reward beta (E6); 0 = plain score matching. dsm: the data's weights exp(beta h)."""
     temperature: float = 5.0
     """Entropy temperature theta (E8); policy covariance theta / g^2 (E10)."""
-    episodes: int = 50000
+    episodes: int = run_setting(50000)
     """Number of updates; each uses a batch of fresh trajectories."""
     batch_size: int = 300
     """Trajectories per episode B."""
     chunk_size: int = 100
     """Trajectories per independent random stream; batches split across rollout workers in whole chunks."""
-    threads: int = 1
+    threads: int = run_setting(1)
     """torch CPU threads of the training process (0 = one per core). More than 1 pays only on an otherwise idle
     machine: OpenMP threads that share a core with another busy process slow training several-fold."""
-    device: str = "cpu"
+    device: str = run_setting("cpu")
     """auto | cpu | cuda: where the learner's networks, optimiser state and updates live (in the training process,
     or in the Learner actor with parallel.workers > 0, where auto means cuda only if it reserves a GPU,
     parallel.learner_num_gpus > 0). cpu by default: at paper scale the networks are too small for a GPU to pay off.
     Checkpoints are CPU tensors whatever the device, so a run resumes on any machine."""
-    processes: int = 1
+    processes: int = run_setting(1)
     """1: Algorithm 1 in the training process. 2: the critic (ratio-estimated running rewards and the value
     network's forward, backward and Adam step) runs in a second process on another core, overlapping the rollout
     and the policy update; the numbers are the same. A speed option: where it cannot split the run (Ray rollout
@@ -309,16 +322,16 @@ class TrainConfig:
     """constant | cosine (decay to 0 over the episodes)."""
     grad_clip: Optional[float] = None
     """Clip each network's gradient norm to this value (None = off)."""
-    log_every: int = 50
+    log_every: int = run_setting(50)
     """Episodes between rows of metrics.parquet."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = run_setting(1000)
     """Episodes between checkpoints (one is always written at the end)."""
-    progress_seconds: float = 5.0
+    progress_seconds: float = run_setting(5.0)
     """Seconds between progress lines."""
     kl_budget: Optional[float] = None
     """With eval.every: keep the checkpoint of the evaluation with the most reward whose KL is within this budget
     (checkpoint_best.pt) and stop a run whose KL stays above it (train.kl_patience). None = no budget."""
-    kl_patience: int = 3
+    kl_patience: int = run_setting(3)
     """Consecutive evaluations with the KL above train.kl_budget that stop the run."""
 
     def __post_init__(self) -> None:
@@ -360,16 +373,16 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation (section 11): batches of generated samples against fresh data."""
 
-    n_samples: int = 300
+    n_samples: int = run_setting(300)
     """Generated samples per batch (and data samples per reference batch)."""
-    batches: int = 20
+    batches: int = run_setting(20)
     """Number of batches for the 95% confidence intervals (the paper uses 100)."""
-    k: int = 1
+    k: int = run_setting(1)
     """Neighbour index of the kNN KL estimator."""
     pca: int = 0
     """> 0: estimate the KL in the span of this many principal components of the training data (for high d,
     where kNN distances concentrate); 0: in the data's own coordinates."""
-    every: int = 0
+    every: int = run_setting(0)
     """Evaluate (eval.batches batches) every this many episodes during training, as eval/* columns of
     metrics.parquet; 0 = only at the end."""
 
@@ -531,3 +544,15 @@ def single_process_reason(config: Config) -> Optional[str]:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (the YAML layout)."""
     return build(Config, values, "", "config field")
+
+
+def run_settings() -> tuple[str, ...]:
+    """The dotted keys that only say how to run (RUN_SETTING, RUN_SECTIONS): those --resume may change."""
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory if section.default_factory is not dataclasses.MISSING else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            continue
+        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                 if section.name in RUN_SECTIONS or f.metadata.get(RUN_SETTING)]
+    return tuple(keys)

@@ -16,14 +16,15 @@ import textwrap
 import typing
 
 from distq import config as config_module
-from distq.config import Config
+from distq.config import RUN_SECTIONS, RUN_SETTING, Config
 
 HEADER = """# Configuration reference
 
 Generated from the field docs of `distq/config.py` by `python -m distq.reference > docs/configuration.md`; a test
 fails when this file is stale. A YAML config maps 1:1 onto these sections; `--set section.key=value` overrides one
 key on the command line (later flags win), and a sweep's `search_space` and `overrides` use the same dotted keys.
-Lists are written `[a,b]` on the command line.
+Lists are written `[a,b]` on the command line. Keys marked *run setting* only say how to run an experiment (how
+long, where, how often to log and evaluate); `--resume` accepts changes to them and to nothing else.
 """
 
 
@@ -75,11 +76,14 @@ def render() -> str:
     for section in sections:
         cls = hints[section]
         docs = field_docs(cls)
-        lines += ["", f"## `{section}`", "", _cell(inspect.cleandoc(cls.__doc__ or "")), "",
+        whole = section in RUN_SECTIONS
+        note = " Every key of this section is a *run setting*." if whole else ""
+        lines += ["", f"## `{section}`", "", _cell(inspect.cleandoc(cls.__doc__ or "")) + note, "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):
+            marked = "*Run setting.* " if field.metadata.get(RUN_SETTING) and not whole else ""
             lines.append(f"| `{section}.{field.name}` | {_type(str(field.type))} | `{_default(field)}` | "
-                         f"{_cell(docs.get(field.name, ''))} |")
+                         f"{marked}{_cell(docs.get(field.name, ''))} |")
     return "\n".join(lines) + "\n"
 
 

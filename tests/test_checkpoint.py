@@ -56,3 +56,27 @@ def test_format_1_files_without_a_checksum_still_load(tmp_path):
     (tmp_path / "stripped.pt").write_bytes(buffer.getvalue())
     with pytest.raises(DistqError, match="format 2 but no checksum header"):
         load_checkpoint(tmp_path / "stripped.pt")
+
+
+def test_resume_accepts_changed_run_settings_and_names_any_other_changed_key(tmp_path):
+    """distq.config.run_settings (fields marked run_setting, and the parallel and tracking sections) may change on
+    --resume; a key that defines the experiment, even an evaluation one (eval.pca), may not."""
+    import dataclasses
+
+    from distq.checkpoint import check_compatible, config_differences
+    from distq.config import config_from_dict, run_settings
+    from distq.errors import DistqError
+
+    assert {"train.episodes", "train.device", "eval.batches", "parallel.mode", "tracking.project"} <= set(run_settings())
+    assert not {"train.beta", "train.lr_policy", "eval.pca", "model.hidden", "seed"} & set(run_settings())
+    saved = config_from_dict({}).to_dict()
+    changed = config_from_dict({"train": {"episodes": 7, "device": "auto", "log_every": 3},
+                                "eval": {"batches": 3}, "parallel": {"connect_timeout_s": 5.0},
+                                "tracking": {"project": "other"}})
+    assert config_differences(saved, changed) == []
+    other = dataclasses.replace(changed, eval=dataclasses.replace(changed.eval, pca=4),
+                                train=dataclasses.replace(changed.train, beta=2.0))
+    assert config_differences(saved, other) == ["eval.pca", "train.beta"]
+    with pytest.raises(DistqError, match=r"eval.pca \(checkpoint 0\), train.beta \(checkpoint 0.0\); only run "
+                                         r"settings"):
+        check_compatible({"config": saved}, other, tmp_path / "checkpoint.pt")
