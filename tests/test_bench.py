@@ -67,11 +67,17 @@ def test_the_scaling_model_predicts_from_the_measured_parts():
     assert model["across_nodes_assumed_10gbit"]["speedup"]["2"] < 20 / 12
 
 
-def test_tune_times_a_sweep_and_its_trials_as_plain_runs(bench):
-    """bench.py tune at 3 episodes: the sweep and the two plain runs both finish (each command exits 0) and the
-    efficiency is their ratio."""
-    result = bench.bench_tune(rounds=1, episodes=3)
-    (checkout,) = result["checkouts"].values()
-    assert checkout["plain_s_median"] > 0 and checkout["sweep_s_median"] > 0
-    assert checkout["efficiency"] == pytest.approx(checkout["plain_s_median"] / checkout["sweep_s_median"])
-    json.dumps(result)
+def test_tunes_sweep_file_validates_and_its_plain_run_command_trains(tmp_path):
+    """bench.py tune's two commands without the sweep's minutes: its sweep file passes the sweep validation (the
+    grid of BETAS, report_every), and a plain `distq train` as it runs them finishes in a checkout's own process."""
+    from distq.sweep import load_sweep
+    from scripts.benchmarking import tuning
+
+    sweep = load_sweep(tuning._sweep_file(tmp_path, 3))
+    assert sweep.search_space[0].values == tuning.BETAS and sweep.report_every == tuning.REPORT_EVERY
+    assert sweep.base["train.episodes"] == 3 and sweep.base["train.processes"] == 1
+    run = tmp_path / "run"
+    command = ["train", str(ROOT / "configs" / "swiss_roll.yaml"), "--out", str(run), "--set", "train.episodes=2",
+               "--set", "train.processes=1", "--set", "eval.n_samples=32", "--set", "eval.batches=2"]
+    assert tuning._run([command], ROOT) > 0
+    assert json.loads((run / "summary.json").read_text())["episodes"] == 2
