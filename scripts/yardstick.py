@@ -1,6 +1,6 @@
 """When does q-learning beat weighting the data? Algorithm 1 beside reward-weighted dsm and the perfect learner.
 
-    python scripts/yardstick.py                      # the three problems at full length: about an hour on 2 cores
+    python scripts/yardstick.py                      # the three problems at full length: about 2 hours on 2 cores
     python scripts/yardstick.py --quick              # a tenth of the episodes, 5 evaluation batches (says so)
     python scripts/yardstick.py --problems gmm1d --set train.device=cuda
 
@@ -42,7 +42,7 @@ class Problem:
 
 
 PROBLEMS = {
-    "swiss_roll": Problem("configs/swiss_roll_fine.yaml", (1.0, 1.75, 2.5, 3.25), 20_000, (0.7, 0.8, 0.9)),
+    "swiss_roll": Problem("configs/swiss_roll_fine.yaml", (0.5, 1.0, 1.75, 2.5, 3.25), 20_000, (0.7, 0.8, 0.9)),
     "gmm1d": Problem("configs/gmm1d.yaml", (0.3, 0.6, 1.0, 1.5), 10_000, (-4.0, -3.5, -3.0)),
     "digits": Problem("configs/digits_three.yaml", (1.5, 3.0, 6.0), 600, (0.3, 0.45, 0.6),
                       ("train.policy_gradient=td", "train.target_rate=0")),
