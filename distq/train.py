@@ -402,6 +402,12 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
         echo(warning)
     backend = make_backend(config, dataset, reward, address, echo)
     monitor = Monitor(config, dataset, reward, payload.get("monitor") if payload is not None else None)
+
+    def extras(workers: int, restarts: int, wall: float) -> dict[str, Any]:
+        """What summary.json adds to the evaluation: workers, the KL budget's state, weighted dsm's ESS."""
+        return {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall),
+                **ess_summary(tilt, dataset)}
+
     with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
         try:
             log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo,
@@ -414,12 +420,9 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
 
                 def report(episode: int) -> None:
                     evaluator.set_weights(backend.policy_weights())
-                    metrics = evaluate_policy(evaluator, dataset, reward, config)[0]
-                    metrics.update(kl_reliability(config, dataset.dim))
                     wall = time.perf_counter() - began
-                    summary = summarize(config, dataset, metrics, (start, episode), wall, {
-                        "workers": backend.workers, "worker_restarts": backend.restarts,
-                        **monitor.summary(run_dir, wall), **ess_summary(tilt, dataset)})
+                    summary = summarize(config, dataset, evaluation(config, evaluator, dataset, reward)[0],
+                                        (start, episode), wall, extras(backend.workers, backend.restarts, wall))
                     rundir.write_json(run_dir / rundir.SUMMARY, summary)
                     reports.send(summary)
             if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
@@ -436,10 +439,9 @@ def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Opt
             backend.close()
         rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
         rollout.set_weights(weights)
-        extra = {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall),
-                 **ess_summary(tilt, dataset)}
         try:
-            summary = finish(config, run_dir, rollout, dataset, reward, log, (start, last), wall, echo, extra)
+            summary = finish(config, run_dir, rollout, dataset, reward, log, (start, last), wall, echo,
+                             extras(workers, restarts, wall))
         except DistqError as err:
             raise DistqError(f"{err}; training finished and {run_dir / rundir.CHECKPOINT} (episode {kept.episode}) "
                              f"is kept: `distq evaluate {run_dir}` evaluates it") from None
@@ -538,6 +540,14 @@ def plot_image_grids(config: Config, dataset: Dataset, reward, samples: torch.Te
                         groups=None if groups[0] is None else (groups[0], groups[1]), rewards=(rewards[0], rewards[1]))
 
 
+def evaluation(config: Config, rollout: Rollout, dataset: Dataset, reward
+               ) -> tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]:
+    """A run's evaluation (evaluate_policy) with the KL estimate's reliability: (metrics, samples, conditions)."""
+    metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
+    metrics.update(kl_reliability(config, dataset.dim))
+    return metrics, samples, conditions
+
+
 def summarize(config: Config, dataset: Dataset, metrics: dict[str, Any], episodes: tuple[int, int], wall: float,
               extra: dict[str, Any]) -> dict[str, Any]:
     """summary.json's contents: the evaluation's metrics of the run trained over `episodes` (first, last] in `wall`
@@ -554,8 +564,7 @@ def finish(config: Config, run_dir: Path, rollout: Rollout, dataset: Dataset, re
            episodes: tuple[int, int], wall: float, echo: Echo, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the run trained over `episodes` (first, last], write samples, plots and summary.json, and print the
     headline metrics."""
-    metrics, samples, conditions = evaluate_policy(rollout, dataset, reward, config)
-    metrics.update(kl_reliability(config, dataset.dim))
+    metrics, samples, conditions = evaluation(config, rollout, dataset, reward)
     to_user = dataset.standardization.to_user
     model_samples, samples = samples, to_user(samples)
     rundir.write_samples(run_dir / rundir.SAMPLES, samples, dataset.columns,

@@ -59,6 +59,12 @@ def samplers(config) -> dict[str, tuple[str, float, int]]:
             "ddim, 5 steps": ("ddim", power, 5)}
 
 
+def _cells(evaluated: dict[str, dict]) -> str:
+    """Reward / KL with their CIs, one table cell per evaluation."""
+    return " | ".join(f"{_ci(m['reward_mean'], m['reward_ci95'])} / {_ci(m['kl_mean'], m['kl_ci95'])}"
+                      for m in evaluated.values())
+
+
 def problem_section(name: str, problem: Problem, args) -> str:
     """One problem's tables: KL at the targets per sampler and method, then every run."""
     episodes = max(1, problem.episodes // 10) if args.quick else problem.episodes
@@ -99,13 +105,9 @@ def problem_section(name: str, problem: Problem, args) -> str:
     for method, label in METHODS.items():
         for beta, summary, evaluated in runs[method]:
             ess = f"{summary['ess']:.0f} of {dataset.points.shape[0]}" if "ess" in summary else "-"
-            detail.append(f"| {label} | {beta:g} | " + " | ".join(
-                f"{_ci(m['reward_mean'], m['reward_ci95'])} / {_ci(m['kl_mean'], m['kl_ci95'])}"
-                for m in evaluated.values()) + f" | {summary['wall_s']:.0f} s | {ess} |")
+            detail.append(f"| {label} | {beta:g} | {_cells(evaluated)} | {summary['wall_s']:.0f} s | {ess} |")
     for beta, evaluated in perfect:
-        detail.append(f"| perfect learner | {beta:g} | " + " | ".join(
-            f"{_ci(m['reward_mean'], m['reward_ci95'])} / {_ci(m['kl_mean'], m['kl_ci95'])}"
-            for m in evaluated.values()) + " | - | - |")
+        detail.append(f"| perfect learner | {beta:g} | {_cells(evaluated)} | - | - |")
     return (f"## {name}: `{problem.config}`, {config.train.episodes:,} episodes per run\n\n" + "\n".join(rows) +
             "\n\nThe runs (reward and KL with 95% CIs; KL at a reward interpolates between the two betas whose rewards "
             "bracket it):\n\n" + "\n".join(detail) + "\n")
