@@ -6,8 +6,9 @@
 
 For each problem, q-learning (Algorithm 1) and weighted dsm (`train.algorithm: dsm` at beta > 0: denoising score
 matching on the data drawn by exp(beta h), no RL) are trained from scratch with the same config, the same number of
-episodes (one update each) and the same betas; the perfect learner (distq.evaluation.evaluate_perfect_learner: the
-exact score of the data's tilt, the optimum both approximate) is evaluated at those betas. Every model is evaluated
+episodes (one update each) and the same betas, and weighted dsm once more with q-learning's training time (METHODS);
+the perfect learner (distq.evaluation.evaluate_perfect_learner: the exact score of the data's tilt, the optimum both
+approximate) is evaluated at those betas. Every model is evaluated
 with the sde on its training grid, the sde at twice the steps and ddim at 5 steps. results/yardstick.md gets, per
 problem and sampler, each method's KL at the problem's target rewards (interpolated between the two betas whose
 rewards bracket it), then every run with its wall time and weighted dsm's effective sample size. Runs are kept
@@ -49,7 +50,10 @@ PROBLEMS = {
 }
 """The Swiss roll of Tables 3-4 (configs/swiss_roll_fine.yaml, rectangle reward), the 1D mixture of Figure 1
 (reward -|x - 6|), and "make it a 3" on digits (reward P(digit = 3), q-learning's settings of docs/large-data.md)."""
-METHODS = {"qlearning": "q-learning", "dsm": "weighted dsm"}
+METHODS = {"qlearning": "q-learning", "dsm": "weighted dsm", "dsm_same_time": "weighted dsm, q-learning's time"}
+"""The trained methods. `dsm_same_time` is weighted dsm given q-learning's training time at the same beta: its
+episodes are q-learning's times the ratio of the two runs' measured training rates (episodes_per_s of the same-updates
+runs), so it needs those two first."""
 
 
 def samplers(config) -> dict[str, tuple[str, float, int]]:
@@ -67,14 +71,19 @@ def _cells(evaluated: dict[str, dict]) -> str:
 
 def problem_section(name: str, problem: Problem, args) -> str:
     """One problem's tables: KL at the targets per sampler and method, then every run."""
-    episodes = max(1, problem.episodes // 10) if args.quick else problem.episodes
+    episodes = args.episodes or (max(1, problem.episodes // 10) if args.quick else problem.episodes)
     runs: dict[str, list] = {method: [] for method in METHODS}
     for method in METHODS:
-        for beta in problem.betas:
+        for i, beta in enumerate(problem.betas):
+            method_episodes = episodes
+            if method == "dsm_same_time":
+                rate = runs["dsm"][i][1]["episodes_per_s"] / runs["qlearning"][i][1]["episodes_per_s"]
+                method_episodes = max(1, round(episodes * rate))
+            algorithm = method.removesuffix("_same_time")
             config, run_dir, summary = trained(
                 f"{name}_{method}_beta{beta:g}", problem.config,
-                [*(problem.dsm_overrides if method == "dsm" else ()), f"train.algorithm={method}", f"train.beta={beta}"],
-                args, episodes)
+                [*(problem.dsm_overrides if algorithm == "dsm" else ()), f"train.algorithm={algorithm}",
+                 f"train.beta={beta}"], args, method_episodes)
             model = trained_rollout(config, run_dir)
             cells = {cell: evaluate_on(model, config, *spec) for cell, spec in samplers(config).items()}
             runs[method].append((beta, summary, cells))
@@ -101,14 +110,15 @@ def problem_section(name: str, problem: Problem, args) -> str:
                                                                for kl in kls) + " |")
     cells = list(samplers(config))
     detail = ["| method | beta | " + " | ".join(f"{cell}: reward / KL" for cell in cells)
-              + " | wall time | ESS of the weights |", "|---|---|" + "---|" * (len(cells) + 2)]
+              + " | episodes | wall time | ESS of the weights |", "|---|---|" + "---|" * (len(cells) + 3)]
     for method, label in METHODS.items():
         for beta, summary, evaluated in runs[method]:
             ess = f"{summary['ess']:.0f} of {dataset.points.shape[0]}" if "ess" in summary else "-"
-            detail.append(f"| {label} | {beta:g} | {_cells(evaluated)} | {summary['wall_s']:.0f} s | {ess} |")
+            detail.append(f"| {label} | {beta:g} | {_cells(evaluated)} | {summary['episodes']:,} | "
+                          f"{summary['wall_s']:.0f} s | {ess} |")
     for beta, evaluated in perfect:
-        detail.append(f"| perfect learner | {beta:g} | {_cells(evaluated)} | - | - |")
-    return (f"## {name}: `{problem.config}`, {config.train.episodes:,} episodes per run\n\n" + "\n".join(rows) +
+        detail.append(f"| perfect learner | {beta:g} | {_cells(evaluated)} | - | - | - |")
+    return (f"## {name}: `{problem.config}`, {episodes:,} episodes per run (weighted dsm at q-learning's time: more)\n\n" + "\n".join(rows) +
             "\n\nThe runs (reward and KL with 95% CIs; KL at a reward interpolates between the two betas whose rewards "
             "bracket it):\n\n" + "\n".join(detail) + "\n")
 
@@ -117,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", choices=tuple(PROBLEMS), default=list(PROBLEMS))
     parser.add_argument("--quick", action="store_true", help="a tenth of the episodes and 5 evaluation batches")
+    parser.add_argument("--episodes", type=int,
+                        help="episodes of every same-updates run (default: the problem's; --quick a tenth of it)")
     parser.add_argument("--eval-batches", type=int, help="evaluation batches (default 20; --quick 5)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default results/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -124,7 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.command = "python scripts/yardstick.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.eval_batches = args.eval_batches or (5 if args.quick else 20)
-    args.episodes = None  # each problem has its own (reproduce.trained takes them per run)
     return args
 
 
