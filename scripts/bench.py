@@ -23,10 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.runtime import machine  # noqa: E402
-from scripts.benchmarking.parallel import SETTINGS as PARALLEL_SETTINGS, bench_parallel, bench_rllib  # noqa: E402
+from distq.setup.runtime import machine  # noqa: E402
+from scripts.benchmarking.parallel import SETTINGS as PARALLEL_SETTINGS  # noqa: E402
+from scripts.benchmarking.parallel import bench_parallel, bench_rllib
 from scripts.benchmarking.quality import bench_quality  # noqa: E402
-from scripts.benchmarking.ratio import _scale_cell, bench_large_minibatch, bench_ratio, bench_scale, plot_scale  # noqa: E402
+from scripts.benchmarking.ratio import (_scale_cell, bench_large_minibatch, bench_ratio, bench_scale,  # noqa: E402
+                                        plot_scale)
 from scripts.benchmarking.speed import bench_core  # noqa: E402
 from scripts.benchmarking.tuning import bench_tune  # noqa: E402
 

@@ -212,8 +212,8 @@ class Smoke:
 
     def best_run_dir(self) -> str:
         """The best trial's run directory on the head (its last Tune checkpoint), as `distq tune` chose it."""
-        from distq.sweep import load_sweep
-        from distq.tuning import best_row  # imports Ray Tune: only here, so the tests import this file quickly
+        from distq.edges.sweep import load_sweep
+        from distq.edges.tuning import best_row  # imports Ray Tune: only here, so the tests import this file quickly
         results = self.work / "results.parquet"
         self.ray("rsync-down results", "rsync-down", f"{EXPERIMENT}/results.parquet", str(results))
         rows = pq.read_table(results).to_pylist()

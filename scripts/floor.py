@@ -3,9 +3,9 @@
     python scripts/floor.py [--config configs/swiss_roll.yaml] [--powers 1 2] [--bandwidths 0 0.5] [--betas 0 1.4]
                             [--set KEY=VALUE ...] [--sampler heun|dpmpp_2m|...] [--name floor.json]
 
-For each cell (sde.grid_power, ratio.bandwidth, train.beta) the action at every step is distq.ratio.tilted_ratio_score
+For each cell (sde.grid_power, ratio.bandwidth, train.beta) the action at every step is distq.maths.ratio.tilted_ratio_score
 with log-weights beta h(x0_i): the optimal policy's mean (E10) for the tilt (E7) of the training data, on the run's
-grid and sampler, with the run's ratio bandwidth (distq.evaluation.evaluate_perfect_learner). Its samples are
+grid and sampler, with the run's ratio bandwidth (distq.training.evaluation.evaluate_perfect_learner). Its samples are
 evaluated like a trained run's: eval.batches batches of eval.n_samples against fresh data. A learned policy
 is judged against this number for the same cell: the gap above it is the learner's, the floor itself the
 sampler's and the 300 data points'. Writes benchmarks/NAME.
@@ -21,11 +21,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.config import GENERATION_SAMPLERS, Config  # noqa: E402
-from distq.configfile import load_config  # noqa: E402
-from distq.data import load_dataset  # noqa: E402
-from distq.evaluation import evaluate_perfect_learner  # noqa: E402
-from distq.rewards import load_reward  # noqa: E402
+from distq.problems.data import load_dataset  # noqa: E402
+from distq.problems.rewards import load_reward  # noqa: E402
+from distq.setup.config import GENERATION_SAMPLERS, Config  # noqa: E402
+from distq.setup.configfile import load_config  # noqa: E402
+from distq.training.evaluation import evaluate_perfect_learner  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks"
 

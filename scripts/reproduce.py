@@ -29,17 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.checkpoint import load_checkpoint  # noqa: E402
-from distq.components import build_rollout, make_grid  # noqa: E402
-from distq.config import SAMPLERS, Config  # noqa: E402
-from distq.configfile import load_config  # noqa: E402
-from distq.data import load_dataset  # noqa: E402
+from distq.algorithms.learner import deployed_policy  # noqa: E402
+from distq.backends.build import build_rollout, make_grid  # noqa: E402
 from distq.errors import DistqError  # noqa: E402
-from distq.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
-from distq.learner import deployed_policy  # noqa: E402
-from distq.rewards import load_reward  # noqa: E402
-from distq.runtime import describe_machine  # noqa: E402
-from distq.train import train  # noqa: E402
+from distq.problems.data import load_dataset  # noqa: E402
+from distq.problems.rewards import load_reward  # noqa: E402
+from distq.runs.checkpoint import load_checkpoint  # noqa: E402
+from distq.setup.config import SAMPLERS, Config  # noqa: E402
+from distq.setup.configfile import load_config  # noqa: E402
+from distq.setup.runtime import describe_machine  # noqa: E402
+from distq.training.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
+from distq.training.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TABLE5 = {"ddim": (0.14, 0.15, 0.72), "ode_euler": (0.11, 0.23, 0.56), "sde": (0.18, 0.35, 0.83)}
@@ -327,7 +327,7 @@ def time_embedding_ablation(args) -> str:
     return (f"## Ablation: a learned time embedding (models {runs}: `{FINE_CONFIG}` at beta = 0, the second with "
             f"`model.time_frequencies: {TIME_FREQUENCIES}`)\n\n"
             "The networks see tau / T (the paper) or also sin and cos of learned frequencies of it "
-            "(distq.policy.TimeEmbedding); each cell: KL without / with.\n\n"
+            "(distq.maths.policy.TimeEmbedding); each cell: KL without / with.\n\n"
             + "\n".join(rows) + "\n")
 
 

@@ -7,7 +7,7 @@ joins the cluster instead of starting its own Ray).
 """
 import sys
 
-from distq.cli import main
+from distq.edges.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["tune", *sys.argv[1:]]))

@@ -7,7 +7,7 @@
 For each problem, q-learning (Algorithm 1) and weighted dsm (`train.algorithm: dsm` at beta > 0: denoising score
 matching on the data drawn by exp(beta h), no RL) are trained from scratch with the same config, the same number of
 episodes (one update each) and the same betas, and weighted dsm once more with q-learning's training time (METHODS);
-the perfect learner (distq.evaluation.evaluate_perfect_learner: the exact score of the data's tilt, the optimum both
+the perfect learner (distq.training.evaluation.evaluate_perfect_learner: the exact score of the data's tilt, the optimum both
 approximate) is evaluated at those betas. Every model is evaluated
 with the sde on its training grid, the sde at twice the steps and ddim at 5 steps. results/yardstick.md gets, per
 problem and sampler, each method's KL at the problem's target rewards (interpolated between the two betas whose
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce import ROOT, _ci, evaluate_on, kl_at_reward, on_grid, trained, trained_rollout  # noqa: E402
 
-from distq.data import load_dataset  # noqa: E402
-from distq.evaluation import evaluate_perfect_learner  # noqa: E402
-from distq.rewards import load_reward  # noqa: E402
-from distq.runtime import describe_machine  # noqa: E402
+from distq.problems.data import load_dataset  # noqa: E402
+from distq.problems.rewards import load_reward  # noqa: E402
+from distq.setup.runtime import describe_machine  # noqa: E402
+from distq.training.evaluation import evaluate_perfect_learner  # noqa: E402
 
 
 @dataclass(frozen=True)

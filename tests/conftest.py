@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from distq import devices
+from distq.setup import devices
 
 # W&B off unless a test turns it on (WANDB_MODE=offline): every training run would otherwise start a W&B run (seconds).
 os.environ["WANDB_MODE"] = "disabled"
@@ -31,7 +31,7 @@ def _single_thread():
 
 # The files whose tests look at a run's samples.png / training.png or at what is made of them (W&B media, the
 # reproduction's figures, the documented commands as a user runs them)
-PLOTTING_FILES = {"test_cli.py", "test_docs.py", "test_plots.py", "test_reproduce.py", "test_run_tracking.py",
+PLOTTING_FILES = {"test_cli.py", "test_docs.py", "test_plots.py", "test_reproduce.py", "test_tracking.py",
                   "test_tuning.py"}
 
 
@@ -40,10 +40,10 @@ def _no_run_plots(request, monkeypatch):
     """Elsewhere a training run in this process skips its two PNGs: about a second of matplotlib per run, hundreds of
     runs in the suite. The plots' own tests are tests/test_plots.py; a real run's, tests/test_cli.py."""
     if request.path.name not in PLOTTING_FILES:
-        import distq.train
+        import distq.training.trainer
 
-        monkeypatch.setattr(distq.train, "plot_samples", lambda *args, **kwargs: None)
-        monkeypatch.setattr(distq.train, "plot_training_curves", lambda *args, **kwargs: None)
+        monkeypatch.setattr(distq.training.trainer, "plot_samples", lambda *args, **kwargs: None)
+        monkeypatch.setattr(distq.training.trainer, "plot_training_curves", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +76,14 @@ class DeviceMixError(AssertionError):
 class FakeCuda:
     """torch.device("cuda") simulated on the CPU, inside `with`.
 
-    Tensors "on the device" are CPU tensors tracked by identity. Only distq.devices' two primitive moves put tensors
+    Tensors "on the device" are CPU tensors tracked by identity. Only distq.setup.devices' two primitive moves put tensors
     there (a copy, as a real move makes) or take them off; every other torch operation is watched by a dispatch mode,
     with the rules of real devices: an operation on device tensors gives device tensors, and one that mixes device
     tensors with CPU tensors of one or more dimensions (CPU scalars are allowed, as CUDA kernels take them) raises
     DeviceMixError, except copy_, which copies across devices. Device tensors that reach numpy or pickling (a Ray
     transfer, torch.save) raise too: a CPU-only process could not read them. torch.cuda.is_available() answers
     True, so distq resolves `cuda` and `auto` to torch.device("cuda") as on a GPU machine; anything that uses that
-    device other than through distq.devices (a factory with device=, Tensor.to, Module.to) meets this CPU-only
+    device other than through distq.setup.devices (a factory with device=, Tensor.to, Module.to) meets this CPU-only
     torch build and fails. Operations that torch itself bases on a tensor's reported device see cpu, so code that
     builds new tensors with device=x.device is (stricter than on a real GPU) flagged too.
     """
@@ -190,11 +190,11 @@ def fake_cuda() -> FakeCuda:
 @pytest.fixture
 def requested_digit_rates():
     """rates(config, run_dir) -> for each digit 0..9, the share of 100 images generated for it by the finished
-    class-conditional digits run in run_dir that the digits classifier (distq.rewards.DigitReward) takes for it."""
-    from distq.checkpoint import load_checkpoint
-    from distq.components import build_rollout
-    from distq.data import load_dataset
-    from distq.rewards import DigitReward
+    class-conditional digits run in run_dir that the digits classifier (distq.problems.rewards.DigitReward) takes for it."""
+    from distq.backends.build import build_rollout
+    from distq.problems.data import load_dataset
+    from distq.problems.rewards import DigitReward
+    from distq.runs.checkpoint import load_checkpoint
 
     def rates(config, run_dir) -> list[float]:
         dataset = load_dataset(config.data, config.seed)
@@ -212,8 +212,8 @@ def requested_digit_rates():
 
 # The suite's longest files first (measured, seconds of one xdist worker): `make test` hands whole files to two
 # processes in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("test_tuning.py", "test_parallel.py", "test_train.py", "test_docs.py", "test_ddp.py",
-                 "test_learner.py", "test_split.py", "test_cli.py", "test_reproduce.py")
+LONGEST_FIRST = ("test_tuning.py", "test_ray_actors.py", "test_trainer.py", "test_docs.py", "test_data_parallel.py",
+                 "test_learner.py", "test_two_process.py", "test_cli.py", "test_reproduce.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -70,7 +70,7 @@ def test_the_scaling_model_predicts_from_the_measured_parts():
 def test_tunes_sweep_file_validates_and_its_plain_run_command_trains(tmp_path):
     """bench.py tune's two commands without the sweep's minutes: its sweep file passes the sweep validation (the
     grid of BETAS, report_every), and a plain `distq train` as it runs them finishes in a checkout's own process."""
-    from distq.sweep import load_sweep
+    from distq.edges.sweep import load_sweep
     from scripts.benchmarking import tuning
 
     sweep = load_sweep(tuning._sweep_file(tmp_path, 3))

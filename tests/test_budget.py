@@ -1,4 +1,4 @@
-"""distq.budget: evaluations during training (eval.every) and the KL budget (train.kl_budget), on tiny runs.
+"""distq.training.budget: evaluations during training (eval.every) and the KL budget (train.kl_budget), on tiny runs.
 
 Oracles: an evaluation does not change training (the weights equal a run without evaluations); the kept
 checkpoint_best.pt re-evaluates (evaluate_policy, run here independently of the run) to the numbers recorded for
@@ -8,15 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distq.checkpoint import load_checkpoint
-from distq.cli import main
-from distq.components import build_rollout
-from distq.config import Config, config_from_dict
-from distq.data import load_dataset
-from distq.evaluation import evaluate_policy
-from distq.learner import deployed_policy
-from distq.rewards import load_reward
-from distq.train import train
+from distq.algorithms.learner import deployed_policy
+from distq.backends.build import build_rollout
+from distq.edges.cli import main
+from distq.problems.data import load_dataset
+from distq.problems.rewards import load_reward
+from distq.runs.checkpoint import load_checkpoint
+from distq.setup.config import Config, config_from_dict
+from distq.training.evaluation import evaluate_policy
+from distq.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

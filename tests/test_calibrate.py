@@ -1,4 +1,4 @@
-"""distq.calibrate: bracketing and bisection on beta against closed forms, and an end-to-end calibration on
+"""distq.edges.calibrate: bracketing and bisection on beta against closed forms, and an end-to-end calibration on
 Gaussian data with a linear reward, where the tilt (E7) gives the answer."""
 import math
 import subprocess
@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distq.calibrate import Probe, calibrate, chosen_probe, next_beta, search_beta
-from distq.cli import main
-from distq.config import config_from_dict
-from distq.configfile import load_config
-from distq.data import load_dataset
+from distq.edges.calibrate import Probe, calibrate, chosen_probe, next_beta, search_beta
+from distq.edges.cli import main
 from distq.errors import DistqError
+from distq.problems.data import load_dataset
+from distq.setup.config import config_from_dict
+from distq.setup.configfile import load_config
 
 
 def _measure(curve):
@@ -69,7 +69,7 @@ def test_bad_flags_fail_with_one_line(tmp_path, capsys, flags, field):
 
 
 def test_calibrate_does_not_import_ray():
-    code = "import sys, distq.calibrate, distq.cli; print('ray' in sys.modules)"
+    code = "import sys, distq.edges.calibrate, distq.edges.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
 
@@ -182,13 +182,13 @@ M, S, C = (1.0, -1.0), 1.5, (1.0, 0.5)
 
 
 def _tilted_gaussian_model(monkeypatch):
-    """distq.train.train replaced by the exact optimum (E7) for N(M, S^2 I) data and h(x) = C . x: samples of
+    """distq.training.trainer.train replaced by the exact optimum (E7) for N(M, S^2 I) data and h(x) = C . x: samples of
     N(M + beta S^2 C, S^2 I), evaluated by distq's evaluation (the kNN KL against fresh data): what the search
     sees from a perfect learner, so the answer can be held against the closed form."""
     import torch
 
-    from distq.evaluation import evaluate_given
-    from distq.rewards import load_reward
+    from distq.problems.rewards import load_reward
+    from distq.training.evaluation import evaluate_given
 
     def perfect(config, run_dir, overwrite=False, echo=print):
         dataset = load_dataset(config.data, config.seed)
@@ -197,7 +197,7 @@ def _tilted_gaussian_model(monkeypatch):
         samples = torch.tensor(M) + shift + S * torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
         return evaluate_given(samples, dataset, load_reward(config.reward, dataset.points), config)
 
-    monkeypatch.setattr("distq.train.train", perfect)
+    monkeypatch.setattr("distq.training.trainer.train", perfect)
 
 
 def test_calibrating_to_a_kl_budget_finds_the_closed_form_beta(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,11 @@
-"""distq.checkpoint: a checksum catches a byte changed anywhere; files from before the checksum still load."""
+"""distq.runs.checkpoint: a checksum catches a byte changed anywhere; files from before the checksum still load."""
 import io
 
 import pytest
 import torch
 
-from distq.checkpoint import HEADER, load_checkpoint, save_checkpoint
 from distq.errors import DistqError
+from distq.runs.checkpoint import HEADER, load_checkpoint, save_checkpoint
 
 PAYLOAD = {"config": {"seed": 0}, "episode": 3, "learner": {"policy": {"w": torch.arange(4096.0)}}, "columns": ["x0"]}
 
@@ -59,13 +59,13 @@ def test_format_1_files_without_a_checksum_still_load(tmp_path):
 
 
 def test_resume_accepts_changed_run_settings_and_names_any_other_changed_key(tmp_path):
-    """distq.config.run_settings (fields marked run_setting, and the parallel and tracking sections) may change on
+    """distq.setup.config.run_settings (fields marked run_setting, and the parallel and tracking sections) may change on
     --resume; a key that defines the experiment, even an evaluation one (eval.pca), may not."""
     import dataclasses
 
-    from distq.checkpoint import check_compatible, config_differences
-    from distq.config import config_from_dict, run_settings
     from distq.errors import DistqError
+    from distq.runs.checkpoint import check_compatible, config_differences
+    from distq.setup.config import config_from_dict, run_settings
 
     assert {"train.episodes", "train.device", "eval.batches", "parallel.mode", "tracking.project"} <= set(run_settings())
     assert not {"train.beta", "train.lr_policy", "eval.pca", "model.hidden", "seed"} & set(run_settings())

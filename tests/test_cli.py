@@ -1,4 +1,4 @@
-"""distq.cli end to end, in-process: train / resume / sample / evaluate round trips, and every bad input refused.
+"""distq.edges.cli end to end, in-process: train / resume / sample / evaluate round trips, and every bad input refused.
 
 Runs are tiny (64 points, K = 10, 20-40 episodes of 32 trajectories) so each takes about a second. Bad inputs
 must give exit code 2, one line `distq: error: ...` naming the offending field or file, no traceback, and leave
@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
-from distq.checkpoint import load_checkpoint, save_checkpoint
-from distq.cli import main
-from distq.configfile import load_config
+from distq.edges.cli import main
 from distq.errors import DistqError
+from distq.runs.checkpoint import load_checkpoint, save_checkpoint
+from distq.setup.configfile import load_config
 
 TINY = {
     "seed": 0,
@@ -58,7 +58,7 @@ def write_config(directory: Path, name: str = "tiny.yaml", **sections) -> Path:
 
 
 def run_cli(*argv) -> tuple[int, str, str]:
-    """distq.cli.main in-process -> (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
+    """distq.edges.cli.main in-process -> (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -460,7 +460,7 @@ def test_conditional_samples_evaluate_with_the_training_metrics(conditional_run,
 def test_one_condition_s_data_give_its_reward_by_hand_and_a_small_kl(conditional_run, tmp_path):
     """Condition 1's training points evaluated as condition 1: reward mean(x_0) + 10, and KL near zero against
     condition 1's law; the same points labelled 0 are far from condition 0's law."""
-    from distq.data import load_dataset
+    from distq.problems.data import load_dataset
 
     run, config = conditional_run["run"], conditional_run["config"]
     dataset = load_dataset(config.data, config.seed)
@@ -679,8 +679,8 @@ def test_huge_learning_rate_stops_with_a_message(tmp_path):
 
 def test_checkpoint_of_an_older_distq_without_newer_keys_still_resumes(tmp_path):
     """A config written before keys existed (e.g. train.algorithm) compares as their defaults, so it resumes."""
-    from distq.checkpoint import config_differences
-    from distq.config import config_from_dict
+    from distq.runs.checkpoint import config_differences
+    from distq.setup.config import config_from_dict
 
     config = config_from_dict({"train": {"episodes": 5}})
     saved = config.to_dict()
@@ -743,7 +743,7 @@ def test_flipped_bytes_in_a_real_checkpoint_stop_every_reader(command, fraction,
 
 def test_a_run_directory_in_use_is_refused_naming_the_holder(trained, run_dir):
     """Two writers of one directory (two `--overwrite` trainings, or an evaluation during training)."""
-    from distq import rundir
+    from distq.runs import rundir
 
     before = snapshot(run_dir)
     with rundir.locked(run_dir, "--out"):
@@ -755,14 +755,14 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(trained, run_dir):
 
 def test_an_unwritable_run_directory_is_found_before_training(trained, tmp_path, monkeypatch):
     """As root a read-only mode stops nothing: the probe write fails instead."""
-    from distq import rundir
+    from distq.runs import rundir
 
     def read_only(self, data):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(rundir.Path, "write_bytes", read_only)
     steps = []
-    monkeypatch.setattr("distq.train._loop", lambda *args: steps.append(1))
+    monkeypatch.setattr("distq.training.trainer._loop", lambda *args: steps.append(1))
     run = tmp_path / "run"
     assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], "cannot write in", run, "Permission denied")
     assert steps == [] and list(run.iterdir()) == []
@@ -792,7 +792,7 @@ def test_a_full_disk_at_the_plot_keeps_the_checkpoint(trained, tmp_path, monkeyp
 
 
 def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(trained, tmp_path, monkeypatch):
-    from distq import rundir
+    from distq.runs import rundir
 
     write = rundir.Path.write_bytes
 
@@ -810,12 +810,12 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(trained, tmp_path, m
 
 
 def test_a_failed_start_writes_nothing_and_its_retry_needs_no_overwrite(trained, tmp_path, monkeypatch):
-    import distq.train
+    import distq.training.trainer
 
     def no_ray(*args):
         raise DistqError("could not start or join Ray (address 10.0.0.1:6379): unreachable")
 
-    monkeypatch.setattr(distq.train, "make_backend", no_ray)
+    monkeypatch.setattr(distq.training.trainer, "make_backend", no_ray)
     run = tmp_path / "run"
     assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], "could not start or join Ray")
     assert list(run.iterdir()) == []

@@ -136,11 +136,11 @@ def test_gpu_cluster_is_aws_with_a_cpu_head_and_autoscaled_gpu_workers():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "tuning").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweeps_trials_fit_the_gpu_cluster(path):
-    """A trial's placement group (distq.tuning.trial_resources: its process, and a Learner and RolloutWorkers when it
+    """A trial's placement group (distq.edges.tuning.trial_resources: its process, and a Learner and RolloutWorkers when it
     trains on actors) must fit gpu.yaml's nodes, each bundle on one node, or the sweep waits for ever there. Memory
     reservations are left out (every node type has at least 16 GiB)."""
-    tuning = pytest.importorskip("distq.tuning")
-    from distq.sweep import load_sweep
+    tuning = pytest.importorskip("distq.edges.tuning")
+    from distq.edges.sweep import load_sweep
 
     sweep = load_sweep(path)
     # each numeric searched value at its largest (resources grow with them)
@@ -154,7 +154,7 @@ def test_every_shipped_sweeps_trials_fit_the_gpu_cluster(path):
 def test_the_gpu_training_config_fits_the_gpu_cluster():
     """configs/swiss_roll_gpu.yaml, the run gpu.yaml's header shows: its Learner actor's GPU and CPUs on one GPU
     worker, its rollout actors' CPUs anywhere in the cluster."""
-    from distq.configfile import load_config
+    from distq.setup.configfile import load_config
 
     parallel = load_config(ROOT / "configs" / "swiss_roll_gpu.yaml").parallel
     learner = {"CPU": parallel.learner_num_cpus, "GPU": parallel.learner_num_gpus}

@@ -1,12 +1,13 @@
-"""distq.config: defaults and every validation error naming its field (files and overrides: test_configfile.py)."""
+"""distq.setup.config: defaults and every validation error naming its field (files and overrides: test_configfile.py)."""
 import dataclasses
 from pathlib import Path
 
 import pytest
 
-from distq.config import Config, config_from_dict, single_process_reason
-from distq.configfile import apply_overrides, load_config, save_config
 from distq.errors import DistqError
+from distq.runs.rundir import save_config
+from distq.setup.config import Config, config_from_dict, single_process_reason
+from distq.setup.configfile import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,7 +160,7 @@ def test_configs_are_frozen():
 ])
 def test_two_processes_where_they_cannot_split_the_run_are_taken_as_one(overrides, reason):
     """train.processes = 2 is a speed option: a run it cannot serve is valid and runs in one process (the reason is
-    the notice distq.train prints); with processes = 1 there is nothing to say."""
+    the notice distq.training.trainer prints); with processes = 1 there is nothing to say."""
     assert reason in single_process_reason(_from_overrides("train.processes=2", *overrides))
     assert single_process_reason(_from_overrides("train.processes=1", *overrides)) is None
     assert single_process_reason(_from_overrides("train.processes=2")) is None

@@ -1,9 +1,10 @@
-"""distq.configfile: YAML round trips, dotted `--set` overrides applied after the file, errors naming the file."""
+"""distq.setup.configfile: YAML round trips, dotted `--set` overrides applied after the file, errors naming the file."""
 import pytest
 
-from distq.config import Config, config_from_dict
-from distq.configfile import apply_overrides, load_config, save_config
 from distq.errors import DistqError
+from distq.runs.rundir import save_config
+from distq.setup.config import Config, config_from_dict
+from distq.setup.configfile import apply_overrides, load_config
 
 
 def _from_overrides(*overrides):

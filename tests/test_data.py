@@ -1,4 +1,4 @@
-"""distq.data: built-in laws against closed forms and sklearn, file round trips, and every bad-file error."""
+"""distq.problems.data: built-in laws against closed forms and sklearn, file round trips, and every bad-file error."""
 import math
 
 import numpy as np
@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.datasets import make_swiss_roll
 
-from distq.config import DataConfig
-from distq.data import Dataset, load_dataset
 from distq.errors import DistqError
+from distq.problems.data import Dataset, load_dataset
+from distq.setup.config import DataConfig
 
 N_STAT = 20000  # large enough for 4-sigma checks of means and variances, still milliseconds
 
@@ -230,7 +230,7 @@ def test_digits_are_sklearns_8x8_images():
 def test_gmm_tilt_is_the_closed_form_of_importance_weighting():
     """(E7) for a mixture: exp(beta c . x) p(x) normalised. The closed form's mean and component weights against
     self-normalised importance weights of 400,000 draws."""
-    from distq.data import gmm_means, gmm_sampler, tilted_gmm
+    from distq.problems.data import gmm_means, gmm_sampler, tilted_gmm
 
     means, std, beta = gmm_means(4, 3, seed=1), 0.8, 0.3
     coef = torch.tensor([1.0, -0.5, 0.25])
@@ -352,7 +352,7 @@ def test_values_whose_squares_overflow_float32_are_named(tmp_path):
 
 
 def test_too_few_distinct_rows_for_the_evaluation(tmp_path):
-    from distq.data import check_distinct
+    from distq.problems.data import check_distinct
 
     values = np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0], [5.0, 7.0]])
     data = load_dataset(DataConfig(source="file", path=str(_write_npy(tmp_path, values))), seed=0)

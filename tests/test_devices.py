@@ -1,16 +1,16 @@
-"""distq.devices: resolving train.device / parallel.rollout_device, moving records, and the fake device split.
+"""distq.setup.devices: resolving train.device / parallel.rollout_device, moving records, and the fake device split.
 
 The fake device split. This machine has no GPU, and torch offers no second CPU device to stand in for one, so
-conftest.FakeCuda simulates torch.device("cuda") on the CPU: the tensors that distq.devices moves there are
+conftest.FakeCuda simulates torch.device("cuda") on the CPU: the tensors that distq.setup.devices moves there are
 tracked, and a dispatch mode applies a real device's rules to every torch operation (mixing device tensors with
 CPU tensors fails; so do numpy on them and pickling them, as a Ray transfer or checkpoint would for a CPU-only
-reader; any use of the device that bypasses distq.devices hits the CPU-only torch build and fails). A run is then
+reader; any use of the device that bypasses distq.setup.devices hits the CPU-only torch build and fails). A run is then
 trained with the learner on the fake device and the rollouts on the CPU (and the other way round, and both on the
 device), and must give exactly the numbers of the all-CPU run. The alternatives were weaker: counting calls to
 the hand-off cannot see a tensor that skips it, and a float64 "device" lets elementwise ops promote silently and
 changes the numbers. The mutation tests below show that the check catches the regressions it is there for: a batch
 not moved at the learner's hand-off, a learner state left on the device when it is saved, the rollout's noise
-left on the CPU, samples left on the device. (What leaves a Ray actor is checked the same way in test_parallel.)
+left on the CPU, samples left on the device. (What leaves a Ray actor is checked the same way in test_ray_actors.)
 """
 import copy
 import json
@@ -18,15 +18,17 @@ import json
 import pytest
 import torch
 
-from distq import devices, rundir
-from distq.checkpoint import load_checkpoint
-from distq.config import config_from_dict
-from distq.devices import CPU, resolve_device, to_device
+from distq.algorithms.batch import Trajectories
+from distq.algorithms.learner import Learner
+from distq.backends.rollout import Rollout
 from distq.errors import DistqError
-from distq.learner import Learner
-from distq.rollout import Rollout, Trajectories
-from distq.schedules import TimeGrid
-from distq.train import train
+from distq.maths.schedules import TimeGrid
+from distq.runs import rundir
+from distq.runs.checkpoint import load_checkpoint
+from distq.setup import devices
+from distq.setup.config import config_from_dict
+from distq.setup.devices import CPU, resolve_device, to_device
+from distq.training.trainer import train
 
 CUDA = torch.device("cuda")
 TINY = {"seed": 5, "data": {"source": "swiss_roll", "n_samples": 64}, "sde": {"dt": 0.5},
@@ -78,7 +80,7 @@ def test_to_device_moves_a_frozen_grid_field_by_field(fake_cuda):
 
 
 def test_a_direct_use_of_the_device_fails_under_the_fake(fake_cuda):
-    """The premise of the split test: only distq.devices' moves can put a tensor on the fake device."""
+    """The premise of the split test: only distq.setup.devices' moves can put a tensor on the fake device."""
     with fake_cuda:
         for direct in (lambda: torch.zeros(2, device=CUDA), lambda: torch.zeros(2).to(CUDA),
                        lambda: torch.nn.Linear(2, 1).to(CUDA)):

@@ -7,7 +7,7 @@ episodes, small batches and evaluations, a shrunken tuning/smoke.yaml. `ray star
 own (a free port, its own temp dir and HOME, so other Ray instances and the user's ~/.ray are never touched) that
 `ray stop` stops by its pid. The few commands that cannot run here are listed in SKIPPED with the reason; any
 other command the test does not know how to run fails it. `distq` commands that join no cluster of their own run in
-this process (`distq.cli.main`, exit code and stderr checked as from the console script), their Ray ones on the test
+this process (`distq.edges.cli.main`, exit code and stderr checked as from the console script), their Ray ones on the test
 session's shared instance: a fresh interpreter and Ray instance per command would take most of the suite's time.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ SKIPPED = {
     r'python -m pytest -m "not slow and not ray"': "runs the suite's fast part, which the suite runs anyway",
 }
 # train.processes=1: the critic process of the shipped configs' train.processes 2 gives the same numbers (tested in
-# tests/test_split.py) and here would only add a second interpreter to every command
+# tests/test_two_process.py) and here would only add a second interpreter to every command
 SMALL_RUN = ["--set", "train.batch_size=32", "--set", "train.chunk_size=16", "--set", "train.log_every=1",
              "--set", "eval.n_samples=32", "--set", "eval.batches=2", "--set", "train.processes=1"]
 EPISODES, RESUME_EPISODES = 3, 5
@@ -276,7 +276,7 @@ class Runner:
 
 
     def in_process(self, argv: list[str]) -> str:
-        from distq.cli import main
+        from distq.edges.cli import main
 
         out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
         os.chdir(self.work)

@@ -1,11 +1,11 @@
-"""distq.evaluation: the perfect learner's samples land on the closed-form tilt of the data (E7)."""
+"""distq.training.evaluation: the perfect learner's samples land on the closed-form tilt of the data (E7)."""
 import pytest
 import torch
 
-from distq.config import config_from_dict
-from distq.data import load_dataset
-from distq.evaluation import evaluate_perfect_learner, perfect_learner_samples
-from distq.rewards import load_reward
+from distq.problems.data import load_dataset
+from distq.problems.rewards import load_reward
+from distq.setup.config import config_from_dict
+from distq.training.evaluation import evaluate_perfect_learner, perfect_learner_samples
 
 
 def _setup(beta, bandwidth=0.0):
@@ -53,9 +53,9 @@ def test_evaluate_perfect_learner_reports_the_run_metrics():
 def test_conditional_evaluation_passes_each_sample_s_condition_value_to_the_reward():
     """h(x, c) = c on a mixture conditioned on its component (values 0, 1): each condition's mean reward is its value
     exactly, and the headline mean is the share of condition 1 among the drawn conditions."""
-    from distq.components import build_rollout
-    from distq.evaluation import evaluate_policy
-    from distq.rewards import Reward
+    from distq.backends.build import build_rollout
+    from distq.problems.rewards import Reward
+    from distq.training.evaluation import evaluate_policy
 
     config = config_from_dict({"seed": 0, "data": {"source": "gmm1d", "n_samples": 200, "condition": "label"},
                                "reward": {"fn": "gmm1d_right"}, "sde": {"dt": 0.5},
@@ -72,9 +72,9 @@ def test_a_conditional_reward_in_a_list_gets_each_sample_s_condition_value():
     """reward.fn [h(x, c) = c, gmm1d_right] weighted (2, 1) on the conditioned mixture: the conditional entry's own
     mean is the share of condition 1 among the drawn conditions, the other's is recomputed from the samples, and the
     headline mean is the weighted sum of the two."""
-    from distq.components import build_rollout
-    from distq.evaluation import evaluate_policy
-    from distq.rewards import Reward, RewardSum, gmm1d_right
+    from distq.backends.build import build_rollout
+    from distq.problems.rewards import Reward, RewardSum, gmm1d_right
+    from distq.training.evaluation import evaluate_policy
 
     config = config_from_dict({"seed": 0, "data": {"source": "gmm1d", "n_samples": 200, "condition": "label"},
                                "reward": {"fn": "gmm1d_right"}, "sde": {"dt": 0.5},
@@ -92,8 +92,8 @@ def test_a_conditional_reward_in_a_list_gets_each_sample_s_condition_value():
 
 
 def test_knn_kl_flagged_unreliable_in_high_dimension():
-    from distq.config import config_from_dict
-    from distq.evaluation import kl_reliability
+    from distq.setup.config import config_from_dict
+    from distq.training.evaluation import kl_reliability
 
     config = config_from_dict({"eval": {"n_samples": 300}})  # 2 log2(300) = 16.5
     assert kl_reliability(config, 2) == {"kl_reliable": True}
@@ -108,7 +108,7 @@ def test_per_reward_mean_and_ci_of_given_samples_match_a_hand_computation():
     mean and 95% CI half-width 1.96 sd / sqrt(n) by hand, and the headline reward is the weighted sum's."""
     import math
 
-    from distq.evaluation import evaluate_given
+    from distq.training.evaluation import evaluate_given
 
     config = config_from_dict({"seed": 0, "data": {"source": "gaussian", "mean": [0.0, 0.0], "n_samples": 100},
                                "reward": {"fn": ["brightness", "linear"], "coef": [1.0, 0.0], "weights": [1.0, 2.0]},

@@ -1,4 +1,4 @@
-"""distq.learner: the loss gradients are the semi-gradients of (E16) computed on an independent loop, an update's
+"""distq.algorithms.learner: the loss gradients are the semi-gradients of (E16) computed on an independent loop, an update's
 metrics, divergence handling, checkpoint round trip and the cosine learning-rate schedule."""
 import copy
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from distq.components import build_learner, build_rollout
-from distq.config import config_from_dict
+from distq.algorithms.batch import Trajectories, episode_chunks
+from distq.algorithms.learner import TrainingDiverged, deployed_policy, with_initial_policy
+from distq.backends.build import build_learner, build_rollout
 from distq.errors import DistqError
-from distq.learner import TrainingDiverged, deployed_policy, with_initial_policy
-from distq.rewards import load_reward
-from distq.rollout import Trajectories, episode_chunks
+from distq.problems.rewards import load_reward
+from distq.setup.config import config_from_dict
 
 T, DT, D, B = 5.0, 0.5, 2, 12
 K = int(T / DT)
@@ -399,8 +399,8 @@ def test_mean_successors_are_the_mean_action_steps():
     batch = _batch(rollout, config)
     with torch.no_grad():
         means = learner.policy(learner.grid.tau[:K].unsqueeze(1), batch.states)
-    following = torch.cat([batch.states[1:], batch.final_states.unsqueeze(0)])
-    assert torch.allclose(following - batch.mean_successors, G2 * (batch.actions - means) * DT, atol=1e-5)
+    next_states = torch.cat([batch.states[1:], batch.final_states.unsqueeze(0)])
+    assert torch.allclose(next_states - batch.mean_successors, G2 * (batch.actions - means) * DT, atol=1e-5)
     assert torch.allclose(batch.mean_terminal_rewards, _reward(batch.mean_successors[-1]))
     assert torch.equal(batch.states, _batch(_setup()[1], _config()).states)  # the same trajectories as td
     joined = Trajectories.concat([batch, batch])
@@ -422,7 +422,7 @@ def test_rao_blackwell_q_learning_learns_class_conditional_digits(tmp_path, requ
     q-learning from a fresh policy with train.policy_gradient = rao_blackwell (ratio.bandwidth 2, a slow critic):
     the images of each requested digit are classified as that digit far above chance (0.1); seed 0 gave 100%.
     With the sampled (E16) gradient the same run stays at chance (docs/large-data.md)."""
-    from distq.train import train
+    from distq.training.trainer import train
 
     config = config_from_dict({
         "seed": 0, "data": {"source": "digits", "condition": "label"}, "reward": {"fn": "own_digit"},
@@ -442,7 +442,7 @@ def test_value_prior_and_target_make_q_learning_follow_a_digit_reward(tmp_path):
     h is 0.10 and its tilt's (E7) 0.615; 200 episodes of q-learning with the value prior and a target network
     raise the mean reward of generated images well above the data's (seed 0: see docs/large-data.md). Without them the
     critic diverges within 1,500 episodes (docs/large-data.md)."""
-    from distq.train import train
+    from distq.training.trainer import train
 
     config = config_from_dict({
         "seed": 0, "data": {"source": "digits"}, "reward": {"fn": "digit", "target": 3},

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distq.errors import DistqError
-from distq.metrics import evaluate_samples, knn_kl, mean_ci95
+from distq.maths.metrics import evaluate_samples, knn_kl, mean_ci95
 
 # At n = m = 3000 one k=1 estimate has a seed-to-seed std of about 0.035-0.05 (measured, 1D and 2D below);
 # averaging 4 seeds gives ~0.02, so 0.1 leaves room for ~4 sigma plus the estimator's small finite-n bias.
@@ -154,7 +154,7 @@ def test_evaluate_samples_is_deterministic_under_a_seed():
 def test_principal_projection_keeps_distances_within_the_data_span():
     """Data in a 2-D plane of R^5: projecting on 2 principal components is an isometry on that plane (up to the
     mean), so the kNN KL there equals the KL of the planar coordinates."""
-    from distq.metrics import principal_projection
+    from distq.maths.metrics import principal_projection
 
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(5, 2, generator=gen, dtype=torch.float64))[0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distq.errors import DistqError
-from distq.plots import LABEL_SPACE, grid_rows, image_grid, plot_samples, plot_training_curves
+from distq.runs.plots import LABEL_SPACE, grid_rows, image_grid, plot_samples, plot_training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -103,11 +103,11 @@ def test_image_grids_write_each_rows_condition_and_mean_reward_under_it(tmp_path
 
 
 def test_a_conditional_digits_runs_grid_has_a_row_per_label_with_its_mean_reward(tmp_path):
-    """distq.train.plot_image_grids: h (own_digit) evaluated on the shown tiles, with their conditions."""
-    from distq.config import config_from_dict
-    from distq.data import load_dataset
-    from distq.rewards import load_reward
-    from distq.train import plot_image_grids
+    """distq.training.trainer.plot_image_grids: h (own_digit) evaluated on the shown tiles, with their conditions."""
+    from distq.problems.data import load_dataset
+    from distq.problems.rewards import load_reward
+    from distq.setup.config import config_from_dict
+    from distq.training.trainer import plot_image_grids
 
     config = config_from_dict({"data": {"source": "digits", "condition": "label", "n_samples": 200},
                                "reward": {"fn": "own_digit"}})
@@ -142,7 +142,7 @@ def test_training_curves_leave_out_constant_columns_and_draw_positive_losses_on_
 def test_samples_plot_shades_a_built_in_rewarded_region(tmp_path):
     from matplotlib.patches import Rectangle
 
-    from distq.rewards import SWISS_ROLL_RECTANGLE, rewarded_region, swiss_roll_rectangle
+    from distq.problems.rewards import SWISS_ROLL_RECTANGLE, rewarded_region, swiss_roll_rectangle
 
     assert rewarded_region("swiss_roll_rectangle") == SWISS_ROLL_RECTANGLE and rewarded_region("linear") is None
     assert rewarded_region(("swiss_roll_rectangle", "linear")) is None  # a sum of rewards pays outside it too

@@ -1,4 +1,4 @@
-"""distq.policy: the policy density (E10-E11) normalises, matches torch's Normal, and the preconditioned mean
+"""distq.maths.policy: the policy density (E10-E11) normalises, matches torch's Normal, and the preconditioned mean
 starts at the exact Gaussian score (algorithm.md section 13)."""
 import math
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from distq.components import build_policy, data_statistics
-from distq.config import config_from_dict
-from distq.policy import StepMeans, TimeEmbedding, action_std, mlp, policy_log_density, q_value, rao_blackwell_surrogate
-from distq.ratio import running_reward
+from distq.backends.build import build_policy, data_statistics
+from distq.maths.policy import (StepMeans, TimeEmbedding, action_std, mlp, policy_log_density, q_value,
+                                rao_blackwell_surrogate)
+from distq.maths.ratio import running_reward
+from distq.setup.config import config_from_dict
 
 T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0

@@ -1,13 +1,12 @@
-"""distq.ratio: (E13) against the exact Gaussian score and a loop over explicit densities, stability, (E14)."""
+"""distq.maths.ratio: (E13) against the exact Gaussian score and a loop over explicit densities, stability, (E14)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from distq.ratio import (RatioEstimator, choose_method, knn_ratio_score, posterior_means, ratio_score, ratio_weights,
-                         running_reward)
-
+from distq.maths.ratio import (RatioEstimator, choose_method, knn_ratio_score, posterior_means, ratio_score,
+                               ratio_weights, running_reward)
 
 
 def _ou(t):
@@ -229,7 +228,7 @@ def test_knn_is_close_to_the_exact_gaussian_score(t, dim, k):
 
 
 def test_auto_rule_and_estimator_from_config():
-    from distq.config import RatioConfig
+    from distq.setup.config import RatioConfig
 
     assert choose_method("auto", 300, 2, None) == "exact"
     assert choose_method("auto", 300, 2, 64) == "minibatch"
@@ -246,8 +245,8 @@ def test_auto_rule_and_estimator_from_config():
 
 
 def test_knn_with_the_eps_floor_is_refused():
-    from distq.config import config_from_dict
     from distq.errors import DistqError
+    from distq.setup.config import config_from_dict
 
     with pytest.raises(DistqError, match="'ratio.method'"):
         config_from_dict({"ratio": {"method": "knn", "eps": 1e-3}})
@@ -258,7 +257,7 @@ def test_bandwidth_gives_the_score_of_the_smoothed_data(method):
     """Data N(m, s^2 I) smoothed by N(0, h^2 I) is N(m, (s^2 + h^2) I): with ratio.bandwidth = h (E13) approaches
     that law's exact noised score, which at small t differs clearly from the unsmoothed one. (knn keeps the same
     kernel variance, but its k nearest points miss most of a kernel this wide.)"""
-    from distq.config import RatioConfig
+    from distq.setup.config import RatioConfig
 
     mean, std, h, t = [0.0, 3.0], 0.5, 0.6, 0.05
     mu, sigma2 = _ou(t)
@@ -283,7 +282,7 @@ def test_bandwidth_gives_the_score_of_the_smoothed_data(method):
 def test_tilted_ratio_score_is_the_score_of_the_tilted_gaussian():
     """Gaussian data N(m, s^2 I) tilted by exp(c . x) is N(m + s^2 c, s^2 I) (E7): with log-weights c . x0_i on the
     data points, the estimator approaches that law's exact noised score; zero weights give plain (E13)."""
-    from distq.ratio import tilted_ratio_score
+    from distq.maths.ratio import tilted_ratio_score
 
     mean, std, t = [1.0, -0.5], 0.7, 0.5
     coef = torch.tensor([0.8, -0.4], dtype=torch.float64)
@@ -345,7 +344,7 @@ def test_posterior_means_of_a_condition_use_its_points_only():
 
 
 def test_minibatch_rows_are_distinct_uniform_and_cost_no_pass_over_n():
-    from distq.ratio import distinct_rows
+    from distq.maths.ratio import distinct_rows
 
     gen = torch.Generator().manual_seed(0)
     # O(m): n = 10^12 rows could not be permuted (8 TB of indices); the draw takes m of them

@@ -1,4 +1,4 @@
-"""distq.ray_cluster: joining a cluster is a bounded wait that ends in one line (nothing listening, a stale address,
+"""distq.backends.ray_cluster: joining a cluster is a bounded wait that ends in one line (nothing listening, a stale address,
 actors with no room, a refused token), and an embedded Ray that does not come up is one line from the CLI."""
 import dataclasses
 import socket
@@ -7,11 +7,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from distq import parallel, ray_cluster  # noqa: E402
-from distq.cli import main  # noqa: E402
-from distq.config import config_from_dict  # noqa: E402
-from distq.data import load_dataset  # noqa: E402
+from distq.backends import ray_actors as parallel  # noqa: E402
+from distq.backends import ray_cluster
+from distq.edges.cli import main  # noqa: E402
 from distq.errors import DistqError  # noqa: E402
+from distq.problems.data import load_dataset  # noqa: E402
+from distq.setup.config import config_from_dict  # noqa: E402
 
 TINY = {"data": {"source": "swiss_roll", "n_samples": 64}, "sde": {"dt": 0.5},
         "train": {"batch_size": 32, "chunk_size": 8, "episodes": 2, "processes": 1}}
@@ -82,7 +83,7 @@ def test_an_embedded_ray_that_does_not_start_is_one_line_from_the_cli(monkeypatc
 @pytest.mark.parametrize("address", ["local", "auto"])
 def test_the_job_starts_its_workers_with_one_malloc_arena_unless_the_user_set_one(monkeypatch, address):
     """Ray Train and Tune train in a thread of their workers; glibc gives such a thread an arena that returns its
-    heaps to the OS (distq.runtime): every worker of the job is started with MALLOC_ARENA_MAX."""
+    heaps to the OS (distq.setup.runtime): every worker of the job is started with MALLOC_ARENA_MAX."""
     calls = []
     monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: calls.append(kwargs))
@@ -122,7 +123,7 @@ def test_train_against_an_address_where_nothing_listens_is_one_line_and_writes_n
     config.write_text("train: {episodes: 2, processes: 1, batch_size: 32, chunk_size: 8}\n"
                       "parallel: {workers: 1, connect_timeout_s: 0.5}\n")
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "distq.cli", "train", str(config), "--out", str(run),
+    done = subprocess.run([sys.executable, "-m", "distq.edges.cli", "train", str(config), "--out", str(run),
                            "--address", f"127.0.0.1:{_closed_port()}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("distq: error: no Ray cluster answers at ")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distq.configfile import load_config
+from distq.setup.configfile import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_reproduce_writes_tables_and_resumes(tmp_path, capsys):
     reproduce = _reproduce()
     # a smaller sweep: the suite's time
     reproduce.FINETUNE_BETAS = {"qlearning": (1.0, 2.0), "dpok": (4.0,), "dsm": (2.0,)}
-    # one process per run: the configs' second (critic) process gives the same numbers (tests/test_split.py)
+    # one process per run: the configs' second (critic) process gives the same numbers (tests/test_two_process.py)
     argv = ["--episodes", "10", "--eval-batches", "2", "--finetune-episodes", "3", "--out", str(tmp_path),
             "--set", "train.processes=1"]
     reproduce.main(argv)
@@ -87,7 +87,8 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, capsys):
     """A run with a checkpoint but no summary (stopped mid-training) resumes: its metrics keep the first episodes'
     rows and its weights equal a straight run's; an incompatible checkpoint is trained afresh."""
     import torch
-    from distq.checkpoint import load_checkpoint
+
+    from distq.runs.checkpoint import load_checkpoint
 
     reproduce = _reproduce()
     args = reproduce.parse_args(["--episodes", "20", "--eval-batches", "2", "--out", str(tmp_path)])

@@ -1,4 +1,4 @@
-"""distq.rewards: built-ins on hand-picked points, user functions, and the per-call output checks."""
+"""distq.problems.rewards: built-ins on hand-picked points, user functions, and the per-call output checks."""
 import math
 import textwrap
 import uuid
@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.datasets import make_swiss_roll
 
-from distq.config import RewardConfig
 from distq.errors import DistqError
-from distq.rewards import BUILTINS, Reward, load_reward
+from distq.problems.rewards import BUILTINS, Reward, load_reward
+from distq.setup.config import RewardConfig
 
 PROBE2 = torch.zeros(4, 2)
 
@@ -105,9 +105,9 @@ def test_user_reward_from_module(tmp_path, monkeypatch):
     ("nope.py:h", "does not exist"),
     ("no/such/dir/r.py:h", "does not exist"),
     ("distq_no_such_module_xyz:h", "No module named"),
-    ("distq.rewards:no_such_function", "no attribute 'no_such_function'"),
-    ("distq.rewards:BUILTINS", "not callable"),
-    ("distq.rewards:", "neither a built-in"),
+    ("distq.problems.rewards:no_such_function", "no attribute 'no_such_function'"),
+    ("distq.problems.rewards:BUILTINS", "not callable"),
+    ("distq.problems.rewards:", "neither a built-in"),
     (":h", "neither a built-in"),
 ])
 def test_bad_references(ref, expected):
@@ -169,8 +169,8 @@ def test_digit_reward_recognises_sklearns_digits():
     """The classifier-probability reward on the digits themselves: high on images of the target, low elsewhere."""
     from sklearn.datasets import load_digits
 
-    from distq.config import RewardConfig
-    from distq.rewards import load_reward
+    from distq.problems.rewards import load_reward
+    from distq.setup.config import RewardConfig
 
     digits = load_digits()
     images = torch.tensor(digits.data, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""distq.rllib_env: the reverse process as a gymnasium environment passes gymnasium's checker, its rewards are
+"""distq.edges.rllib_env: the reverse process as a gymnasium environment passes gymnasium's checker, its rewards are
 (E14) dt plus beta h at the end, and RLlib's PPO trains on it (slow); conditional configs (Algorithm 2) draw the
 episode's condition in the data's shares, show its one-hot code, score with its own points and reward h(y, c)."""
 import math
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from distq.data import load_dataset
-from distq.config import config_from_dict
-from distq.ratio import ratio_score
-from distq.rllib_env import ENV_NAME, ReverseDiffusionEnv
+from distq.edges.rllib_env import ENV_NAME, ReverseDiffusionEnv
+from distq.maths.ratio import ratio_score
+from distq.problems.data import load_dataset
+from distq.setup.config import config_from_dict
 
 TINY = {"seed": 2, "data": {"source": "gaussian", "mean": [1.0, -1.0], "std": 1.0, "n_samples": 200},
         "reward": {"fn": "linear", "coef": [1.0, 0.0]}, "sde": {"T": 5.0, "dt": 0.5}, "train": {"beta": 2.0}}
@@ -110,7 +110,7 @@ def test_conditional_rewards_use_the_condition_s_own_points_and_h_of_y_and_c(tmp
 def test_rllib_ppo_trains_on_the_env(ray_session):
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    from distq.rllib_env import register
+    from distq.edges.rllib_env import register
 
     assert register() == ENV_NAME
     config = (PPOConfig().environment(ENV_NAME, env_config=TINY)

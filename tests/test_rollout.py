@@ -1,4 +1,4 @@
-"""distq.rollout: Trajectories shapes, determinism, chunk splitting (worker-count independence), the stored
+"""distq.backends.rollout: Trajectories shapes, determinism, chunk splitting (worker-count independence), the stored
 running rewards (E14) and transitions (E5), and generation."""
 import copy
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from distq.components import build_policy, build_rollout, make_grid
-from distq.config import config_from_dict
-from distq.ratio import ratio_score, running_reward
-from distq.rewards import Reward
-from distq.rollout import Trajectories, episode_chunks
-from distq.samplers import SAMPLERS
+from distq.algorithms.batch import Trajectories, episode_chunks
+from distq.backends.build import build_policy, build_rollout, make_grid
+from distq.maths.ratio import ratio_score, running_reward
+from distq.maths.samplers import SAMPLERS
+from distq.problems.rewards import Reward
+from distq.setup.config import config_from_dict
 
 T, DT, D = 5.0, 0.5, 2
 K = int(T / DT)

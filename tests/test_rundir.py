@@ -1,4 +1,4 @@
-"""distq.rundir: the run directory's lock, its atomic writers on a failing disk, the space check, what counts as a run.
+"""distq.runs.rundir: the run directory's lock, its atomic writers on a failing disk, the space check, what counts as a run.
 
 Tests run as root, where a read-only mode stops no write: failing disks are simulated by writers that raise.
 """
@@ -9,8 +9,8 @@ from collections import namedtuple
 
 import pytest
 
-from distq import rundir
 from distq.errors import DistqError
+from distq.runs import rundir
 
 
 def test_a_second_holder_is_refused_naming_the_first_s_pid(tmp_path):

@@ -1,9 +1,9 @@
-"""distq/runtime.py: the machine description that benchmark JSON and result tables record."""
+"""distq/setup/runtime.py: the machine description that benchmark JSON and result tables record."""
 import os
 
 import torch
 
-from distq.runtime import describe_machine, machine
+from distq.setup.runtime import describe_machine, machine
 
 
 def test_machine_names_this_machine():

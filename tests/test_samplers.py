@@ -1,12 +1,13 @@
-"""distq.samplers: each step against its formula on hand inputs, and the reverse process driven by the exact
+"""distq.maths.samplers: each step against its formula on hand inputs, and the reverse process driven by the exact
 Gaussian score landing on the data law (error shrinking with the number of steps)."""
 import math
 
 import pytest
 import torch
 
-from distq.samplers import SAMPLERS, action_gains, ddim_step, dpmpp_2m_step, is_stochastic, ode_euler_step, sde_step
-from distq.schedules import OUSchedule, TimeGrid, prior_std, time_grid
+from distq.maths.samplers import (SAMPLERS, action_gains, ddim_step, dpmpp_2m_step, is_stochastic, ode_euler_step,
+                                  sde_step)
+from distq.maths.schedules import OUSchedule, TimeGrid, prior_std, time_grid
 
 T = 5.0
 N_SAMPLES = 50000
@@ -124,8 +125,8 @@ def _flow_errors(steps: int, samplers: tuple[str, ...]) -> dict[str, tuple[float
     """Gaussian data N(m, s^2 I): the fresh preconditioned policy is its exact score at every t (tests/test_policy.py),
     so the probability-flow ODE maps the prior exactly onto N(m, s^2 I). Per sampler, at `steps` steps on grid power
     2: the largest relative error of the samples' spread and absolute error of their mean."""
-    from distq.components import build_rollout, data_statistics
-    from distq.config import config_from_dict
+    from distq.backends.build import build_rollout, data_statistics
+    from distq.setup.config import config_from_dict
 
     config = config_from_dict({"data": {"source": "gaussian", "mean": [2.0, -1.0], "std": 0.5},
                                "sde": {"dt": T / steps, "grid_power": 2.0}, "train": {"processes": 1}})

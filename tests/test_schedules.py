@@ -1,12 +1,12 @@
-"""distq.schedules: mu_t and sigma_t^2 against a numerical integral of (E2), the time grid, the prior."""
+"""distq.maths.schedules: mu_t and sigma_t^2 against a numerical integral of (E2), the time grid, the prior."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from distq.config import SDEConfig
-from distq.schedules import make_schedule, prior_std, time_grid
+from distq.maths.schedules import make_schedule, prior_std, time_grid
+from distq.setup.config import SDEConfig
 
 T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0

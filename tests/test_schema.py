@@ -1,11 +1,11 @@
-"""distq.schema: nested dicts to frozen dataclasses, every error naming its dotted field."""
+"""distq.setup.schema: nested dicts to frozen dataclasses, every error naming its dotted field."""
 from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
 
 from distq.errors import DistqError
-from distq.schema import build, flatten, plain
+from distq.setup.schema import build, flatten, plain
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""distq.standardize: column statistics against numpy, the maps' round trip, rewards in the user's coordinates."""
+"""distq.problems.standardize: column statistics against numpy, the maps' round trip, rewards in the user's coordinates."""
 import numpy as np
 import torch
 
-from distq.rewards import LinearReward
-from distq.standardize import InUserCoordinates, column_statistics, fitted, identity, stored
+from distq.problems.rewards import LinearReward
+from distq.problems.standardize import InUserCoordinates, column_statistics, fitted, identity, stored
 
 
 def test_column_statistics_match_numpy_in_float64():

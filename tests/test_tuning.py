@@ -1,4 +1,4 @@
-"""distq.sweep and distq.tuning: sweep files checked before any trial, a smoke sweep end to end (results,
+"""distq.edges.sweep and distq.edges.tuning: sweep files checked before any trial, a smoke sweep end to end (results,
 best config, Pareto plot, offline W&B runs), and a sweep whose driver is killed, then resumed."""
 import contextlib
 import glob
@@ -16,13 +16,13 @@ import torch
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 
-from distq import rundir
-from distq.cli import main
-from distq.configfile import load_config
+from distq.edges.cli import main
+from distq.edges.sweep import PENALTY, load_sweep
+from distq.edges.tuning import (_report_points, _scheduler, _search_alg, best_row, concurrent_trials, param_space,
+                                pareto_figure, pareto_front, run_sweep, trial_resources)
 from distq.errors import DistqError
-from distq.sweep import PENALTY, load_sweep
-from distq.tuning import (_report_points, _scheduler, _search_alg, best_row, concurrent_trials, pareto_figure,
-                          pareto_front, param_space, run_sweep, trial_resources)
+from distq.runs import rundir
+from distq.setup.configfile import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
@@ -374,11 +374,11 @@ def test_sweep_resumes_after_the_driver_is_stopped_and_after_it_is_killed(tmp_pa
 @pytest.mark.slow
 def test_a_ddp_trial_in_a_sweep_trains_the_in_process_run(tmp_path, ray_session):
     """One trial of parallel.mode = ddp with W = 1 (one Ray Train worker beside the trial's process on the session's
-    2 CPUs; tests/test_ddp.py has W = 2): the in-process run's weights and metrics rows, with standardised data (the
+    2 CPUs; tests/test_data_parallel.py has W = 2): the in-process run's weights and metrics rows, with standardised data (the
     worker's rewards in the user's coordinates) and a list reward (each one's column)."""
-    from distq.checkpoint import load_checkpoint
-    from distq.sweep import config_from_flat
-    from distq.train import train
+    from distq.edges.sweep import config_from_flat
+    from distq.runs.checkpoint import load_checkpoint
+    from distq.training.trainer import train
 
     ddp = {**TINY, "parallel.mode": "ddp", "parallel.workers": 1, "parallel.num_cpus_per_worker": 0.5,
            "train.episodes": 6, "train.checkpoint_every": 3, "train.log_every": 1, "data.standardize": True,

@@ -1,4 +1,4 @@
-"""distq.value: TD errors (E15) against a loop, the semi-gradient detach, the exact terminal condition (E12),
+"""distq.maths.value: TD errors (E15) against a loop, the semi-gradient detach, the exact terminal condition (E12),
 and the entropy baseline c(tau) against closed forms and a numerical integral."""
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from distq.components import build_value
-from distq.config import config_from_dict
-from distq.value import td_errors
+from distq.backends.build import build_value
+from distq.maths.value import td_errors
+from distq.setup.config import config_from_dict
 
 T = 5.0
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -154,7 +154,7 @@ def test_value_broadcast_over_steps_equals_per_step_calls():
 
 def test_conditional_value_scale_uses_h_of_each_point_and_its_condition():
     """offset = beta mean h(x0_i, c_i), scale = 1 + beta std h(x0_i, c_i); here h(x, c) = c with labels 0, 1, 1, 1."""
-    from distq.rewards import Reward
+    from distq.problems.rewards import Reward
 
     labels = torch.tensor([0, 1, 1, 1] * 25)
     value = build_value(_config(beta=2.0), _points(), Reward(lambda x, c: c.float(), "c", (0, 1)), labels)
@@ -210,8 +210,8 @@ def test_reward_prior_is_off_at_beta_zero_and_its_data_are_not_saved():
 
 def test_td_errors_bootstrap_from_given_next_values():
     values, terminal, rewards, q = _inputs()
-    following = torch.randn(4, 4, dtype=torch.float64)
-    got = td_errors(values, terminal, rewards, q, 0.25, following)
+    next_values = torch.randn(4, 4, dtype=torch.float64)
+    got = td_errors(values, terminal, rewards, q, 0.25, next_values)
     for k in range(5):
-        nxt = following[k] if k < 4 else terminal
+        nxt = next_values[k] if k < 4 else terminal
         assert torch.allclose(got[k], nxt - values[k] + (rewards[k] - q[k]) * 0.25)

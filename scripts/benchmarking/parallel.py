@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from distq import rundir
-from distq.config import config_from_dict
-from distq.ray_cluster import connect_ray
-from distq.rollout import episode_chunks
+from distq.algorithms.batch import episode_chunks
+from distq.backends.ray_cluster import connect_ray
+from distq.runs import rundir
+from distq.setup.config import config_from_dict
 
 from .speed import PAPER_SCALE, _setup
 
@@ -117,7 +117,7 @@ def bench_parallel(rounds: int, episodes: Optional[int], settings: Sequence[str]
 
     import ray
 
-    from distq.train import train
+    from distq.training.trainer import train
 
     load_before = os.getloadavg()
     connect_ray("local", 0.0, os.cpu_count())  # as `distq train` starts Ray (its workers' environment too)
@@ -210,10 +210,10 @@ def _allreduce_worker(config: dict) -> None:
 def _allreduce_cost(sizes=(1_024, 16_384, 262_144, 1_048_576, 4_194_304), repeats: int = 30) -> dict:
     """Median gloo all_reduce time of float32 buffers between 2 Ray Train workers on this machine, and its
     least-squares fit time = latency + bytes x seconds_per_byte (the scaling model's A for W = 2 on one node)."""
+    import tempfile
+
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "times.json"
@@ -228,7 +228,7 @@ def _allreduce_cost(sizes=(1_024, 16_384, 262_144, 1_048_576, 4_194_304), repeat
 
 def bench_rllib(rounds: int, timesteps: int) -> dict:
     """Environment steps per second at paper scale: distq's batched rollout (B = 300 trajectories of K = 20 steps,
-    policy forward, exploration noise and ratio rewards included) against the same MDP (distq.rllib_env) stepped
+    policy forward, exploration noise and ratio rewards included) against the same MDP (distq.edges.rllib_env) stepped
     by RLlib's SingleAgentEnvRunner with random actions (no policy at all), 1 and 8 env copies per runner."""
     import logging
 
@@ -236,7 +236,7 @@ def bench_rllib(rounds: int, timesteps: int) -> dict:
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    from distq.rllib_env import register
+    from distq.edges.rllib_env import register
 
     config, _, _, _, rollout = _setup()
     name = register()

@@ -1,12 +1,12 @@
 """Sample quality: paper-scale Swiss roll training runs, their reward and KL."""
 from __future__ import annotations
 
-from distq.configfile import load_config
+from distq.setup.configfile import load_config
 
 
 def bench_quality(episodes: int, betas: list[float], overrides: list[str]) -> dict:
     """Paper-scale Swiss roll runs from configs/swiss_roll.yaml (plus `overrides`) at several beta; summary of each."""
-    from distq.train import train
+    from distq.training.trainer import train
     results = {}
     suffix = "".join(f"_{o}" for o in overrides).replace("/", "-")
     for beta in betas:

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distq.config import config_from_dict
-from distq.data import load_dataset
-from distq.rewards import load_reward
-from distq.runtime import keep_freed_memory
+from distq.problems.data import load_dataset
+from distq.problems.rewards import load_reward
+from distq.setup.config import config_from_dict
+from distq.setup.runtime import keep_freed_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"  # its hidden `_scale_cell` command runs one scale cell
 
@@ -25,7 +25,7 @@ def bench_ratio(repeats: int) -> dict:
     1 (ou); the action is the all-points score, so the exact estimator's reward is 0 and the method's is
     -(g^2 / 2)|s_method - s_all|^2. Bias: its mean; variance: its variance over `repeats` minibatch draws (knn is
     deterministic), averaged over the queries; both relative to g^2/2 |s_all|^2. Also ms per call for B = 300."""
-    from distq.ratio import RatioEstimator, knn_ratio_score, ratio_score
+    from distq.maths.ratio import RatioEstimator, knn_ratio_score, ratio_score
 
     n, batch, results = 10_000, 300, []
     for dim in (2, 16):
@@ -63,7 +63,7 @@ def _scale_cell(cell: dict) -> dict:
     the in-process loop (after one warm-up episode) and the process's peak RSS (MB), for data of N points in d."""
     import resource
 
-    from distq.train import InProcessBackend
+    from distq.backends.backend import InProcessBackend
 
     config = config_from_dict({
         "data": ({"source": "digits"} if cell["data"] == "digits" else

@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from distq.components import build_learner, build_rollout
-from distq.config import config_from_dict
-from distq.data import load_dataset
-from distq.policy import StepMeans
-from distq.rewards import load_reward
-from distq.rollout import episode_chunks
-from distq.runtime import keep_freed_memory
+from distq.algorithms.batch import episode_chunks
+from distq.backends.build import build_learner, build_rollout
+from distq.maths.policy import StepMeans
+from distq.problems.data import load_dataset
+from distq.problems.rewards import load_reward
+from distq.setup.config import config_from_dict
+from distq.setup.runtime import keep_freed_memory
 
 PAPER_SCALE = {"data": {"source": "swiss_roll", "n_samples": 300}, "reward": {"fn": "swiss_roll_rectangle"},
                "sde": {"T": 5.0, "dt": 0.25}, "train": {"batch_size": 300, "beta": 1.0}}
@@ -111,10 +111,10 @@ def _split(config, learner, rollout) -> dict[str, float]:
 def bench_core(rounds: int, episodes: int) -> dict:
     """Episodes/s at paper scale (N = 300, d = 2, B = 300, K = 20, sde) of distq (one process with 1 or 2 torch
     threads, or train.processes = 2 with 1 thread each) and of the plain loop (1 or 2 threads)."""
-    from distq.split import TwoProcessBackend
+    from distq.backends.two_process import TwoProcessBackend
 
     config, dataset, reward, learner, rollout = _setup()
-    keep_freed_memory()  # as distq.train does; the plain loop gets the same allocator
+    keep_freed_memory()  # as distq.training.trainer does; the plain loop gets the same allocator
     two = TwoProcessBackend(config_from_dict({**PAPER_SCALE, "train": {**PAPER_SCALE["train"], "processes": 2}}),
                             dataset, reward)
     distq, plain = distq_episode(config, learner, rollout), plain_episode(config, dataset, reward)

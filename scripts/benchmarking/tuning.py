@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[2]
 BETAS = (0.0, 2.0)
 REPORT_EVERY = 250
-CLI = "import sys; from distq.cli import main; sys.exit(main())"
+CLI = "import sys; from distq.edges.cli import main; sys.exit(main())"
 
 
 def _overrides(episodes: int) -> dict[str, object]:
