@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--checkouts", nargs="+", type=Path, default=None,
                         help="tune: distq checkouts to compare, e.g. a git worktree of an older commit (default: this one)")
     parser.add_argument("--name", help="output file name under benchmarks/ (default: WHAT.json)")
+    parser.add_argument("--config", default="configs/swiss_roll.yaml",
+                        help="quality: the runs' config (default configs/swiss_roll.yaml, the paper's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for quality runs, e.g. --set sde.dt=0.1 (repeatable)")
     args = parser.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
         result = bench_scale()
         plot_scale(result, OUT / "scale.png")
     else:
-        result = bench_quality(args.episodes or 50000, args.betas, args.overrides)
+        result = bench_quality(args.config, args.episodes or 50000, args.betas, args.overrides)
     result["machine"] = {**machine(), "command": "python scripts/bench.py " + " ".join(sys.argv[1:])}
     path = OUT / (args.name or f"{args.what}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -101,3 +101,16 @@ def test_every_shipped_config_is_valid():
         assert config.train.episodes > 0, path.name
     gpu = load_config(root / "configs" / "swiss_roll_gpu.yaml")
     assert gpu.train.device == "cuda" and gpu.parallel.workers == 8 and gpu.parallel.learner_num_gpus == 1
+
+
+def test_swiss_roll_fine_is_the_paper_run_with_the_three_changes_its_results_name():
+    """docs/results.md's `bench.py quality --config configs/swiss_roll_fine.yaml` figures were first measured as the
+    paper's config with three overrides: the two commands must train the same run."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    episodes = "train.episodes=30000"
+    fine = load_config(configs / "swiss_roll_fine.yaml", [episodes])
+    paper = load_config(configs / "swiss_roll.yaml", ["sde.grid_power=2", "ratio.bandwidth=0.5", "model.hidden=128",
+                                                      episodes])
+    assert fine == paper

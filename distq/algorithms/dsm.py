@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from distq.algorithms.batch import Trajectories
-from distq.algorithms.learner import Learner, Reduce, TrainingDiverged, terminal_means
+from distq.algorithms.learner import Learner, Reduce, terminal_means
 from distq.errors import DistqError
 from distq.maths.ratio import smoothed_variance
 
@@ -136,18 +136,13 @@ class DenoisingLearner(Learner):
         total = batch.batch_size if total is None else total
         means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
         loss = denoising_loss(means, batch.actions, self.variances, total)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"denoising loss became {loss.item()} at update {self.updates + 1}; "
-                                   "try a smaller train.lr_policy or set train.grad_clip")
+        self.check_loss(loss, "denoising loss", "try a smaller train.lr_policy or set train.grad_clip")
         parts = batch.terminal_reward_parts.sum(0) if self.reward_names else loss.new_zeros(0)
         sums = torch.cat([torch.stack([loss.detach(), batch.terminal_rewards.sum()]), parts])
         self.backward(loss, POLICY)
         if reduce is not None:
             reduce([*self.gradients(POLICY), sums])
         norms = self.step(POLICY)
-        self.updates += 1
         loss_sum, terminal, *part_sums = sums.tolist()
         return {"loss/dsm": loss_sum, **terminal_means(terminal / total, [part / total for part in part_sums],
-                                                        self.reward_names),
-                "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
-                "time/update_s": time.perf_counter() - start}
+                                                        self.reward_names), **self.end_update(norms, start)}

@@ -149,9 +149,7 @@ class Learner:
         delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
                           self.grid.dt.unsqueeze(1), target_values)
         loss = _batch_mean(0.5 * delta.square(), total or batch.batch_size)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"TD loss became {loss.item()} at update {self.updates + 1}; "
-                                   "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
+        self.check_loss(loss, "TD loss", "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
         return loss, delta
 
     def loss(self, batch: Trajectories, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +243,7 @@ class Learner:
         norms = self.step()
         if self.target is not None:
             polyak_average(self.target, self.value, self.config.target_rate)
-        self.updates += 1
-        return self.metrics_from_sums(sums, total, norms, start)
+        return {**self.metrics_from_sums(sums, total), **self.end_update(norms, start)}
 
     @property
     def metric_sums_size(self) -> int:
@@ -261,24 +258,28 @@ class Learner:
                             (batch.running_rewards * self.grid.dt.unsqueeze(1)).sum()])
         return torch.cat([sums, batch.terminal_reward_parts.sum(0)]) if self.reward_names else sums
 
-    def metrics(self, delta: torch.Tensor, batch: Trajectories, norms: dict[str, float],
-                start: float) -> dict[str, float]:
-        """The namespaced metrics of an update that began at perf_counter() = start."""
-        return self.metrics_from_sums(self.metric_sums(delta, batch), batch.batch_size, norms, start)
-
-    def metrics_from_sums(self, sums: torch.Tensor, total: int, norms: dict[str, float],
-                          start: float) -> dict[str, float]:
-        """The namespaced metrics of an update on `total` trajectories from their metric_sums."""
+    def metrics_from_sums(self, sums: torch.Tensor, total: int) -> dict[str, float]:
+        """The loss and reward metrics of an update on `total` trajectories from their metric_sums."""
         td, td_abs, terminal, running, *parts = sums.tolist()
         return {
             "loss/td": td / total,
             "td/abs_mean": td_abs / (total * self.grid.num_steps),
             **terminal_means(terminal / total, [part / total for part in parts], self.reward_names),
             "reward/running_mean": running / total,
-            **{f"grad_norm/{name}": norm for name, norm in norms.items()},
-            "lr/policy": self.schedulers["policy"].get_last_lr()[0],
-            "time/update_s": time.perf_counter() - start,
         }
+
+    def check_loss(self, loss: torch.Tensor, what: str, remedy: str) -> None:
+        """TrainingDiverged naming the update when the loss `what` is NaN or inf, before any step; remedy: what to
+        try."""
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"{what} became {loss.item()} at update {self.updates + 1}; {remedy}")
+
+    def end_update(self, norms: dict[str, float], start: float) -> dict[str, float]:
+        """The end every algorithm's update shares: the update is counted, and each stepped network's grad norm, the
+        policy's learning rate and the time since perf_counter() = start are its metrics."""
+        self.updates += 1
+        return {**{f"grad_norm/{name}": norm for name, norm in norms.items()},
+                "lr/policy": self.schedulers["policy"].get_last_lr()[0], "time/update_s": time.perf_counter() - start}
 
     def batch_terminal_means(self, batch: Trajectories) -> dict[str, float]:
         """terminal_means of a whole batch (the learners that compute their metrics without metric_sums)."""

@@ -14,13 +14,14 @@ from typing import Optional
 import torch
 
 from distq.algorithms.batch import Trajectories
-from distq.algorithms.learner import Learner, TrainingDiverged
+from distq.algorithms.learner import Learner
 from distq.maths.policy import PolicyMean, policy_log_density
 from distq.maths.schedules import TimeGrid
 from distq.setup.config import TrainConfig
 from distq.setup.devices import CPU
 
 POLICY = ("policy",)
+REMEDY = "try a smaller train.lr_policy or set train.grad_clip"
 
 
 def policy_kl(mean: torch.Tensor, reference_mean: torch.Tensor, g2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,18 +78,11 @@ class PolicyGradientLearner(Learner):
                     behaviour = log_density.detach()
                 loss = -clipped_surrogate(log_density - behaviour, advantages, config.is_clip).sum(0).mean()
                 if step < config.inner_steps - 1:
-                    self._check(loss)
+                    self.check_loss(loss, "policy-gradient loss", REMEDY)
                     self.descend(loss, POLICY, schedule=False)
             metrics["is/clipped_fraction"] = float(((log_density.detach() - behaviour).exp() - 1).abs()
                                                    .gt(config.is_clip).float().mean())
-        self._check(loss)
+        self.check_loss(loss, "policy-gradient loss", REMEDY)
         norms = self.descend(loss, POLICY)
-        self.updates += 1
         return {"loss/policy_gradient": float(loss.detach()), **self.batch_terminal_means(batch), **metrics,
-                "grad_norm/policy": norms["policy"], "lr/policy": self.schedulers["policy"].get_last_lr()[0],
-                "time/update_s": time.perf_counter() - start}
-
-    def _check(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"policy-gradient loss became {loss.item()} at update {self.updates + 1}; "
-                                   "try a smaller train.lr_policy or set train.grad_clip")
+                **self.end_update(norms, start)}

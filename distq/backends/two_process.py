@@ -211,10 +211,10 @@ class TwoProcessBackend:
         b["q"].copy_(q.detach())
         self._send("backward")
         norms = self.learner.descend(loss, ("policy",))
-        self.learner.updates += 1
         if value_norm is not None:
             norms["value"] = value_norm
-        metrics = self.learner.metrics(delta, batch, norms, collected)
+        metrics = {**self.learner.metrics_from_sums(self.learner.metric_sums(delta, batch), batch.batch_size),
+                   **self.learner.end_update(norms, collected)}
         metrics["time/rollout_s"] = collected - began
         metrics["time/transfer_s"] = 0.0
         return metrics
