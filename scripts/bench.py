@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distq.setup.runtime import machine  # noqa: E402
+from distq.setup.machine import machine  # noqa: E402
 from scripts.benchmarking.parallel import SETTINGS as PARALLEL_SETTINGS  # noqa: E402
 from scripts.benchmarking.parallel import bench_parallel, bench_rllib
 from scripts.benchmarking.quality import bench_quality  # noqa: E402

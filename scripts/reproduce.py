@@ -37,7 +37,7 @@ from distq.problems.rewards import load_reward  # noqa: E402
 from distq.runs.checkpoint import load_checkpoint  # noqa: E402
 from distq.setup.config import SAMPLERS, Config  # noqa: E402
 from distq.setup.configfile import load_config  # noqa: E402
-from distq.setup.runtime import describe_machine  # noqa: E402
+from distq.setup.machine import describe_machine  # noqa: E402
 from distq.training.evaluation import evaluate_perfect_learner, evaluate_policy  # noqa: E402
 from distq.training.trainer import train  # noqa: E402
 

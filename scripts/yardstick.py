@@ -28,7 +28,7 @@ from reproduce import ROOT, _ci, evaluate_on, kl_at_reward, on_grid, trained, tr
 
 from distq.problems.data import load_dataset  # noqa: E402
 from distq.problems.rewards import load_reward  # noqa: E402
-from distq.setup.runtime import describe_machine  # noqa: E402
+from distq.setup.machine import describe_machine  # noqa: E402
 from distq.training.evaluation import evaluate_perfect_learner  # noqa: E402
 
 

@@ -62,7 +62,7 @@ def _assert_same_run(ours, reference):
 
 def test_bad_reward_in_a_worker_is_a_one_line_error(ray_session, monkeypatch, tmp_path, capsys):
     """NaN in one worker's part only (2 chunks of the B = 32 batch): the other worker stops at the same episode.
-    The workers run with glibc's one arena (distq.setup.runtime.worker_env), which the reward records."""
+    The workers run with glibc's one arena (distq.setup.machine.worker_env), which the reward records."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_reward.py").write_text(textwrap.dedent(f"""
         import os

@@ -83,7 +83,7 @@ def test_an_embedded_ray_that_does_not_start_is_one_line_from_the_cli(monkeypatc
 @pytest.mark.parametrize("address", ["local", "auto"])
 def test_the_job_starts_its_workers_with_one_malloc_arena_unless_the_user_set_one(monkeypatch, address):
     """Ray Train and Tune train in a thread of their workers; glibc gives such a thread an arena that returns its
-    heaps to the OS (distq.setup.runtime): every worker of the job is started with MALLOC_ARENA_MAX."""
+    heaps to the OS (distq.setup.machine): every worker of the job is started with MALLOC_ARENA_MAX."""
     calls = []
     monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: calls.append(kwargs))

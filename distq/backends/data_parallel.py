@@ -47,7 +47,7 @@ from distq.problems.standardize import Standardization
 from distq.runs import rundir
 from distq.runs.checkpoint import load_checkpoint
 from distq.setup.config import Config
-from distq.setup.runtime import configure_cpu, worker_env
+from distq.setup.machine import configure_cpu, worker_env
 
 if TYPE_CHECKING:
     from distq.problems.data import Dataset

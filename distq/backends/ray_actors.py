@@ -35,7 +35,7 @@ from distq.problems.rewards import load_reward
 from distq.problems.standardize import Standardization
 from distq.setup.config import Config, ParallelConfig
 from distq.setup.devices import CPU, to_device
-from distq.setup.runtime import configure_cpu
+from distq.setup.machine import configure_cpu
 
 if TYPE_CHECKING:  # actor processes import this module: keep distq.problems.data (sklearn, pyarrow) out of them
     from distq.problems.data import Dataset

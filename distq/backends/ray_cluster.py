@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import ray
 
 from distq.errors import DistqError
-from distq.setup.runtime import worker_env
+from distq.setup.machine import worker_env
 
 
 def connect_ray(address: Optional[str], timeout_s: float, num_cpus: Optional[int] = None,

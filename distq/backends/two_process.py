@@ -27,7 +27,7 @@ from distq.backends.build import build_learner, build_rollout
 from distq.errors import DistqError
 from distq.problems.data import Dataset
 from distq.setup.config import Config, config_from_dict
-from distq.setup.runtime import configure_cpu
+from distq.setup.machine import configure_cpu
 
 _VALUE_STATE = ("value",)
 _NO_REPLY = ("state", "backward")

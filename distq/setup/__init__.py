@@ -1,3 +1,3 @@
 """What every layer reads: the config (frozen dataclasses, YAML files, overrides, the generated reference), devices
-and the CPU runtime (threads, the machine's description, Ray workers' environment). No torch models, no files of a
+and the machine (threads, memory, its description, Ray workers' environment). No torch models, no files of a
 run."""

@@ -35,7 +35,7 @@ from distq.runs.plots import GRID_ROWS, grid_rows, is_image, plot_samples, plot_
 from distq.runs.progress import Echo, MetricsLog, ess_summary, ess_warning, final_progress
 from distq.runs.rundir import save_config
 from distq.setup.config import Config
-from distq.setup.runtime import configure_cpu
+from distq.setup.machine import configure_cpu
 from distq.setup.schema import flatten
 from distq.training.budget import Monitor
 from distq.training.evaluation import evaluate_policy, kl_reliability

@@ -14,7 +14,7 @@ import torch
 from distq.problems.data import load_dataset
 from distq.problems.rewards import load_reward
 from distq.setup.config import config_from_dict
-from distq.setup.runtime import keep_freed_memory
+from distq.setup.machine import keep_freed_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"  # its hidden `_scale_cell` command runs one scale cell
 

@@ -13,7 +13,7 @@ from distq.maths.policy import StepMeans
 from distq.problems.data import load_dataset
 from distq.problems.rewards import load_reward
 from distq.setup.config import config_from_dict
-from distq.setup.runtime import keep_freed_memory
+from distq.setup.machine import keep_freed_memory
 
 PAPER_SCALE = {"data": {"source": "swiss_roll", "n_samples": 300}, "reward": {"fn": "swiss_roll_rectangle"},
                "sde": {"T": 5.0, "dt": 0.25}, "train": {"batch_size": 300, "beta": 1.0}}

@@ -1,9 +1,9 @@
-"""distq/setup/runtime.py: the machine description that benchmark JSON and result tables record."""
+"""distq/setup/machine.py: the machine description that benchmark JSON and result tables record."""
 import os
 
 import torch
 
-from distq.setup.runtime import describe_machine, machine
+from distq.setup.machine import describe_machine, machine
 
 
 def test_machine_names_this_machine():
