@@ -45,7 +45,7 @@ class Problem:
 PROBLEMS = {
     "swiss_roll": Problem("configs/swiss_roll_fine.yaml", (0.5, 1.0, 1.75, 2.5, 3.25), 20_000, (0.7, 0.8, 0.9)),
     "gmm1d": Problem("configs/gmm1d.yaml", (0.3, 0.6, 1.0, 1.5), 10_000, (-4.0, -3.5, -3.0)),
-    "digits": Problem("configs/digits_three.yaml", (1.5, 3.0, 6.0), 600, (0.3, 0.45, 0.6),
+    "digits": Problem("configs/digits_three.yaml", (0.75, 1.5, 3.0, 6.0), 600, (0.3, 0.45, 0.6),
                       ("train.policy_gradient=td", "train.target_rate=0")),
 }
 """The Swiss roll of Tables 3-4 (configs/swiss_roll_fine.yaml, rectangle reward), the 1D mixture of Figure 1
