@@ -60,10 +60,15 @@ def _kill_workers_of(raylet: int) -> None:
     """Workers of the session's instance that outlived its shutdown. Seen once in a full suite: a Ray Train
     TrainController (400 MB) orphaned for good after its raylet stopped. Its title is rewritten (`ray::...`); the
     raylet's pid in its environment names the instance."""
-    marker = f"RAY_RAYLET_PID={raylet}\0".encode()
+    kill_processes_with(f"RAY_RAYLET_PID={raylet}\0".encode(), "environ")
+
+
+def kill_processes_with(marker: bytes, proc_file: str) -> None:
+    """SIGKILL every process whose /proc/PID/`proc_file` (cmdline, environ: NUL-separated) holds `marker`: Ray
+    processes a test's instance left behind, found by what names that instance."""
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "environ").read_bytes() + b"\0":
+            if proc.name.isdigit() and marker in (proc / proc_file).read_bytes() + b"\0":
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue

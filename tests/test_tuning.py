@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import kill_processes_with
 from ray.tune.schedulers import ASHAScheduler
 
 from distq.edges.cli import main
@@ -269,13 +270,7 @@ def _terminated(experiment: Path) -> list[str]:
 def _kill_orphans(driver_pid: int) -> None:
     """Ray workers of the killed driver's instance that outlived it (they exit on their own within ~30 s): their
     session directory ends with the driver's pid."""
-    marker = f"_{driver_pid}/sockets".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
+    kill_processes_with(f"_{driver_pid}/sockets".encode(), "cmdline")
 
 
 def _result_lines(experiment: Path) -> dict[str, list[str]]:
