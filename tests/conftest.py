@@ -29,17 +29,11 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-# The files whose tests look at a run's samples.png / training.png or at what is made of them (W&B media, the
-# reproduction's figures, the documented commands as a user runs them)
-PLOTTING_FILES = {"test_cli.py", "test_docs.py", "test_plots.py", "test_reproduce.py", "test_tracking.py",
-                  "test_tuning.py"}
-
-
 @pytest.fixture(autouse=True)
 def _no_run_plots(request, monkeypatch):
-    """Elsewhere a training run in this process skips its two PNGs: about a second of matplotlib per run, hundreds of
-    runs in the suite. The plots' own tests are tests/test_plots.py; a real run's, tests/test_cli.py."""
-    if request.path.name not in PLOTTING_FILES:
+    """A training run in a test not marked `plots` skips its two PNGs: about a second of matplotlib per run, hundreds
+    of runs in the suite. The plots' own tests are tests/test_plots.py; a real run's, tests/test_cli.py."""
+    if request.node.get_closest_marker("plots") is None:
         import distq.training.trainer
 
         monkeypatch.setattr(distq.training.trainer, "plot_samples", lambda *args, **kwargs: None)

@@ -28,6 +28,8 @@ from distq.errors import DistqError
 from distq.runs.checkpoint import load_checkpoint, save_checkpoint
 from distq.setup.configfile import load_config
 
+pytestmark = pytest.mark.plots  # its runs draw their PNGs (conftest: elsewhere they skip them)
+
 TINY = {
     "seed": 0,
     "data": {"source": "swiss_roll", "n_samples": 64},

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.plots]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

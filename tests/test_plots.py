@@ -7,6 +7,8 @@ import torch
 from distq.errors import DistqError
 from distq.runs.plots import LABEL_SPACE, grid_rows, image_grid, plot_samples, plot_training_curves
 
+pytestmark = pytest.mark.plots  # its runs draw their PNGs (conftest: elsewhere they skip them)
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from distq.setup.configfile import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.plots]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,8 @@ import yaml
 
 from distq.edges.cli import main
 
+pytestmark = pytest.mark.plots  # its runs draw their PNGs (conftest: elsewhere they skip them)
+
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 BLOCK, FULL, LAST = 32768, 1, 4

@@ -25,6 +25,8 @@ from distq.errors import DistqError
 from distq.runs import rundir
 from distq.setup.configfile import load_config
 
+pytestmark = pytest.mark.plots  # its runs draw their PNGs (conftest: elsewhere they skip them)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"data.n_samples": 64, "train.batch_size": 32, "train.chunk_size": 32, "sde.dt": 0.5,
         "train.episodes": 40, "eval.n_samples": 50, "eval.batches": 2, "train.processes": 1}
