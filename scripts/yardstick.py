@@ -1,6 +1,6 @@
 """When does q-learning beat weighting the data? Algorithm 1 beside reward-weighted dsm and the perfect learner.
 
-    python scripts/yardstick.py                      # the three problems at full length: about 2 hours on 2 cores
+    python scripts/yardstick.py                      # the three problems at full length: about 3 hours on 2 cores
     python scripts/yardstick.py --quick              # a tenth of the episodes, 5 evaluation batches (says so)
     python scripts/yardstick.py --problems gmm1d --set train.device=cuda
 
