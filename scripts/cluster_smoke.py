@@ -7,6 +7,9 @@ best trial, the dashboard through `ray dashboard`'s port-forward with the token,
 head runs as that user, so the `ray stop` of ray up and ray down cannot touch the machine's other Ray instances.
 Whatever happens, the ssh server is stopped by its pid and the user, its processes and the temporary files go.
 docs/sweeps.md ("Clusters") says what this covers and what only a cloud account can.
+
+Over 300 lines: one script from setup to teardown (user, ssh server, cluster file, the Ray CLI steps, checks,
+cleanup), whose cleanup must see everything the setup made.
 """
 from __future__ import annotations
 

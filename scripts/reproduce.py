@@ -12,6 +12,9 @@ ablation of time grids against the perfect learner and one of a learned time emb
 PNG, and the exact command. Each training is a run directory
 under results/runs/; a finished one (summary.json present) is not trained again and an interrupted one continues
 from its last checkpoint, so an interrupted reproduction continues where it stopped.
+
+Over 300 lines: one section per figure or table of the paper, sharing the kept-run and evaluation helpers that
+scripts/yardstick.py also imports.
 """
 from __future__ import annotations
 

@@ -8,16 +8,16 @@ protocol but runs the loop itself, in its Ray Train workers (`loop` instead of `
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
 from distq.algorithms.batch import episode_chunks
+from distq.algorithms.learner import Learner
 from distq.backends.build import build_learner, build_rollout, build_tilt, rollout_device
 from distq.problems.data import Dataset
+from distq.runs.progress import Echo
 from distq.setup.config import Config, single_process_reason
-
-Echo = Callable[[str], None]
 
 
 class Backend(Protocol):
@@ -44,7 +44,23 @@ class Backend(Protocol):
         """Stop what the backend started."""
 
 
-class InProcessBackend:
+class LocalLearner:
+    """The Backend state methods of a backend whose learner (`self.learner`) lives in this process."""
+
+    learner: Learner
+
+    def learner_state(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the run evaluates with (the moving average with train.ema_rate > 0)."""
+        return self.learner.policy_weights(deployed=True)
+
+
+class InProcessBackend(LocalLearner):
     """Algorithm 1 in the training process. On one device the rollout shares the learner's policy module (no weight
     copies); on two (train.device != parallel.rollout_device) it has its own, loaded before every batch.
 
@@ -76,16 +92,6 @@ class InProcessBackend:
         metrics["time/rollout_s"] = collected - began
         metrics["time/transfer_s"] = 0.0
         return metrics
-
-    def learner_state(self) -> dict[str, Any]:
-        return self.learner.state_dict()
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state)
-
-    def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The weights the run evaluates with (the moving average with train.ema_rate > 0)."""
-        return self.learner.policy_weights(deployed=True)
 
     def close(self) -> None:
         """Nothing to stop."""

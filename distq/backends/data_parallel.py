@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from distq.algorithms.batch import episode_chunks
 from distq.algorithms.learner import Learner, TrainingDiverged
+from distq.backends.backend import LocalLearner
 from distq.backends.build import build_learner, build_rollout, build_tilt, listed_reward_names
 from distq.backends.ray_actors import portable_config, shared_tensor, split_chunks
 from distq.backends.ray_cluster import connect_ray
@@ -290,7 +291,7 @@ def _check_fits(config: Config) -> None:
             f"{have.get('GPU', 0):g} GPUs; lower those fields or raise parallel.ray_num_cpus")
 
 
-class DdpBackend:
+class DdpBackend(LocalLearner):
     """distq.training.trainer's backend for parallel.mode = ddp. The training loop runs in the Ray Train workers (`loop`); the
     driver holds the learner state before the run (what the workers start from) and after it (what is evaluated)."""
 
@@ -309,16 +310,6 @@ class DdpBackend:
         except BaseException:
             self.close()
             raise
-
-    def learner_state(self) -> dict[str, Any]:
-        return self.learner.state_dict()
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state)
-
-    def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The weights the run evaluates with (the moving average with train.ema_rate > 0)."""
-        return self.learner.policy_weights(deployed=True)
 
     def close(self) -> None:
         """Shut Ray down only if this backend started (or joined) it."""

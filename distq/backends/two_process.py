@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from distq.algorithms.batch import Trajectories, episode_chunks
 from distq.algorithms.learner import TrainingDiverged
+from distq.backends.backend import LocalLearner
 from distq.backends.build import build_learner, build_rollout
 from distq.errors import DistqError
 from distq.problems.data import Dataset
@@ -140,7 +141,7 @@ def _serve(conn, config_values: dict, points: torch.Tensor, labels: Optional[tor
             conn.send(failed or ("ok", reply))
 
 
-class TwoProcessBackend:
+class TwoProcessBackend(LocalLearner):
     """The backend interface of distq.training.trainer.InProcessBackend with the critic in a child process."""
 
     workers = 0
@@ -230,9 +231,6 @@ class TwoProcessBackend:
     def load_learner_state(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state)
         self._call("load", to_bytes(state))
-
-    def policy_weights(self) -> dict[str, torch.Tensor]:
-        return self.learner.policy_weights(deployed=True)
 
     def close(self) -> None:
         """Stop the critic process (it also exits by itself when this process goes away)."""

@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 from distq.errors import DistqError
 from distq.runs import rundir
 from distq.runs.interrupt import Interrupted
+from distq.runs.progress import Echo
 from distq.runs.rundir import save_config
 from distq.setup.config import Config
 
-Echo = Callable[[str], None]
 CALIBRATED, TABLE, REPORT = "calibrated.yaml", "calibration.parquet", "calibration.md"
 
 

@@ -42,6 +42,7 @@ from distq.runs import rundir
 from distq.runs.interrupt import Interrupted, Signals
 from distq.runs.interrupt import name as signal_name
 from distq.runs.interrupt import raise_interrupted
+from distq.runs.progress import Echo
 from distq.runs.rundir import save_config
 from distq.setup.config import ParallelConfig, single_process_reason
 
@@ -49,7 +50,6 @@ RUN = "run"
 """A trial's distq run directory, inside its Tune trial directory (each checkpoint is a copy of it)."""
 CONFIG_PREFIX = "config/"
 
-Echo = Callable[[str], None]
 
 
 def _domain(dim: Dimension) -> Any:
