@@ -54,36 +54,3 @@ def test_only_tracking_imports_wandb():
     code = "import sys, distq.edges.cli, distq.training.trainer, distq.edges.tuning, distq.edges.calibrate; print('wandb' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "False"  # a sweep without tracking never loads it
-
-
-def test_a_registered_checkpoint_s_samples_are_logged_once_at_its_report_s_step(tmp_path, monkeypatch):
-    """log_trial_save logs the samples.png of the checkpoint Tune registered, at its report's step, unless
-    log_trial_result's report carried it; once per checkpoint."""
-    from types import SimpleNamespace
-
-    import matplotlib.pyplot as plt
-    import pyarrow.fs
-    from ray.air.integrations.wandb import _QueueItem
-
-    checkpoint = tmp_path / "checkpoint_000001"
-    checkpoint.mkdir()
-    plt.imsave(checkpoint / "samples.png", [[0.0, 1.0], [1.0, 0.0]])
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    callback = trial_wandb_callback(TrackingConfig(project="p"), "sweep", {})
-    class Trial:  # what log_trial_save reads of a Tune trial (hashable, as Tune's are)
-        last_result = {"training_iteration": 2}
-
-    trial = Trial()
-    trial.checkpoint = SimpleNamespace(path=str(checkpoint), filesystem=pyarrow.fs.LocalFileSystem())
-    queued = []
-    callback._trial_queues[trial] = SimpleNamespace(put=queued.append)
-    monkeypatch.setattr(type(callback).__mro__[1], "log_trial_save", lambda self, trial: None)  # Ray's artifact upload
-    callback.log_trial_save(trial)
-    callback.log_trial_save(trial)
-    assert len(queued) == 1 and queued[0][0] == _QueueItem.RESULT
-    item = queued[0][1]
-    assert item["training_iteration"] == 2 and type(item["samples"]).__name__ == "Image"
-    callback.imaged.clear()
-    callback.imaged.add(str(checkpoint))  # as log_trial_result records a report that carried it
-    callback.log_trial_save(trial)
-    assert len(queued) == 1

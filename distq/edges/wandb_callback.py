@@ -16,24 +16,25 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.fs
 from matplotlib.image import imread
-from ray.air.constants import TRAINING_ITERATION
-from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem
+from ray.air.integrations.wandb import WandbLoggerCallback
 
 from distq.runs.rundir import PLOT
 from distq.runs.tracking import wandb_mode
 from distq.setup.config import TrackingConfig
 
 
-def _image(checkpoint_dir: Path) -> Optional[np.ndarray]:
-    """samples.png of a checkpoint directory on this machine as (H, W, 3) uint8, if it has one."""
-    path = checkpoint_dir / PLOT
+def _samples_image(trial, result: dict[str, Any]) -> Optional[np.ndarray]:
+    """samples.png of the checkpoint reported with `result` as (H, W, 3) uint8, if it is on this machine.
+
+    A trial persists its checkpoint before its report reaches the driver, so the file is in place here.
+    """
+    name = result.get("checkpoint_dir_name")
+    if not name or not isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return None
+    path = Path(trial.path) / name / PLOT
     if not path.is_file():
         return None
     return (imread(path)[..., :3] * 255).round().astype(np.uint8)
-
-
-def _local(filesystem) -> bool:
-    return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
 
 
 class TrialWandbCallback(WandbLoggerCallback):
@@ -43,7 +44,6 @@ class TrialWandbCallback(WandbLoggerCallback):
     def __init__(self, base: dict[str, Any], **kwargs):
         super().__init__(**kwargs)
         self.base = base
-        self.imaged: set[str] = set()  # checkpoint directories whose samples.png is logged
 
     def setup(self, *args, **kwargs) -> None:
         if self.kwargs.get("mode") in ("offline", "disabled"):
@@ -59,28 +59,10 @@ class TrialWandbCallback(WandbLoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         # Tune's result carries the trial's config: W&B's run config is updated from it at every report.
         result = {**result, "config": {**self.base, **result.get("config", {})}}
-        name = result.get("checkpoint_dir_name")
-        if name and _local(trial.storage.storage_filesystem):  # the trial persisted it before reporting
-            image = _image(Path(trial.path) / name)
-            if image is not None:
-                result["samples"] = image
-                self.imaged.add(str(Path(trial.path) / name))
-        super().log_trial_result(iteration, trial, result)
-
-    def log_trial_save(self, trial) -> None:
-        """The checkpoint Tune has just registered: its samples.png, at its report's step, unless that report
-        carried it already (in full test-suite runs a final report's image was at times missing from W&B)."""
-        super().log_trial_save(trial)
-        checkpoint = trial.checkpoint
-        if (checkpoint is None or not _local(checkpoint.filesystem) or str(Path(checkpoint.path)) in self.imaged
-                or trial not in self._trial_queues):
-            return
-        image = _image(Path(checkpoint.path))
+        image = _samples_image(trial, result)
         if image is not None:
-            self.imaged.add(str(Path(checkpoint.path)))
-            step = {TRAINING_ITERATION: trial.last_result[TRAINING_ITERATION]} if trial.last_result else {}
-            item = _clean_log({"samples": image, **step}, image_kwargs=self.image_kwargs)
-            self._trial_queues[trial].put((_QueueItem.RESULT, item))
+            result["samples"] = image
+        super().log_trial_result(iteration, trial, result)
 
 
 def trial_wandb_callback(tracking: TrackingConfig, group: str, base: dict[str, Any]) -> TrialWandbCallback:
