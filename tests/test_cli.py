@@ -764,7 +764,7 @@ def test_an_unwritable_run_directory_is_found_before_training(trained, tmp_path,
 
     monkeypatch.setattr(rundir.Path, "write_bytes", read_only)
     steps = []
-    monkeypatch.setattr("distq.training.trainer._loop", lambda *args: steps.append(1))
+    monkeypatch.setattr("distq.training.trainer.Trainer.step", lambda self: steps.append(1))
     run = tmp_path / "run"
     assert_refused(*run_cli("train", trained["config"], "--out", run)[::2], "cannot write in", run, "Permission denied")
     assert steps == [] and list(run.iterdir()) == []

@@ -45,7 +45,7 @@ def _trained(config, run_dir, resume=False):
 
 
 def _assert_same_run(ours, reference):
-    (summary, payload, rows), (ref_summary, ref_payload, ref_rows) = ours, reference
+    (summary, payload, rows), (_, ref_payload, ref_rows) = ours, reference
     assert payload["episode"] == ref_payload["episode"] == summary["episodes"]
     for part in ("policy", "value", "target", "policy_average"):
         for name, tensor in ref_payload["learner"].get(part, {}).items():

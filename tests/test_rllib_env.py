@@ -3,7 +3,6 @@
 episode's condition in the data's shares, show its one-hot code, score with its own points and reward h(y, c)."""
 import math
 
-import gymnasium
 import numpy as np
 import pytest
 import torch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distq.algorithms.batch import Trajectories, episode_chunks
-from distq.backends.build import build_policy, build_rollout, make_grid
+from distq.backends.build import build_rollout, make_grid
 from distq.maths.ratio import ratio_score, running_reward
 from distq.maths.samplers import SAMPLERS
 from distq.problems.rewards import Reward

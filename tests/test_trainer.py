@@ -4,7 +4,6 @@ Oracle (E7): data N(m, s^2 I) tilted by exp(beta c . x) is N(m + beta s^2 c, s^2
 discretisation bias (a few per cent of the mean at K = 20) is common to both runs, so we compare the shift
 between a beta = 1 and a beta = 0 run trained with the same seed, not the raw means.
 """
-import json
 import math
 import os
 import re
@@ -402,29 +401,39 @@ def test_the_first_progress_line_has_no_speed_or_eta_from_the_start_up_episode()
     assert len(later) == 2 and all(re.search(r"\| [\d.]+ episodes/s \| ETA \d", line) for line in later), later
 
 
-def test_interim_reports_checkpoint_and_evaluate_one_run_that_equals_a_straight_run(tmp_path):
-    """distq.training.trainer.Reports (a Tune trial's reports): every 2 episodes of 6, before the last, the run's checkpoint,
-    metrics row and summary.json are at that episode when send() is called, with the evaluation's numbers; the run
-    ends with the weights and evaluation of the same run trained without reports."""
-    from distq.training.trainer import Reports
+def test_a_stepped_trainer_saves_and_evaluates_one_run_that_equals_a_straight_run(tmp_path):
+    """Trainer stepped as a Tune trial steps it: saved and evaluated every 2 episodes of 6, the checkpoint, the
+    metrics row and the evaluation are at that episode; the run ends with the weights and evaluation of the same run
+    trained straight (train()). state()/load_state() restore a run: a third run, rewound to episode 2's state after
+    4 episodes, ends identical too."""
+    from distq.training.trainer import Trainer
 
     config = config_from_dict({"seed": 0, "data": {"source": "swiss_roll", "n_samples": 64}, "sde": {"dt": 0.5},
                                "train": {"beta": 1.0, "episodes": 6, "batch_size": 32, "chunk_size": 32,
                                          "log_every": 100, "processes": 1},
                                "eval": {"n_samples": 50, "batches": 2}})
     seen = []
-
-    def send(summary):
-        run = tmp_path / "reported"
-        seen.append((summary["episodes"], load_checkpoint(run / "checkpoint.pt")["episode"],
-                     pq.read_table(run / "metrics.parquet").to_pylist()[-1]["episode"],
-                     json.loads((run / "summary.json").read_text())["episodes"], summary["kl_mean"] >= 0,
-                     0 <= summary["reward_mean"] <= 1))
-
-    reported = train(config, tmp_path / "reported", echo=lambda line: None, reports=Reports(2, send))
-    straight = train(config, tmp_path / "straight", echo=lambda line: None)
-    assert seen == [(2, 2, 2, 2, True, True), (4, 4, 4, 4, True, True)]
+    with Trainer(config, tmp_path / "reported", echo=_quiet, report_every=2) as trainer:
+        while not trainer.done:
+            trainer.step()
+            if trainer.episode % 2 == 0 and not trainer.done:
+                trainer.save()
+                summary = trainer.evaluate()
+                run = tmp_path / "reported"
+                seen.append((summary["episodes"], load_checkpoint(run / "checkpoint.pt")["episode"],
+                             pq.read_table(run / "metrics.parquet").to_pylist()[-1]["episode"],
+                             summary["kl_mean"] >= 0, 0 <= summary["reward_mean"] <= 1))
+        reported = trainer.finish()
+    with Trainer(config, tmp_path / "rewound", echo=_quiet) as trainer:
+        trainer.step(), trainer.step()
+        at_two = trainer.state()
+        trainer.step(), trainer.step()
+        trainer.load_state(at_two)
+        assert trainer.episode == 2 and not trainer.done
+        rewound = trainer.run()
+    straight = train(config, tmp_path / "straight", echo=_quiet)
+    assert seen == [(2, 2, 2, True, True), (4, 4, 4, True, True)]
     policies = [load_checkpoint(tmp_path / name / "checkpoint.pt")["learner"]["policy"]
-                for name in ("reported", "straight")]
-    assert all(torch.equal(policies[0][k], policies[1][k]) for k in policies[1])
-    assert reported["kl_mean"] == straight["kl_mean"] and reported["episodes"] == 6
+                for name in ("reported", "rewound", "straight")]
+    assert all(torch.equal(policies[i][k], policies[2][k]) for i in (0, 1) for k in policies[2])
+    assert reported["kl_mean"] == rewound["kl_mean"] == straight["kl_mean"] and reported["episodes"] == 6

@@ -5,8 +5,8 @@ Under the tilt (E7) the mean reward grows with beta (its derivative is Var_beta(
 the data (d KL / d beta = beta Var_beta(h) >= 0), so a bracket m(lo) < target < m(hi) of the measured quantity m
 (reward_mean, or kl_mean for a budget) is found by doubling beta (or by probing beta = 0 below a start that
 overshoots), then bisected until a probe lands within the tolerance (for a KL budget K: K - tolerance <= KL <= K,
-the most reward the budget allows up to the tolerance). Each probe is a full training (distq.training.trainer.train) into
-OUT/probe-NN; r(beta) is its evaluation's reward_mean. Learning and evaluation noise make r only nearly
+the most reward the budget allows up to the tolerance). Each probe is a full training (distq.training.trainer.Trainer)
+into OUT/probe-NN; r(beta) is its evaluation's reward_mean. Learning and evaluation noise make r only nearly
 monotone, so the tolerance should exceed the evaluation's reward CI (eval.n_samples x eval.batches samples).
 No Ray here: probes run one after another in this process.
 """

@@ -1,8 +1,7 @@
 """Ray Tune glue for sweeps (distq.edges.sweep): each trial is one distq training run, in the trial's process.
 
-A trial trains in segments of `report_every` episodes with distq.training.trainer.train (continuing exactly from the
-previous segment's checkpoint), evaluates at the end of each, and reports the evaluation (reward_mean, kl_mean,
-their CIs, the objective) with the run directory as the Tune checkpoint. So ASHA stops trials on the real
+A trial steps one distq.training.trainer.Trainer, checkpoints and evaluates it every `report_every` episodes and
+reports the evaluation (reward_mean, kl_mean, their CIs, the objective) with the run directory as the Tune checkpoint. So ASHA stops trials on the real
 objective, and a resumed sweep continues every unfinished trial from its last report.
 
 Resources: a trial reserves `resources.cpu` / `resources.gpu` (at least 2 CPUs with train.processes = 2 where it
@@ -91,9 +90,9 @@ def _metrics(summary: dict[str, Any], run_dir: Path, sweep: Sweep) -> dict[str, 
 
 def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     """Tune function trainable: train the trial's config, reporting and checkpointing every report_every episodes.
-    One run (its data, networks and actors) serves all the reports (distq.training.trainer.Reports); a ddp run, whose loop
-    runs in its Ray Train workers, is continued from its checkpoint for each report instead."""
-    from distq.training.trainer import Reports, train
+    One Trainer (its data, networks and actors) serves all the reports; a ddp run, whose loop runs in its Ray Train
+    workers, is continued from its checkpoint for each report instead."""
+    from distq.training.trainer import Trainer
 
     full = config_from_flat({**sweep.base, **config})
     full = dataclasses.replace(full, tracking=dataclasses.replace(full.tracking, wandb=False))  # the callback logs
@@ -104,12 +103,23 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         tune.report(_metrics(summary, run_dir, sweep), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
     if full.parallel.mode != "ddp":
-        report(train(full, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None,
-                     reports=Reports(sweep.report_every, report)))
+        with Trainer(full, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None,
+                     report_every=sweep.report_every) as trainer:
+            while not trainer.done:
+                trainer.step()
+                if trainer.episode % sweep.report_every == 0 and not trainer.done:
+                    trainer.save()
+                    summary = trainer.evaluate()
+                    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+                    report(summary)
+            summary = trainer.finish()
+        report(summary)  # the run directory unlocked, as a resumed trial finds it
         return
     for end in _report_points(start, full.train.episodes, sweep.report_every):
         segment = dataclasses.replace(full, train=dataclasses.replace(full.train, episodes=end))
-        report(train(segment, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None))
+        with Trainer(segment, run_dir, resume=start > 0, overwrite=start == 0, echo=lambda line: None) as trainer:
+            summary = trainer.run()
+        report(summary)
         start = end
 
 

@@ -24,7 +24,7 @@ class MetricsLog:
                  on_row: Optional[Callable[[dict[str, Any]], None]] = None, tilt: Optional[DataTilt] = None,
                  report_every: int = 0):
         """tilt: weighted dsm's data tilt, whose effective sample size every progress line shows. report_every: a
-        row also ends at each report (Reports), whose metrics read the last row."""
+        row also ends at each report (a Tune trial's), whose metrics read the last row."""
         self.config, self.rows, self.echo, self.on_row, self.tilt = config, rows, echo, on_row, tilt
         self.report_every = report_every
         self.window: dict[str, list[float]] = {}

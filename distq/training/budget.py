@@ -28,14 +28,17 @@ PER_REWARD_PREFIXES = ("reward_mean/", "reward_ci95/")
 class Monitor:
     """The evaluations during a run and its budget state (kept in the checkpoint, so --resume continues it)."""
 
-    def __init__(self, config: Config, dataset: Dataset, reward, state: Optional[dict[str, Any]] = None):
+    def __init__(self, config: Config, dataset: Dataset, reward):
         self.config, self.dataset, self.reward = config, dataset, reward
         self.rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels) if config.eval.every \
             else None
-        state = state or {}
+        self.seconds, self.evaluations = 0.0, 0
+        self.load_state({})
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from state() (a checkpoint's "monitor"; {}: a fresh run)."""
         self.best: Optional[dict[str, float]] = state.get("best")
         self.above: int = state.get("above", 0)
-        self.seconds, self.evaluations = 0.0, 0
         self.stop_reason: Optional[str] = None
 
     def due(self, episode: int) -> bool:

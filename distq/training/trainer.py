@@ -1,24 +1,26 @@
-"""The training driver: Algorithm 1 over episodes, then evaluation and the run directory's outputs.
+"""The Trainer: one run of Algorithm 1 over episodes, then its evaluation and the run directory's outputs.
 
-Episodes run on a backend (distq.backends.backend: in this process, a critic process, Ray actors), so the loop is
-the same for all of them; the data-parallel backend runs this loop in its replicas.
+Episodes run on a backend (distq.backends.backend: in this process, a critic process, Ray actors), so stepping is
+the same for all of them; the data-parallel backend runs its own loop in its replicas (Trainer.run hands it over).
+The CLI, calibrate and Tune trials all train through the Trainer.
 
-Over 300 lines: a run from its checks to its outputs (check inputs, start or resume, the loop with its reports
-and checkpoints, evaluation, samples, figures, summary), kept in one place so one file shows a run's whole order.
+Over 300 lines: a run from its checks to its outputs (check inputs, start or resume, episodes with their
+checkpoints, evaluation, samples, figures, summary), kept in one place so one file shows a run's whole order.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from distq.algorithms.dsm import DataTilt
 from distq.algorithms.learner import TrainingDiverged, deployed_policy, with_initial_policy
 from distq.backends.backend import make_backend
 from distq.backends.build import build_rollout, build_tilt, learner_device, rollout_device
@@ -46,12 +48,6 @@ def _condition_column(config: Config, dataset: Dataset, conditions) -> Optional[
     if conditions is None:
         return None
     return config.data.condition, [dataset.condition_values[int(c)] for c in conditions]
-
-
-def _save(run_dir: Path, config: Config, backend, dataset: Dataset, episode: int, rows: list, monitor: Monitor,
-          name: str = rundir.CHECKPOINT) -> None:
-    save_run(run_dir, {**run_header(config, dataset), "monitor": monitor.state()}, episode, backend.learner_state(),
-             rows, name)
 
 
 def initial_policy(config: Config, dataset: Dataset) -> dict[str, torch.Tensor]:
@@ -126,48 +122,191 @@ class Kept:
         return f"{stopped} before the first checkpoint; no checkpoint was written (start again, {self.run_dir} holds no run)"
 
 
-@dataclasses.dataclass(frozen=True)
-class Reports:
-    """Reports during a run, for a Tune trial that keeps one run (data, networks, actors) across its reports: every
-    `every` episodes before the last the run is checkpointed and evaluated, summary.json is written (no samples, no
-    plots) and send(summary) is called. The last report is train()'s return value."""
+class Trainer:
+    """One training run in run_dir, from its checks to its outputs:
 
-    every: int
-    send: Callable[[dict[str, Any]], None]
+        with Trainer(config, run_dir) as trainer:
+            summary = trainer.run()      # or: while not trainer.done: trainer.step() ... trainer.finish()
+
+    The CLI and calibrate run it (train()); a Tune trial steps it, saving and evaluating between steps, so one run
+    (data, networks, actors) serves all its reports (distq.edges.tuning). Entering checks the inputs before the run
+    directory is touched, locks the directory until exit, starts the backend and loads the starting state (the
+    checkpoint on resume, train.init's policy); inside, SIGINT or SIGTERM stops the run after its current episode
+    with a checkpoint of it: Interrupted, whose message says which checkpoint is kept.
+    """
+
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                 echo: Echo = print, address: Optional[str] = None, report_every: int = 0):
+        """`address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded
+        instance). `report_every`: a metrics row also ends every that many episodes (a trial's reports read it)."""
+        self.config, self.run_dir, self.echo = config, Path(run_dir), echo
+        self.resume, self.overwrite, self.address, self.report_every = resume, overwrite, address, report_every
+        self.kept: Optional[Kept] = None
+        self.backend = self.tracker = None
+        self._failed = False
+        self._exits = contextlib.ExitStack()
+        self._evaluator: Optional[Rollout] = None
+
+    def __enter__(self) -> Trainer:
+        config, run_dir = self.config, self.run_dir
+        configure_cpu(config.train.threads)
+        self.dataset, self.reward, init, self.tilt = check_inputs(config, self.resume, run_dir)
+        try:
+            self._exits.enter_context(rundir.locked(run_dir, "--resume" if self.resume else "--out"))
+            payload = check_run(config, run_dir, self.resume, self.overwrite)
+            self.start = payload["episode"] if payload is not None else 0
+            self.kept = Kept(run_dir, payload["episode"] if payload is not None else None)
+            self.tracker = open_tracker(config, run_dir)
+            if self.tracker is not None:
+                self._exits.callback(lambda: self.tracker.close(failed=self._failed))
+            warning = ess_warning(self.tilt, config, self.dataset)
+            if warning:
+                self.echo(warning)
+            self.backend = make_backend(config, self.dataset, self.reward, self.address, self.echo)
+            self._exits.callback(self.backend.close)
+            self.monitor = Monitor(config, self.dataset, self.reward)
+            # after make_backend: ray.init installs a SIGTERM handler of its own
+            self.stop = self._exits.enter_context(StopRequest())
+            self.log = MetricsLog(config, [], self.start, self.echo,
+                                  self.tracker.row if self.tracker is not None else None, self.tilt,
+                                  self.report_every)
+            self._begin(payload, init)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        self.episode, self.began = self.start, time.perf_counter()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._failed = kind is not None
+        self._exits.close()  # the signal handlers, the backend, the W&B run, then the lock
+        if self.kept is not None and kind is KeyboardInterrupt:  # before the run's own handlers were up
+            raise Interrupted(signal.SIGINT, self.kept.message(signal.SIGINT)) from None
+        if self.kept is not None and kind is not None and issubclass(kind, Interrupted):
+            raise Interrupted(error.signum, self.kept.message(error.signum)) from None
+
+    def _begin(self, payload: Optional[dict], init) -> None:
+        """Load the starting state, check the disk, write config.yaml: the first write of a run, once its backend
+        is up."""
+        if payload is not None:
+            rows = rundir.read_table_rows(self.run_dir / rundir.METRICS)
+            self.load_state({**payload, "rows": [r for r in rows if r["episode"] <= payload["episode"]]})
+        elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
+            self.backend.load_learner_state(with_initial_policy(self.backend.learner_state(), init))
+        # The new checkpoint is written beside the old one; samples are float32.
+        samples = 4 * self.dataset.dim * self.config.eval.n_samples * self.config.eval.batches
+        rundir.check_space(self.run_dir, 2 * _nbytes(self.backend.learner_state()) + samples)
+        if payload is None:  # an --overwrite run's files, or a failed start's
+            rundir.clear_outputs(self.run_dir)
+        save_config(self.config, self.run_dir / rundir.CONFIG)
+
+    @property
+    def done(self) -> bool:
+        """train.episodes reached, or the KL budget stopped the run."""
+        return self.episode >= self.config.train.episodes or bool(self.monitor.stop_reason)
+
+    def step(self) -> dict[str, float]:
+        """The next episode, with the KL budget's evaluation when due and the checkpoint every
+        train.checkpoint_every episodes (or after a signal, which then stops the run). -> the episode's metrics."""
+        self.stop.check()
+        episode, began = self.episode + 1, time.perf_counter()
+        try:
+            metrics = self.backend.step(episode)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}. Training stopped at episode {episode}; the last good checkpoint "
+                                   f"{self.run_dir / rundir.CHECKPOINT} is kept (if one was written)") from None
+        except Exception:
+            self.stop.check()  # the signal that stopped a critic process or a Ray worker as well is the cause
+            raise
+        self.episode = episode
+        metrics["time/episode_s"] = time.perf_counter() - began
+        evals = self.monitor.evaluate(self.backend.policy_weights()) if self.monitor.due(episode) else {}
+        if evals and self.monitor.is_best(episode, evals):
+            self.save(rundir.BEST_CHECKPOINT)
+        self.log.add(episode, metrics, evals)
+        if self.monitor.stop_reason:
+            self.log.echo(f"stopped at episode {episode}: {self.monitor.stop_reason}")
+        elif episode % self.config.train.checkpoint_every == 0 or self.stop.signum is not None:
+            self.save()
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        """A copy of the run as its checkpoint holds it: the run's header, episode, learner state, KL budget and
+        metrics rows."""
+        return copy.deepcopy({**self._header(), "episode": self.episode, "learner": self.backend.learner_state(),
+                              "rows": self.log.rows})
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (state() or a checkpoint with its metrics rows)."""
+        self.backend.load_learner_state(state["learner"])
+        self.monitor.load_state(state.get("monitor") or {})
+        self.episode = self.start = state["episode"]
+        self.log.rows[:] = copy.deepcopy(state["rows"])
+
+    def _header(self) -> dict[str, Any]:
+        return {**run_header(self.config, self.dataset), "monitor": self.monitor.state()}
+
+    def save(self, name: str = rundir.CHECKPOINT) -> None:
+        """Write the checkpoint `name` (the run's own one also writes metrics.parquet)."""
+        save_run(self.run_dir, self._header(), self.episode, self.backend.learner_state(), self.log.rows, name)
+        if name == rundir.CHECKPOINT:
+            self.kept.episode = self.episode
+
+    def evaluate(self) -> dict[str, Any]:
+        """summary.json's contents for the policy of this episode (no samples, no plots)."""
+        if self._evaluator is None:
+            self._evaluator = build_rollout(self.config, self.dataset.points, self.reward, labels=self.dataset.labels)
+        self._evaluator.set_weights(self.backend.policy_weights())
+        wall = time.perf_counter() - self.began
+        metrics = evaluation(self.config, self._evaluator, self.dataset, self.reward)[0]
+        return summarize(self.config, self.dataset, metrics, (self.start, self.episode), wall, self._extras(wall))
+
+    def _extras(self, wall: float) -> dict[str, Any]:
+        """What summary.json adds to the evaluation: workers, the KL budget's state, weighted dsm's ESS."""
+        return {"workers": self.backend.workers, "worker_restarts": self.backend.restarts,
+                **self.monitor.summary(self.run_dir, wall), **ess_summary(self.tilt, self.dataset)}
+
+    def run(self) -> dict[str, Any]:
+        """Train up to train.episodes (or the KL budget's stop), then finish(). -> summary.json's contents."""
+        if self.config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
+            self.backend.loop(self.run_dir, self.dataset, self.log, self.start, self.stop, self.kept)
+            self.episode = self.config.train.episodes
+        else:
+            while not self.done:
+                self.step()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Checkpoint the last episode, stop the backend, evaluate the run and write its outputs (samples, plots,
+        summary.json). -> summary.json's contents."""
+        if self.config.parallel.mode != "ddp":  # ddp's workers logged and checkpointed their last episode
+            final_progress(self.log, self.start, self.episode)
+            self.save()
+        wall = time.perf_counter() - self.began
+        self.stop.stop_deferring()
+        weights, extras = self.backend.policy_weights(), self._extras(wall)
+        self.backend.close()
+        rollout = build_rollout(self.config, self.dataset.points, self.reward, labels=self.dataset.labels)
+        rollout.set_weights(weights)
+        try:
+            summary = finish(self.config, self.run_dir, rollout, self.dataset, self.reward, self.log,
+                             (self.start, self.episode), wall, self.echo, extras)
+        except DistqError as err:
+            raise DistqError(f"{err}; training finished and {self.run_dir / rundir.CHECKPOINT} (episode "
+                             f"{self.kept.episode}) is kept: `distq evaluate {self.run_dir}` evaluates it") from None
+        if self.tracker is not None:
+            self.tracker.finish(summary, [self.run_dir / rundir.PLOT, self.run_dir / rundir.TRAINING_PLOT])
+            self.echo(f"W&B run: {self.tracker.directory}" + (f" (upload with `wandb sync {self.tracker.directory}`)"
+                                                             if self.tracker.mode == "offline" else ""))
+        return summary
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, echo: Echo = print,
-          address: Optional[str] = None, reports: Optional[Reports] = None) -> dict[str, Any]:
-    """Train (or continue) a run in `run_dir`, evaluate it, write all outputs; returns summary.json's contents.
-
-    `address` joins an existing Ray cluster when parallel.workers > 0 (None: RAY_ADDRESS or an embedded instance).
-    `reports`: interim reports (not with parallel.mode ddp, whose loop runs in its workers).
-    The run directory is locked throughout. SIGINT or SIGTERM stops the run after its current episode, with a
-    checkpoint of it: Interrupted, whose message says which checkpoint is kept.
-    """
-    run_dir = Path(run_dir)
-    if reports is not None and config.parallel.mode == "ddp":
-        raise ValueError("interim reports are not available with parallel.mode ddp")
-    configure_cpu(config.train.threads)
-    dataset, reward, init, tilt = check_inputs(config, resume, run_dir)
-    with rundir.locked(run_dir, "--resume" if resume else "--out"):
-        payload = check_run(config, run_dir, resume, overwrite)
-        kept = Kept(run_dir, payload["episode"] if payload is not None else None)
-        tracker = open_tracker(config, run_dir)
-        try:
-            summary = _train(config, run_dir, dataset, reward, payload, init, tilt, kept, echo, address, tracker,
-                             reports)
-        except KeyboardInterrupt:  # before the run's own handlers were up
-            raise Interrupted(signal.SIGINT, kept.message(signal.SIGINT)) from None
-        except Interrupted as stop:
-            raise Interrupted(stop.signum, kept.message(stop.signum)) from None
-        finally:
-            if tracker is not None:
-                tracker.close(failed=sys.exc_info()[0] is not None)
-        if tracker is not None:
-            echo(f"W&B run: {tracker.directory}" + (f" (upload with `wandb sync {tracker.directory}`)"
-                                                     if tracker.mode == "offline" else ""))
-        return summary
+          address: Optional[str] = None) -> dict[str, Any]:
+    """Train (or continue) a run in `run_dir`, evaluate it, write all outputs (Trainer.run); returns summary.json's
+    contents."""
+    with Trainer(config, run_dir, resume, overwrite, echo, address) as trainer:
+        return trainer.run()
 
 
 def open_tracker(config: Config, run_dir: Path):
@@ -181,81 +320,6 @@ def open_tracker(config: Config, run_dir: Path):
     return None if mode == "disabled" else RunTracker(config, run_dir, mode)
 
 
-def _train(config: Config, run_dir: Path, dataset: Dataset, reward, payload: Optional[dict], init,
-           tilt: Optional[DataTilt], kept: Kept, echo: Echo, address: Optional[str], tracker,
-           reports: Optional[Reports] = None) -> dict[str, Any]:
-    start = payload["episode"] if payload is not None else 0
-    warning = ess_warning(tilt, config, dataset)
-    if warning:
-        echo(warning)
-    backend = make_backend(config, dataset, reward, address, echo)
-    monitor = Monitor(config, dataset, reward, payload.get("monitor") if payload is not None else None)
-
-    def extras(workers: int, restarts: int, wall: float) -> dict[str, Any]:
-        """What summary.json adds to the evaluation: workers, the KL budget's state, weighted dsm's ESS."""
-        return {"workers": workers, "worker_restarts": restarts, **monitor.summary(run_dir, wall),
-                **ess_summary(tilt, dataset)}
-
-    with StopRequest() as stop:  # after make_backend: ray.init installs a SIGTERM handler of its own
-        try:
-            log = MetricsLog(config, _begin(config, run_dir, backend, dataset, payload, init), start, echo,
-                             tracker.row if tracker is not None else None, tilt,
-                             reports.every if reports is not None else 0)
-            began = time.perf_counter()
-            report = None
-            if reports is not None:
-                evaluator = build_rollout(config, dataset.points, reward, labels=dataset.labels)
-
-                def report(episode: int) -> None:
-                    evaluator.set_weights(backend.policy_weights())
-                    wall = time.perf_counter() - began
-                    summary = summarize(config, dataset, evaluation(config, evaluator, dataset, reward)[0],
-                                        (start, episode), wall, extras(backend.workers, backend.restarts, wall))
-                    rundir.write_json(run_dir / rundir.SUMMARY, summary)
-                    reports.send(summary)
-            if config.parallel.mode == "ddp":  # the loop runs in the Ray Train workers
-                backend.loop(run_dir, dataset, log, start, stop, kept)
-                last = config.train.episodes
-            else:
-                last = _loop(config, run_dir, backend, dataset, log, start, stop, kept, monitor,
-                             (reports.every, report) if reports is not None else None)
-            wall = time.perf_counter() - began
-            stop.stop_deferring()
-            weights = backend.policy_weights()
-            workers, restarts = backend.workers, backend.restarts
-        finally:
-            backend.close()
-        rollout = build_rollout(config, dataset.points, reward, labels=dataset.labels)
-        rollout.set_weights(weights)
-        try:
-            summary = finish(config, run_dir, rollout, dataset, reward, log, (start, last), wall, echo,
-                             extras(workers, restarts, wall))
-        except DistqError as err:
-            raise DistqError(f"{err}; training finished and {run_dir / rundir.CHECKPOINT} (episode {kept.episode}) "
-                             f"is kept: `distq evaluate {run_dir}` evaluates it") from None
-    if tracker is not None:
-        tracker.finish(summary, [run_dir / rundir.PLOT, run_dir / rundir.TRAINING_PLOT])
-    return summary
-
-
-def _begin(config: Config, run_dir: Path, backend, dataset: Dataset, payload: Optional[dict], init) -> list[dict]:
-    """Load the starting state into the backend, check the disk, write config.yaml: the first write of a run, once
-    its backend is up. -> the metrics rows kept from before."""
-    if payload is not None:
-        backend.load_learner_state(payload["learner"])
-    elif init is not None:  # the pretrained policy, also dpok's reference; the value network starts fresh
-        backend.load_learner_state(with_initial_policy(backend.learner_state(), init))
-    # The new checkpoint is written beside the old one; samples are float32.
-    samples = 4 * dataset.dim * config.eval.n_samples * config.eval.batches
-    rundir.check_space(run_dir, 2 * _nbytes(backend.learner_state()) + samples)
-    if payload is None:  # an --overwrite run's files, or a failed start's
-        rundir.clear_outputs(run_dir)
-    save_config(config, run_dir / rundir.CONFIG)
-    if payload is None:
-        return []
-    return [r for r in rundir.read_table_rows(run_dir / rundir.METRICS) if r["episode"] <= payload["episode"]]
-
-
 def _nbytes(state: Any) -> int:
     """Bytes of the tensors in a nested state dict."""
     if isinstance(state, torch.Tensor):
@@ -265,43 +329,6 @@ def _nbytes(state: Any) -> int:
     if isinstance(state, (list, tuple)):
         return sum(_nbytes(value) for value in state)
     return 0
-
-
-def _loop(config: Config, run_dir: Path, backend, dataset: Dataset, log: MetricsLog, start: int, stop: StopRequest,
-          kept: Kept, monitor: Monitor, report: Optional[tuple[int, Callable[[int], None]]] = None) -> int:
-    """Episodes start + 1 .. train.episodes; after a signal, the episode under way is checkpointed and the loop stops.
-    report (every, call): every `every` episodes before the last, a checkpoint, then call(episode).
-    -> the last episode (earlier than train.episodes if the KL budget stopped the run)."""
-    episode = start
-    for episode in range(start + 1, config.train.episodes + 1):
-        stop.check()
-        began = time.perf_counter()
-        try:
-            metrics = backend.step(episode)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}. Training stopped at episode {episode}; the last good checkpoint "
-                                   f"{run_dir / rundir.CHECKPOINT} is kept (if one was written)") from None
-        except Exception:
-            stop.check()  # the signal that stopped a critic process or a Ray worker as well is the cause
-            raise
-        metrics["time/episode_s"] = time.perf_counter() - began
-        evals = monitor.evaluate(backend.policy_weights()) if monitor.due(episode) else {}
-        if evals and monitor.is_best(episode, evals):
-            _save(run_dir, config, backend, dataset, episode, log.rows, monitor, rundir.BEST_CHECKPOINT)
-        log.add(episode, metrics, evals)
-        if monitor.stop_reason:
-            log.echo(f"stopped at episode {episode}: {monitor.stop_reason}")
-            break
-        reporting = report is not None and episode % report[0] == 0 and episode < config.train.episodes
-        if episode % config.train.checkpoint_every == 0 or stop.signum is not None or reporting:
-            _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
-            kept.episode = episode
-        if reporting:
-            report[1](episode)
-    final_progress(log, start, episode)
-    _save(run_dir, config, backend, dataset, episode, log.rows, monitor)
-    kept.episode = episode
-    return episode
 
 
 def plot_image_grids(config: Config, dataset: Dataset, reward, samples: torch.Tensor,
