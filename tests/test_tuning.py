@@ -254,7 +254,8 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_session, monkeypatch):
     assert not glob.glob(str(experiment / "*" / "run" / "wandb"))  # the trials' own runs are untracked: no double runs
     assert len(runs) == 2, runs  # one offline W&B run per trial, nothing sent anywhere
     assert all(glob.glob(os.path.join(run, "*.wandb")) for run in runs)
-    assert glob.glob(str(experiment / "*" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "samples_*"))
+    images = glob.glob(str(experiment / "*" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "samples_*"))
+    assert images, [str(p.relative_to(experiment)) for p in experiment.glob("*/wandb/offline-run-*/files/**/*")]
 
 
 def _terminated(experiment: Path) -> list[str]:

@@ -11,11 +11,9 @@ gets TRIAL_DIR/wandb/offline-run-*; upload them later with `wandb sync TRIAL_DIR
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import pyarrow.fs
-from matplotlib.image import imread
 from ray.air.integrations.wandb import WandbLoggerCallback
 
 from distq.runs.rundir import PLOT
@@ -23,10 +21,12 @@ from distq.runs.tracking import wandb_mode
 from distq.setup.config import TrackingConfig
 
 
-def _samples_image(trial, result: dict[str, Any]) -> Optional[np.ndarray]:
-    """samples.png of the checkpoint reported with `result` as (H, W, 3) uint8, if it is on this machine.
+def _samples_image(trial, result: dict[str, Any]):
+    """samples.png of the checkpoint reported with `result` as a wandb.Image of the file, if it is on this machine.
 
-    A trial persists its checkpoint before its report reaches the driver, so the file is in place here.
+    A trial persists its checkpoint before its report reaches the driver, so the file is in place here. The image is
+    the checkpoint's own file, which the trial's logging actor (on this node) copies into the W&B run: no temporary
+    copy of it has to outlive the report.
     """
     name = result.get("checkpoint_dir_name")
     if not name or not isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
@@ -34,7 +34,9 @@ def _samples_image(trial, result: dict[str, Any]) -> Optional[np.ndarray]:
     path = Path(trial.path) / name / PLOT
     if not path.is_file():
         return None
-    return (imread(path)[..., :3] * 255).round().astype(np.uint8)
+    import wandb
+
+    return wandb.Image(str(path.resolve()))
 
 
 class TrialWandbCallback(WandbLoggerCallback):
