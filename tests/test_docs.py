@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -338,3 +339,21 @@ def test_every_doc_command_runs(runner, ray_session):
     assert runner.head.process is None, "a doc block starts a Ray head and never stops it"
     print("\n".join(f"skipped: {command} ({reason})" for command, reason in skipped))
     assert ran and all(reason for _, reason in skipped)
+
+
+def test_the_python_example_runs(tmp_path, monkeypatch):
+    """docs/usage.md's Python block, run in a copy of configs/ with 4 episodes, saving and evaluating every 2."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "usage.md").read_text(), re.DOTALL)
+    assert len(blocks) == 1
+    code = blocks[0]
+    for full, small in (('"train.episodes=2000"', '"train.episodes=4", "eval.n_samples=50", "eval.batches=2"'),
+                        ("% 500", "% 2")):
+        assert full in code
+        code = code.replace(full, small)
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "docs/usage.md", "exec"), {"print": lambda *args: printed.append(args)})
+    assert [episode for episode, _ in printed] == [2]
+    assert json.loads((tmp_path / "runs" / "stepped" / "summary.json").read_text())["episodes"] == 4
+    assert (tmp_path / "runs" / "stepped" / "samples.png").is_file()

@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[2]
 BETAS = (0.0, 2.0)
 REPORT_EVERY = 250
-CLI = "import sys; from distq.edges.cli import main; sys.exit(main())"
+# distq's command line in a checkout from before (distq.cli) or after (distq.edges.cli) the subpackages
+CLI = ("import sys\ntry:\n    from distq.edges.cli import main\nexcept ImportError:\n    from distq.cli import main\n"
+       "sys.exit(main())")
 
 
 def _overrides(episodes: int) -> dict[str, object]:
