@@ -2,13 +2,15 @@
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("wandb")
 from distq.edges.sweep import TrackingConfig  # noqa: E402
-from distq.edges.wandb_callback import TrialWandbCallback, trial_wandb_callback, wandb_mode  # noqa: E402
+from distq.edges.wandb_callback import (TrialWandbCallback, _store_runs, trial_wandb_callback,  # noqa: E402
+                                        wandb_mode)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +56,22 @@ def test_only_tracking_imports_wandb():
     code = "import sys, distq.edges.cli, distq.training.trainer, distq.edges.tuning, distq.edges.calibrate; print('wandb' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "False"  # a sweep without tracking never loads it
+
+
+def test_runs_written_after_tunes_last_upload_reach_the_storage(tmp_path):
+    """Tune uploads the driver's staging directory before the callbacks' on_experiment_end, where the logging actors
+    finish their runs: what they wrote after that upload (here: a media file, a longer history) is copied then."""
+    import pyarrow.fs
+
+    staged, stored = tmp_path / "staging" / "trial", tmp_path / "storage" / "trial"
+    run = Path("wandb") / "offline-run-1"
+    (staged / run / "files" / "media" / "images").mkdir(parents=True)
+    (staged / run / "files" / "media" / "images" / "samples_1.png").write_bytes(b"png")
+    (staged / run / "run-1.wandb").write_bytes(b"history, complete")
+    (stored / run).mkdir(parents=True)
+    (stored / run / "run-1.wandb").write_bytes(b"history")  # Tune's last upload, before the run ended
+    trial = types.SimpleNamespace(local_path=str(staged), path=str(stored),
+                                  storage=types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    _store_runs(trial)
+    assert (stored / run / "run-1.wandb").read_bytes() == b"history, complete"
+    assert (stored / run / "files" / "media" / "images" / "samples_1.png").read_bytes() == b"png"

@@ -1,9 +1,9 @@
 """Weights & Biases tracking of sweeps, through Ray's W&B integration (a single `distq train`: distq.runs.tracking).
 
 One W&B run per Tune trial (run id = trial id), one group per sweep. Ray's WandbLoggerCallback logs from the Tune
-driver, so every run's files land in the experiment directory whatever node the trial ran on: the trial's
-config, the metrics of every report, the evaluation's sample plot (samples.png of each checkpoint that has one: the
-last report's) and, as the run's summary, the final report.
+driver, so every run's files land in the experiment directory whatever node the trial ran on (copied there once every
+run has finished): the trial's config, the metrics of every report, the evaluation's sample plot (samples.png of each
+checkpoint that has one: the last report's) and, as the run's summary, the final report.
 
 Offline unless WANDB_API_KEY is set (or WANDB_MODE says otherwise): nothing reaches the network, and each trial
 gets TRIAL_DIR/wandb/offline-run-*; upload them later with `wandb sync TRIAL_DIR/wandb/offline-run-*`.
@@ -39,6 +39,16 @@ def _samples_image(trial, result: dict[str, Any]):
     return wandb.Image(str(path.resolve()))
 
 
+def _store_runs(trial) -> None:
+    """Copy the trial's W&B files, which its logging actor writes in the driver's staging directory of the trial,
+    to the experiment's storage. Tune's last upload of that directory runs before the callbacks' on_experiment_end,
+    so without this the runs' last reports (the final samples image, the end of the history) never reach it."""
+    staged = Path(trial.local_path) / "wandb"
+    if staged.is_dir():
+        pyarrow.fs.copy_files(str(staged), f"{trial.path}/wandb", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=trial.storage.storage_filesystem)
+
+
 class TrialWandbCallback(WandbLoggerCallback):
     """WandbLoggerCallback that needs no API key offline, records the whole training config (`base`, the flat
     config every trial shares, updated by the trial's searched values) and logs each report's sample plot."""
@@ -57,6 +67,11 @@ class TrialWandbCallback(WandbLoggerCallback):
             super().__del__()
         except AttributeError:  # at interpreter exit Ray's module globals may already be gone
             pass
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        super().on_experiment_end(trials, **info)  # waits for every trial's run to finish writing
+        for trial in trials:
+            _store_runs(trial)
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         # Tune's result carries the trial's config: W&B's run config is updated from it at every report.
