@@ -212,7 +212,7 @@ def requested_digit_rates():
 # The suite's longest files first (measured, seconds of one xdist worker): `make test` hands whole files to two
 # processes in collection order, so a long file collected last would run alone at the end.
 LONGEST_FIRST = ("test_tuning.py", "test_ray_actors.py", "test_trainer.py", "test_docs.py", "test_data_parallel.py",
-                 "test_learner.py", "test_two_process.py", "test_cli.py", "test_reproduce.py")
+                 "test_q_learning.py", "test_two_process.py", "test_cli.py", "test_reproduce.py")
 
 
 def pytest_collection_modifyitems(items):

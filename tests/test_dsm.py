@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from distq.algorithms.batch import Trajectories, episode_chunks
-from distq.algorithms.dsm import (DenoisingLearner, data_tilt, denoising_loss, effective_sample_sizes, noised_data,
-                                  tilt_weights)
+from distq.algorithms.dsm import Denoising, data_tilt, denoising_loss, effective_sample_sizes, noised_data, tilt_weights
 from distq.backends.build import build_learner, build_rollout, build_tilt, make_grid
 from distq.backends.rollout import DenoisingRollout
 from distq.errors import DistqError
@@ -76,7 +75,7 @@ def test_dsm_learner_updates_the_policy_alone():
     dataset = load_dataset(config.data, config.seed)
     reward = load_reward(config.reward, dataset.points[:8])
     learner = build_learner(config, dataset.points, reward)
-    assert isinstance(learner, DenoisingLearner) and learner.value is None
+    assert isinstance(learner.objective, Denoising) and learner.value is None
     batch = build_rollout(config, dataset.points, reward, policy=learner.policy).run(episode_chunks(0, 1, 100, 100))
     before = [p.detach().clone() for p in learner.policy.parameters()]
     metrics = learner.update(batch)
@@ -124,7 +123,7 @@ def test_class_conditional_digits_are_classified_as_the_requested_digit(tmp_path
     """Issue 7's high-d check: digits (d = 64), class-conditional, beta = 0, 300 dsm updates (about 10 s). Generated
     images of each requested digit are classified as that digit by the digits classifier (distq.problems.rewards.DigitReward,
     a logistic regression) far above chance (0.1): seeds 0-2 gave 95-97% overall, 84-90% for the worst digit.
-    (Algorithm 1's q-learning learns them with train.policy_gradient = rao_blackwell: tests/test_learner.py.)"""
+    (Algorithm 1's q-learning learns them with train.policy_gradient = rao_blackwell: tests/test_q_learning.py.)"""
     config = config_from_dict({
         "seed": 0, "data": {"source": "digits", "condition": "label"}, "reward": {"fn": "own_digit"},
         "sde": {"dt": 0.25, "grid_power": 2.0}, "ratio": {"bandwidth": 0.5}, "model": {"hidden": 256},

@@ -23,18 +23,15 @@ function, less variance). Weighted dsm's optimum is then the perfect learner's a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from distq.algorithms.batch import Trajectories
-from distq.algorithms.learner import Learner, Reduce, terminal_means
+from distq.algorithms.learner import POLICY, Learner, terminal_means, terminal_sums
 from distq.errors import DistqError
 from distq.maths.ratio import smoothed_variance
-
-POLICY = ("policy",)
 
 
 def noised_data(x0: torch.Tensor, mu: torch.Tensor, sigma2: torch.Tensor,
@@ -114,35 +111,28 @@ def data_rows(n: int, size: int, generator: torch.Generator, probabilities: Opti
     return torch.multinomial(probabilities, size, replacement=True, generator=generator)
 
 
-class DenoisingLearner(Learner):
-    """dsm: a Learner of the policy mean alone (Adam, schedule and clipping as Algorithm 1's) on denoising_loss."""
+class Denoising:
+    """dsm as the Learner's objective (distq.algorithms.learner): the policy mean alone on denoising_loss, with
+    Algorithm 1's Adam, schedule and clipping."""
 
-    def __init__(self, *args, bandwidth: float = 0.0, **kwargs):
+    networks = POLICY
+    diverged = ("denoising loss", "try a smaller train.lr_policy or set train.grad_clip")
+
+    def __init__(self, bandwidth: float = 0.0):
         """bandwidth: ratio.bandwidth; each step's loss is weighted by its targets' variance s_k^2."""
-        super().__init__(*args, **kwargs)
-        self.variances = smoothed_variance(self.grid.mu, self.grid.sigma2, bandwidth)
+        self.bandwidth = bandwidth
 
-    @property
-    def metric_sums_size(self) -> int:
-        """The length of update_on_device's metric sums: the loss, sum h(x0), each listed reward's sum."""
-        return 2 + len(self.reward_names)
+    def sums_size(self, learner: Learner) -> int:
+        """The loss, sum h(x0), each listed reward's sum."""
+        return 2 + len(learner.reward_names)
 
-    def update_on_device(self, batch: Trajectories, total: Optional[int] = None,
-                         reduce: Optional[Reduce] = None) -> dict[str, float]:
-        """One Adam step on denoising_loss; data-parallel (distq.backends.data_parallel) as Learner.update_on_device: `batch` is this
-        replica's part of a batch of `total` rows, reduce(tensors) sums the gradients and metric sums over the
-        replicas in place."""
-        start = time.perf_counter()
-        total = batch.batch_size if total is None else total
-        means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
-        loss = denoising_loss(means, batch.actions, self.variances, total)
-        self.check_loss(loss, "denoising loss", "try a smaller train.lr_policy or set train.grad_clip")
-        parts = batch.terminal_reward_parts.sum(0) if self.reward_names else loss.new_zeros(0)
-        sums = torch.cat([torch.stack([loss.detach(), batch.terminal_rewards.sum()]), parts])
-        self.backward(loss, POLICY)
-        if reduce is not None:
-            reduce([*self.gradients(POLICY), sums])
-        norms = self.step(POLICY)
-        loss_sum, terminal, *part_sums = sums.tolist()
+    def loss(self, learner: Learner, batch: Trajectories, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = learner.grid
+        means = learner.policy(grid.tau.unsqueeze(1), batch.states, batch.conditions)
+        loss = denoising_loss(means, batch.actions, smoothed_variance(grid.mu, grid.sigma2, self.bandwidth), total)
+        return loss, torch.cat([loss.detach().reshape(1), terminal_sums(batch, learner.reward_names)])
+
+    def metrics(self, learner: Learner, sums: list[float], total: int) -> dict[str, float]:
+        loss_sum, terminal, *part_sums = sums
         return {"loss/dsm": loss_sum, **terminal_means(terminal / total, [part / total for part in part_sums],
-                                                        self.reward_names), **self.end_update(norms, start)}
+                                                        learner.reward_names)}

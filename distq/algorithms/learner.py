@@ -1,39 +1,37 @@
-"""Steps 2-3 of Algorithm 1: TD errors (E15) and the semi-gradient actor-critic update (E16) with Adam.
+"""The one Learner every algorithm trains with; an algorithm is an Objective: the networks it trains and its loss.
 
-Minimising L = 1/2 sum_k delta_k^2 (mean over the batch) with next-state values and actions detached gives exactly
-the semi-gradients of (E16): -dL/dphi = sum_k delta_k grad J_phi(tau_k, Y_k) and
--dL/dpsi = sum_k dt_k delta_k grad q_psi(tau_k, Y_k, a_k) (a uniform dt is absorbed in the learning rate).
-Each network's gradient flows only through its own output (q or J), so the two halves can also run in two
-processes (distq.backends.two_process) on the same numbers. With train.target_rate > 0 the next-state values come from a
-Polyak-averaged copy of the value network instead (a target network, as in DQN); with train.ema_rate > 0 a
-Polyak average of the policy network is what the run deploys (evaluation, sampling, train.init). The learner returns
-metrics and never logs.
+The Learner owns the policy-mean network (and the value network, dpok's frozen reference, the target network and
+the moving-average policy where the algorithm has them), their Adam optimisers, learning-rate schedules and
+clipping, and the end of every update (the NaN check, the step, the target's Polyak step, the update count and
+the metrics). The objectives: Algorithm 1's TD / Rao-Blackwellised q-learning (distq.algorithms.q_learning), the
+policy-gradient baselines (distq.algorithms.policy_gradient), denoising score matching (distq.algorithms.dsm).
+
+With train.target_rate > 0 the next-state values come from a Polyak-averaged copy of the value network (a target
+network, as in DQN); with train.ema_rate > 0 a Polyak average of the policy network is what the run deploys
+(evaluation, sampling, train.init). The learner returns metrics and never logs.
 
 The learner computes on its own device (train.device): batches move there in `update`, the one hand-off from the
 rollouts; the weights and states it hands out are CPU tensors (distq.setup.devices).
-
-Over 300 lines: Algorithm 1's update together with what every algorithm's update shares (optimisers, learning-rate
-schedules, clipping, the moving-average policy, the target network, the update's end and its metrics), which the
-policy-gradient and dsm learners inherit rather than copy.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
 from distq.algorithms.batch import Trajectories
 from distq.errors import DistqError
-from distq.maths.policy import REFERENCE, PolicyMean, q_value, rao_blackwell_surrogate
+from distq.maths.policy import REFERENCE, PolicyMean
 from distq.maths.schedules import TimeGrid
-from distq.maths.value import ValueNet, td_errors
+from distq.maths.value import ValueNet
 from distq.setup.config import TrainConfig
 from distq.setup.devices import CPU, to_device
 
 NETWORKS = ("policy", "value")
+POLICY = ("policy",)
 POLICY_COPIES = ("policy", "reference", "policy_average")
 """Learner-state entries holding policy-mean weights: the trained policy, dpok's reference, the moving average."""
 
@@ -50,7 +48,13 @@ def terminal_means(terminal: float, parts: Sequence[float], names: tuple[str, ..
     return {TERMINAL_MEAN: terminal, **{f"{TERMINAL_MEAN}/{name}": part for name, part in zip(names, parts)}}
 
 
-def _batch_mean(per_step: torch.Tensor, total: int) -> torch.Tensor:
+def terminal_sums(batch: Trajectories, names: tuple[str, ...]) -> torch.Tensor:
+    """sum h(Y_K) over the batch's trajectories, then each listed reward's sum (1 + len(names),)."""
+    total = batch.terminal_rewards.sum().reshape(1)
+    return torch.cat([total, batch.terminal_reward_parts.sum(0)]) if names else total
+
+
+def batch_mean(per_step: torch.Tensor, total: int) -> torch.Tensor:
     """sum_k over steps, summed over the trajectories (K, B) and divided by `total`: the batch mean when total = B,
     a replica's share of it in data-parallel training."""
     return per_step.sum() / total
@@ -85,25 +89,41 @@ def _lr_lambda(schedule: str, total: int):
     return lambda step: 1.0
 
 
+class Objective(Protocol):
+    """An algorithm as the Learner sees it."""
+
+    networks: tuple[str, ...]
+    """The networks its loss trains (NETWORKS or POLICY)."""
+    diverged: tuple[str, str]
+    """(the loss's name, what to try) for TrainingDiverged."""
+
+    def sums_size(self, learner: Learner) -> int:
+        """The length of loss()'s metric sums."""
+
+    def loss(self, learner: Learner, batch: Trajectories, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss with the graphs of `networks`, and the batch's metric sums (sums_size,), detached. The batch is
+        part of one of `total` trajectories (data-parallel training): sums over its trajectories are divided by
+        `total`, so the replicas' summed gradients and metric sums are the whole batch's."""
+
+    def metrics(self, learner: Learner, sums: list[float], total: int) -> dict[str, float]:
+        """The update's namespaced metrics from the metric sums of `total` trajectories."""
+
+
 class Learner:
-    """The central learner: owns the policy-mean and value networks and their Adam optimisers."""
+    """The central learner: the networks, their optimisers and the update's end; `objective` says what it learns."""
 
     def __init__(self, policy: PolicyMean, value: Optional[ValueNet], grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None, device: torch.device = CPU,
-                 action_gains: Optional[torch.Tensor] = None, reward_names: tuple[str, ...] = ()):
-        """value None: a learner of the policy alone (the policy-gradient baselines, distq.algorithms.policy_gradient).
-        reference: a frozen pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and
-        broadcast with the weights. device: where the networks (moved there), the grid and the optimiser state live.
-        action_gains: dY_{k+1} / da_k (K,) of the sampler (distq.maths.samplers.action_gains), for rao_blackwell.
-        reward_names: the entries of a list reward.fn (RewardConfig.names): the metrics then carry each one's batch
-        mean, from the batches' terminal_reward_parts (TERMINAL_MEAN/<name>)."""
+                 objective: Objective, reference: Optional[PolicyMean] = None, device: torch.device = CPU,
+                 reward_names: tuple[str, ...] = ()):
+        """value: the value network (q-learning), None for the objectives of the policy alone. reference: a frozen
+        pretrained policy mean (ct_finetune, dpok), loaded and saved with the learner's state and broadcast with the
+        weights. device: where the networks (moved there), the grid and the optimiser state live. reward_names: the
+        entries of a list reward.fn (RewardConfig.names): the metrics then carry each one's batch mean, from the
+        batches' terminal_reward_parts (TERMINAL_MEAN/<name>)."""
         self.device, self.config, self.grid = device, config, to_device(grid, device)
-        self.reward_names = reward_names
+        self.objective, self.reward_names = objective, reward_names
         self.policy, self.value = to_device(policy, device), to_device(value, device)
         self.reference = to_device(reference, device).requires_grad_(False) if reference is not None else None
-        # gain_k / (g^2 dt) of the steps before the last, shaped to scale grad J (K - 1, 1, 1)
-        self.value_gradient_scales = (None if action_gains is None else
-                                      (action_gains.to(device) / (self.grid.g2 * self.grid.dt))[:-1].view(-1, 1, 1))
         self.networks = {"policy": self.policy, "value": self.value} if value is not None else {"policy": self.policy}
         rates = {"policy": config.lr_policy, "value": config.lr_value}
         # fused: one kernel for all parameters, ~7x cheaper per step than the default loop on CPU
@@ -117,72 +137,35 @@ class Learner:
                        copy.deepcopy(self.value, {id(self.value.prior): self.value.prior}).requires_grad_(False))
         self.average = copy.deepcopy(self.policy).requires_grad_(False) if config.ema_rate > 0 else None
 
-    def policy_means(self, batch: Trajectories) -> torch.Tensor:
-        """mu_psi(tau_k, Y_k) (E10) of a batch, (K, B, d), with the policy's graph."""
-        return self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+    def update(self, batch: Trajectories) -> dict[str, float]:
+        """One update on a batch from a rollout on any device; returns namespaced metrics. The hand-off: the one place
+        where a batch moves to the learner's device."""
+        return self.update_on_device(to_device(batch, self.device))
 
-    def q_values(self, batch: Trajectories, means: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q_psi(tau_k, Y_k, a_k) (E11) of a batch, (K, B), with the policy's graph (through `means` if given)."""
-        means = self.policy_means(batch) if means is None else means
-        return q_value(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature)
+    def update_on_device(self, batch: Trajectories, total: Optional[int] = None,
+                         reduce: Optional[Reduce] = None) -> dict[str, float]:
+        """One step of the objective's loss on a batch on the learner's device; returns namespaced metrics.
 
-    def values(self, batch: Trajectories) -> torch.Tensor:
-        """J_phi(tau_k, Y_k) of a batch, (K, B), with the value network's graph."""
-        return self.value(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+        Data-parallel training (distq.backends.data_parallel): `batch` is this replica's part of a batch of `total`
+        trajectories, and reduce(tensors) sums the tensors over the replicas in place, so every replica clips and
+        steps on the same numbers."""
+        start = time.perf_counter()
+        total = batch.batch_size if total is None else total
+        names = self.objective.networks
+        loss, sums = self.objective.loss(self, batch, total)
+        self.check_loss(loss, *self.objective.diverged)
+        self.backward(loss, names)
+        if reduce is not None:
+            reduce([*self.gradients(names), sums])
+        norms = self.step(names)
+        if self.target is not None:
+            polyak_average(self.target, self.value, self.config.target_rate)
+        return {**self.objective.metrics(self, sums.tolist(), total), **self.end_update(norms, start)}
 
-    def values_and_target_values(self, batch: Trajectories) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """J_phi(tau_k, Y_k) (K, B) with its graph, and the target network's J(tau_{k+1}, Y_{k+1}) (K - 1, B), or None
-        without a target; the parameter-free part of J (the reward prior's O(N d) per state) is computed once."""
-        if self.target is None:
-            return self.values(batch), None
-        tau = self.grid.tau.unsqueeze(1)
-        fixed = self.value.fixed_part(tau, batch.states, batch.conditions)
-        with torch.no_grad():
-            target_values = self.target(tau[1:], batch.states[1:], batch.conditions, fixed[1:])
-        return self.value(tau, batch.states, batch.conditions, fixed), target_values
-
-    def td_loss(self, values: torch.Tensor, q: torch.Tensor, batch: Trajectories,
-                target_values: Optional[torch.Tensor] = None, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """1/2 sum_k delta_k^2 averaged over the batch, and the TD errors delta (K, B) (E15), bootstrapping from
-        `target_values` (K - 1, B) if given, else from `values`. `total`: the batch is part of one of `total`
-        trajectories (data-parallel training), and the sum over its trajectories is divided by that."""
-        delta = td_errors(values, self.config.beta * batch.terminal_rewards, batch.running_rewards, q,
-                          self.grid.dt.unsqueeze(1), target_values)
-        loss = _batch_mean(0.5 * delta.square(), total or batch.batch_size)
-        self.check_loss(loss, "TD loss", "try smaller train.lr_policy / train.lr_value or set train.grad_clip")
-        return loss, delta
-
-    def loss(self, batch: Trajectories, total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss with both networks' graphs, and delta (K, B): the TD loss (train.policy_gradient = td), or the
-        TD loss for the value network plus the policy's Rao-Blackwellised surrogate (rao_blackwell). `total`: as in
-        td_loss."""
-        values, target_values = self.values_and_target_values(batch)
-        if self.config.policy_gradient == "td":
-            return self.td_loss(values, self.q_values(batch), batch, target_values, total)
-        means = self.policy_means(batch)
-        q = self.q_values(batch, means)
-        value_loss, delta = self.td_loss(values, q.detach(), batch, target_values, total)
-        surrogate = rao_blackwell_surrogate(q, means, self.regression_targets(batch), self.last_advantage(batch),
-                                            self.grid.g2.unsqueeze(1), self.grid.dt.unsqueeze(1),
-                                            self.config.temperature)
-        return value_loss + _batch_mean(surrogate, total or batch.batch_size), delta
-
-    def regression_targets(self, batch: Trajectories) -> torch.Tensor:
-        """s_hat + (gain_k / (g^2 dt)) grad_y J_phi(tau_{k+1}, Y'_{k+1}) at the mean action's successors Y' (K, B, d)
-        (J of the target network if train.target_rate > 0), detached; the score alone at the last step
-        (distq.maths.policy.rao_blackwell_surrogate)."""
-        successors = batch.mean_successors[:-1].clone().requires_grad_(True)  # rollouts give inference tensors
-        with torch.enable_grad():
-            critic = self.value if self.target is None else self.target
-            values = critic(self.grid.tau[1:].unsqueeze(1), successors, batch.conditions)
-            gradient, = torch.autograd.grad(values.sum(), successors)
-        return batch.ratio_scores + torch.cat([self.value_gradient_scales * gradient, torch.zeros_like(gradient[:1])])
-
-    def last_advantage(self, batch: Trajectories) -> torch.Tensor:
-        """beta [h(Y_K) - h(Y'_K)] at the last step, 0 before it (K, B)."""
-        advantage = torch.zeros_like(batch.running_rewards)
-        advantage[-1] = self.config.beta * (batch.terminal_rewards - batch.mean_terminal_rewards)
-        return advantage
+    @property
+    def metric_sums_size(self) -> int:
+        """The length of the objective's metric sums (what data-parallel replicas reduce besides gradients)."""
+        return self.objective.sums_size(self)
 
     def descend(self, loss: torch.Tensor, names: tuple[str, ...] = NETWORKS, schedule: bool = True) -> dict[str, float]:
         """Backpropagate `loss` and take one clipped Adam step on the networks `names` (and, with `schedule`, one
@@ -220,54 +203,6 @@ class Learner:
             polyak_average(self.average, self.policy, self.config.ema_rate)
         return norms
 
-    def update(self, batch: Trajectories) -> dict[str, float]:
-        """One update on a batch from a rollout on any device; returns namespaced metrics. The hand-off: the one place
-        where a batch moves to the learner's device."""
-        return self.update_on_device(to_device(batch, self.device))
-
-    def update_on_device(self, batch: Trajectories, total: Optional[int] = None,
-                         reduce: Optional[Reduce] = None) -> dict[str, float]:
-        """One semi-gradient step (E16) on a batch on the learner's device; returns namespaced metrics.
-
-        Data-parallel training (distq.backends.data_parallel): `batch` is this replica's part of a batch of `total` trajectories, and
-        reduce(tensors) sums the tensors over the replicas in place. The loss divides its sums by `total`, so the
-        summed gradients and metric sums are the whole batch's, and every replica clips and steps on the same
-        numbers."""
-        start = time.perf_counter()
-        total = batch.batch_size if total is None else total
-        loss, delta = self.loss(batch, total)
-        sums = self.metric_sums(delta, batch)
-        self.backward(loss)
-        if reduce is not None:
-            reduce([*self.gradients(), sums])
-        norms = self.step()
-        if self.target is not None:
-            polyak_average(self.target, self.value, self.config.target_rate)
-        return {**self.metrics_from_sums(sums, total), **self.end_update(norms, start)}
-
-    @property
-    def metric_sums_size(self) -> int:
-        """The length of metric_sums' vector."""
-        return 4 + len(self.reward_names)
-
-    def metric_sums(self, delta: torch.Tensor, batch: Trajectories) -> torch.Tensor:
-        """Sums over the batch's trajectories (4 + R,): 1/2 sum_k delta_k^2, sum_k |delta_k|, h(Y_K),
-        sum_k r_hat_k dt_k, then each listed reward's h_i(Y_K) (R = len(reward_names), 0 for a single reward)."""
-        delta = delta.detach()
-        sums = torch.stack([0.5 * delta.square().sum(), delta.abs().sum(), batch.terminal_rewards.sum(),
-                            (batch.running_rewards * self.grid.dt.unsqueeze(1)).sum()])
-        return torch.cat([sums, batch.terminal_reward_parts.sum(0)]) if self.reward_names else sums
-
-    def metrics_from_sums(self, sums: torch.Tensor, total: int) -> dict[str, float]:
-        """The loss and reward metrics of an update on `total` trajectories from their metric_sums."""
-        td, td_abs, terminal, running, *parts = sums.tolist()
-        return {
-            "loss/td": td / total,
-            "td/abs_mean": td_abs / (total * self.grid.num_steps),
-            **terminal_means(terminal / total, [part / total for part in parts], self.reward_names),
-            "reward/running_mean": running / total,
-        }
-
     def check_loss(self, loss: torch.Tensor, what: str, remedy: str) -> None:
         """TrainingDiverged naming the update when the loss `what` is NaN or inf, before any step; remedy: what to
         try."""
@@ -280,11 +215,6 @@ class Learner:
         self.updates += 1
         return {**{f"grad_norm/{name}": norm for name, norm in norms.items()},
                 "lr/policy": self.schedulers["policy"].get_last_lr()[0], "time/update_s": time.perf_counter() - start}
-
-    def batch_terminal_means(self, batch: Trajectories) -> dict[str, float]:
-        """terminal_means of a whole batch (the learners that compute their metrics without metric_sums)."""
-        parts = batch.terminal_reward_parts.mean(0).tolist() if self.reward_names else []
-        return terminal_means(float(batch.terminal_rewards.mean()), parts, self.reward_names)
 
     def policy_weights(self, deployed: bool = False) -> dict[str, torch.Tensor]:
         """The policy-mean weights to broadcast to rollouts (with the reference's, prefixed REFERENCE, if any), as CPU

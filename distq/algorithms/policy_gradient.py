@@ -8,19 +8,12 @@ batch (advantages (h - mean) / std); DPOK keeps their scale, so its KL weight me
 """
 from __future__ import annotations
 
-import time
-from typing import Optional
-
 import torch
 
 from distq.algorithms.batch import Trajectories
-from distq.algorithms.learner import Learner
-from distq.maths.policy import PolicyMean, policy_log_density
-from distq.maths.schedules import TimeGrid
-from distq.setup.config import TrainConfig
-from distq.setup.devices import CPU
+from distq.algorithms.learner import POLICY, Learner, terminal_means, terminal_sums
+from distq.maths.policy import policy_log_density
 
-POLICY = ("policy",)
 REMEDY = "try a smaller train.lr_policy or set train.grad_clip"
 
 
@@ -42,47 +35,60 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip: f
     return torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
 
 
-class PolicyGradientLearner(Learner):
-    """ddpo_sf, ddpo_is and dpok: a Learner of the policy mean alone (Adam, schedule and clipping as Algorithm 1's),
-    with a frozen copy of the pretrained policy as dpok's reference."""
+class PolicyGradient:
+    """ddpo_sf, ddpo_is and dpok as the Learner's objective (distq.algorithms.learner): the policy mean alone, with
+    Algorithm 1's Adam, schedule and clipping, and a frozen copy of the pretrained policy as dpok's reference."""
 
-    def __init__(self, policy: PolicyMean, grid: TimeGrid, config: TrainConfig,
-                 reference: Optional[PolicyMean] = None, device: torch.device = CPU, reward_names: tuple[str, ...] = ()):
-        super().__init__(policy, None, grid, config, reference, device, reward_names=reward_names)
+    networks = POLICY
+    diverged = ("policy-gradient loss", REMEDY)
 
-    def log_densities(self, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi_psi(a_k | tau_k, Y_k) (K, B) with the policy's graph, and the means (K, B, d)."""
-        means = self.policy(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
-        return policy_log_density(batch.actions, means, self.grid.g2.unsqueeze(1), self.config.temperature), means
+    def sums_size(self, learner: Learner) -> int:
+        """The loss (times the batch size), sum h(Y_K), each listed reward's sum, then dpok's KL to the reference
+        or ddpo_is's clipped fraction (times the batch size)."""
+        return 3 + len(learner.reward_names)
 
-    def update_on_device(self, batch: Trajectories) -> dict[str, float]:
-        """One policy-gradient update (ddpo_is: `inner_steps` of them) on a batch on the learner's device; returns
-        namespaced metrics."""
-        start, config = time.perf_counter(), self.config
+    def loss(self, learner: Learner, batch: Trajectories, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy-gradient loss (ddpo_is: of its last inner step, after the `inner_steps - 1` before it) and the
+        metric sums."""
+        config = learner.config
         rewards = config.beta * batch.terminal_rewards
-        metrics: dict[str, float] = {}
         if config.algorithm == "dpok":
-            log_density, means = self.log_densities(batch)
+            log_density, means = log_densities(learner, batch)
             with torch.no_grad():
-                reference = self.reference(self.grid.tau.unsqueeze(1), batch.states, batch.conditions)
-            kl = policy_kl(means, reference, self.grid.g2.unsqueeze(1), config.temperature).sum(0).mean()
+                reference = learner.reference(learner.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+            kl = policy_kl(means, reference, learner.grid.g2.unsqueeze(1), config.temperature).sum(0).mean()
             loss = -(log_density.sum(0) * (rewards - rewards.mean())).mean() + config.kl_weight * kl
-            metrics["kl/reference"] = float(kl.detach())
+            extra = kl.detach()
         elif config.algorithm == "ddpo_sf":
-            loss = -(self.log_densities(batch)[0].sum(0) * normalised_advantages(rewards)).mean()
+            loss = -(log_densities(learner, batch)[0].sum(0) * normalised_advantages(rewards)).mean()
+            extra = loss.new_zeros(())
         else:
             advantages, behaviour = normalised_advantages(rewards), None
             for step in range(config.inner_steps):
-                log_density = self.log_densities(batch)[0]
+                log_density = log_densities(learner, batch)[0]
                 if behaviour is None:  # the rollout's policy: these weights, before any inner step
                     behaviour = log_density.detach()
                 loss = -clipped_surrogate(log_density - behaviour, advantages, config.is_clip).sum(0).mean()
                 if step < config.inner_steps - 1:
-                    self.check_loss(loss, "policy-gradient loss", REMEDY)
-                    self.descend(loss, POLICY, schedule=False)
-            metrics["is/clipped_fraction"] = float(((log_density.detach() - behaviour).exp() - 1).abs()
-                                                   .gt(config.is_clip).float().mean())
-        self.check_loss(loss, "policy-gradient loss", REMEDY)
-        norms = self.descend(loss, POLICY)
-        return {"loss/policy_gradient": float(loss.detach()), **self.batch_terminal_means(batch), **metrics,
-                **self.end_update(norms, start)}
+                    learner.check_loss(loss, *self.diverged)
+                    learner.descend(loss, POLICY, schedule=False)
+            extra = ((log_density.detach() - behaviour).exp() - 1).abs().gt(config.is_clip).float().mean()
+        sums = torch.cat([(loss.detach() * total).reshape(1), terminal_sums(batch, learner.reward_names),
+                          (extra * total).reshape(1)])
+        return loss, sums
+
+    def metrics(self, learner: Learner, sums: list[float], total: int) -> dict[str, float]:
+        loss, terminal, *parts, extra = sums
+        metrics = {"loss/policy_gradient": loss / total,
+                   **terminal_means(terminal / total, [part / total for part in parts], learner.reward_names)}
+        if learner.config.algorithm == "dpok":
+            metrics["kl/reference"] = extra / total
+        elif learner.config.algorithm == "ddpo_is":
+            metrics["is/clipped_fraction"] = extra / total
+        return metrics
+
+
+def log_densities(learner: Learner, batch: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_psi(a_k | tau_k, Y_k) (K, B) with the policy's graph, and the means (K, B, d)."""
+    means = learner.policy(learner.grid.tau.unsqueeze(1), batch.states, batch.conditions)
+    return policy_log_density(batch.actions, means, learner.grid.g2.unsqueeze(1), learner.config.temperature), means

@@ -10,8 +10,9 @@ from typing import Callable, Optional
 
 import torch
 
-from distq.algorithms.dsm import MAX_ROWS, DataTilt, DenoisingLearner, data_tilt
+from distq.algorithms.dsm import MAX_ROWS, DataTilt, Denoising, data_tilt
 from distq.algorithms.learner import Learner
+from distq.algorithms.q_learning import QLearning
 from distq.backends.rollout import DenoisingRollout, Rollout
 from distq.errors import DistqError
 from distq.maths.policy import PolicyMean, Preconditioner
@@ -145,14 +146,15 @@ def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
     device, classes = learner_device(config), class_count(labels)
     policy, reference = build_policy(config, points, classes), build_reference(config, points, classes)
     names = listed_reward_names(config) if reward_names is None else reward_names
+    grid, value = make_grid(config), None
     if config.train.algorithm == "dsm":
-        return DenoisingLearner(policy, None, make_grid(config), config.train, device=device, reward_names=names,
-                                bandwidth=config.ratio.bandwidth)
-    if config.train.algorithm not in ("qlearning", "ct_finetune"):
-        from distq.algorithms.policy_gradient import PolicyGradientLearner
+        objective = Denoising(config.ratio.bandwidth)
+    elif config.train.algorithm not in ("qlearning", "ct_finetune"):
+        from distq.algorithms.policy_gradient import PolicyGradient
 
-        return PolicyGradientLearner(policy, make_grid(config), config.train, reference, device, names)
-    gains = (action_gains(make_grid(config), config.sde.sampler) if config.train.policy_gradient == "rao_blackwell"
-             else None)
-    return Learner(policy, build_value(config, points, terminal_reward, labels), make_grid(config), config.train,
-                   reference, device, gains, names)
+        objective = PolicyGradient()
+    else:
+        objective = QLearning(action_gains(grid, config.sde.sampler)
+                              if config.train.policy_gradient == "rao_blackwell" else None)
+        value = build_value(config, points, terminal_reward, labels)
+    return Learner(policy, value, grid, config.train, objective, reference, device, names)

@@ -3,8 +3,8 @@
 The actor rolls out the policy (E10, E5) and updates the policy mean; the critic computes the ratio-estimated
 running rewards (E13-E14) and updates the value network. Per episode they swap through shared memory what the
 other half of the TD error (E15) needs: the critic's J_phi and r_hat, the actor's q_psi. Each then backpropagates
-through its own network only (E16), which is the single-process learner's gradient (distq.algorithms.learner), so the
-numbers are the same. What changes is the clock: the critic's forward overlaps the actor's, and its backward and
+through its own network only (E16), which is the single-process learner's gradient (distq.algorithms.q_learning), so
+the numbers are the same. What changes is the clock: the critic's forward overlaps the actor's, and its backward and
 Adam step overlap the actor's next rollout.
 
 Per episode: the actor draws Y_k and every few k sends "state" (the critic computes s_hat there, during the rest
@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.multiprocessing as mp
 
+from distq.algorithms import q_learning
 from distq.algorithms.batch import Trajectories, episode_chunks
 from distq.algorithms.learner import TrainingDiverged
 from distq.backends.backend import LocalLearner
@@ -80,7 +81,7 @@ class _Critic:
         batch = Trajectories(*(b[name].clone() for name in ("states", "actions")), None,
                              *(b[name].clone() for name in ("final_states", "terminal_rewards")), self.conditions)
         batch.running_rewards = self.rollout.rewards_from_scores(self.scores, batch.actions)
-        values = self.learner.values(batch)
+        values = q_learning.values(self.learner, batch)
         b["running_rewards"].copy_(batch.running_rewards)
         b["values"].copy_(values.detach())
         self.pending = (batch, values)
@@ -89,7 +90,7 @@ class _Critic:
     def backward(self) -> None:
         """The value network's step (E16) on the pending batch, with the actor's q from the buffers."""
         batch, values = self.pending
-        loss, _ = self.learner.td_loss(values, self.buffers["q"].clone(), batch)
+        loss, _ = q_learning.td_loss(self.learner, values, self.buffers["q"].clone(), batch)
         self.value_norm = self.learner.descend(loss, _VALUE_STATE)["value"]
         self.learner.updates += 1
         self.pending = None
@@ -205,16 +206,17 @@ class TwoProcessBackend(LocalLearner):
         for name in ("actions", "final_states", "terminal_rewards"):
             b[name].copy_(getattr(batch, name))
         self._send("forward")
-        q = self.learner.q_values(batch)
+        q = q_learning.q_values(self.learner, batch)
         value_norm = self._reply()
         batch.running_rewards = b["running_rewards"].clone()
-        loss, delta = self.learner.td_loss(b["values"].clone(), q, batch)
+        loss, delta = q_learning.td_loss(self.learner, b["values"].clone(), q, batch)
         b["q"].copy_(q.detach())
         self._send("backward")
         norms = self.learner.descend(loss, ("policy",))
         if value_norm is not None:
             norms["value"] = value_norm
-        metrics = {**self.learner.metrics_from_sums(self.learner.metric_sums(delta, batch), batch.batch_size),
+        sums = q_learning.metric_sums(self.learner, delta, batch).tolist()
+        metrics = {**q_learning.metrics_from_sums(self.learner, sums, batch.batch_size),
                    **self.learner.end_update(norms, collected)}
         metrics["time/rollout_s"] = collected - began
         metrics["time/transfer_s"] = 0.0

@@ -99,7 +99,7 @@ def _split(config, learner, rollout) -> dict[str, float]:
     def backward():
         for opt in learner.optimizers.values():
             opt.zero_grad()
-        learner.loss(batch)[0].backward()
+        learner.objective.loss(learner, batch, batch.batch_size)[0].backward()
     networks = timed(backward)
     optimizer = timed(lambda: [opt.step() for opt in learner.optimizers.values()])
     total = 1e3 / _rate(distq_episode(config, learner, rollout), 0, reps)
