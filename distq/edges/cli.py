@@ -9,21 +9,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from distq.algorithms.learner import deployed_policy
-from distq.backends.build import build_rollout, make_grid
 from distq.errors import DistqError
-from distq.problems.data import load_dataset
-from distq.problems.rewards import load_reward
-from distq.problems.standardize import stored
 from distq.runs import rundir
-from distq.runs.checkpoint import load_checkpoint
 from distq.runs.interrupt import Interrupted, Signals, raise_interrupted
 from distq.setup.config import DEVICES, GENERATION_SAMPLERS, Config, config_from_dict
 from distq.setup.configfile import load_config
-from distq.setup.devices import resolve_device
-from distq.training.evaluation import evaluate_given, evaluate_policy, kl_reliability
+
+# Each command imports what it needs (torch, the data, Ray) when it runs: `distq --help` and the Tune driver of
+# `distq tune` start without them.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +130,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load_run(run_dir: str) -> tuple[Config, dict]:
+    from distq.runs.checkpoint import load_checkpoint
+
     payload = load_checkpoint(Path(run_dir) / rundir.CHECKPOINT)
     try:
         config = config_from_dict(payload["config"])
@@ -145,8 +140,10 @@ def _load_run(run_dir: str) -> tuple[Config, dict]:
     return config, payload
 
 
-def _device(args: argparse.Namespace, config: Config) -> torch.device:
+def _device(args: argparse.Namespace, config: Config):
     """--device, else the run's rollout device (a run trained on a GPU names cuda: --device cpu on a laptop)."""
+    from distq.setup.devices import resolve_device
+
     if args.device:
         return resolve_device(args.device, "--device")
     return resolve_device(config.parallel.rollout_device, "the run's parallel.rollout_device (choose another with "
@@ -154,6 +151,12 @@ def _device(args: argparse.Namespace, config: Config) -> torch.device:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from distq.algorithms.learner import deployed_policy
+    from distq.backends.build import build_rollout, make_grid
+    from distq.problems.standardize import stored
+
     if args.n < 1:
         raise DistqError(f"-n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
@@ -192,6 +195,13 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from distq.algorithms.learner import deployed_policy
+    from distq.backends.build import build_rollout
+    from distq.problems.data import load_dataset
+    from distq.problems.rewards import load_reward
+    from distq.problems.standardize import stored
+    from distq.training.evaluation import evaluate_given, evaluate_policy, kl_reliability
+
     config, payload = _load_run(args.run_dir)
     if args.batches is not None:
         if args.batches < 2:

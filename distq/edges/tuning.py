@@ -25,7 +25,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pyarrow.fs
 import ray
@@ -41,9 +41,11 @@ from distq.runs import rundir
 from distq.runs.interrupt import Interrupted, Signals
 from distq.runs.interrupt import name as signal_name
 from distq.runs.interrupt import raise_interrupted
-from distq.runs.progress import Echo
 from distq.runs.rundir import save_config
 from distq.setup.config import ParallelConfig, single_process_reason
+
+if TYPE_CHECKING:  # the driver imports no torch: its trials do
+    from distq.runs.progress import Echo
 
 RUN = "run"
 """A trial's distq run directory, inside its Tune trial directory (each checkpoint is a copy of it)."""

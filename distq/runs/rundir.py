@@ -8,16 +8,18 @@ import os
 import shutil
 from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import yaml
 
 from distq.errors import DistqError
 from distq.setup.config import Config
+
+if TYPE_CHECKING:  # torch only where samples are read: the Tune driver imports this module
+    import torch
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.parquet", "checkpoint.pt"
 SAMPLES, PLOT, SUMMARY = "samples.parquet", "samples.png", "summary.json"
@@ -200,6 +202,8 @@ def read_samples(path: Path, columns: Sequence[str]) -> torch.Tensor:
         raise DistqError(f"samples file {path} has non-numeric or missing values ({err})") from None
     if not np.isfinite(values).all():
         raise DistqError(f"samples file {path} holds NaN or infinite values")
+    import torch
+
     return torch.from_numpy(values)
 
 
@@ -216,6 +220,8 @@ def read_conditions(path: Path, name: str, values: Sequence) -> torch.Tensor:
     if unknown:
         raise DistqError(f"samples file {path}: column {name} holds {', '.join(unknown[:5])}, not one of the run's "
                          f"conditions ({', '.join(map(str, values))})")
+    import torch
+
     return torch.tensor([index[v] for v in column], dtype=torch.long)
 
 

@@ -19,8 +19,6 @@ import os
 import platform
 from pathlib import Path
 
-import torch
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
@@ -44,6 +42,8 @@ def worker_env() -> dict[str, str]:
 
 def configure_cpu(threads: int) -> None:
     """torch intra-op threads (0 = torch's default) and the allocator setting above."""
+    import torch  # here: the Tune driver imports this module and trains nothing
+
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()
@@ -52,6 +52,8 @@ def configure_cpu(threads: int) -> None:
 def machine() -> dict[str, object]:
     """What benchmark and result files record of the machine: CPU model and logical cores, memory, OS, torch and the
     GPU (None without CUDA)."""
+    import torch
+
     cpuinfo = Path("/proc/cpuinfo")
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.is_file() else []
