@@ -114,3 +114,19 @@ def test_swiss_roll_fine_is_the_paper_run_with_the_three_changes_its_results_nam
     paper = load_config(configs / "swiss_roll.yaml", ["sde.grid_power=2", "ratio.bandwidth=0.5", "model.hidden=128",
                                                       episodes])
     assert fine == paper
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("swiss_roll_k40.yaml", ["sde.dt=0.125", "train.episodes=20000"]),
+    ("swiss_roll_time_embedding.yaml", ["model.time_frequencies=16", "train.episodes=30000"]),
+    ("swiss_roll_target.yaml", ["train.episodes=20000", "train.beta=2", "train.processes=1",
+                                "train.policy_gradient=rao_blackwell", "train.target_rate=0.01"]),
+    ("swiss_roll_ddim5.yaml", ["sde.sampler=ddim", "sde.dt=1.0", "sde.grid_power=1.5", "train.episodes=20000"]),
+])
+def test_an_ablation_config_is_the_fine_run_with_the_flags_its_figures_were_measured_with(name, flags):
+    """docs/results.md's ablations were measured as configs/swiss_roll_fine.yaml with these --set flags; their
+    configs must train the same runs."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(configs / name) == load_config(configs / "swiss_roll_fine.yaml", flags)
