@@ -122,6 +122,7 @@ def test_swiss_roll_fine_is_the_paper_run_with_the_three_changes_its_results_nam
     ("swiss_roll_target.yaml", ["train.episodes=20000", "train.beta=2", "train.processes=1",
                                 "train.policy_gradient=rao_blackwell", "train.target_rate=0.01"]),
     ("swiss_roll_ddim5.yaml", ["sde.sampler=ddim", "sde.dt=1.0", "sde.grid_power=1.5", "train.episodes=20000"]),
+    ("swiss_roll_rao_blackwell.yaml", ["train.processes=1", "train.policy_gradient=rao_blackwell"]),
 ])
 def test_an_ablation_config_is_the_fine_run_with_the_flags_its_figures_were_measured_with(name, flags):
     """docs/results.md's ablations were measured as configs/swiss_roll_fine.yaml with these --set flags; their

@@ -9,8 +9,7 @@ import pytest
 
 pytest.importorskip("wandb")
 from distq.edges.sweep import TrackingConfig  # noqa: E402
-from distq.edges.wandb_callback import (TrialWandbCallback, _store_runs, trial_wandb_callback,  # noqa: E402
-                                        wandb_mode)
+from distq.edges.wandb_callback import TrialWandbCallback, _store_runs, trial_wandb_callback, wandb_mode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from distq.maths.ratio import RatioEstimator
 from distq.maths.samplers import action_gains
 from distq.maths.schedules import TimeGrid, make_schedule, prior_std, time_grid
 from distq.maths.value import RewardPrior, ValueNet
-from distq.setup.config import PRETRAINED_ALGORITHMS, Config
+from distq.setup.config import PRETRAINED_ALGORITHMS, Q_LEARNING_ALGORITHMS, Config
 from distq.setup.devices import CPU, resolve_device, to_device
 
 Reward = Callable[..., torch.Tensor]
@@ -127,7 +127,7 @@ def build_rollout(config: Config, points: torch.Tensor, terminal_reward: Reward,
     return kind(policy, make_grid(config), config.sde.sampler,
                 RatioEstimator.from_config(to_device(points, device), config.ratio), terminal_reward,
                 config.train.temperature, prior_std(make_schedule(config.sde), config.sde.T),
-                running_rewards=algorithm in ("qlearning", "ct_finetune"),
+                running_rewards=algorithm in Q_LEARNING_ALGORITHMS,
                 reference=reference if algorithm == "ct_finetune" else None, labels=labels, device=device,
                 rao_blackwell=config.train.policy_gradient == "rao_blackwell", **extra)
 
@@ -149,7 +149,7 @@ def build_learner(config: Config, points: torch.Tensor, terminal_reward: Reward,
     grid, value = make_grid(config), None
     if config.train.algorithm == "dsm":
         objective = Denoising(config.ratio.bandwidth)
-    elif config.train.algorithm not in ("qlearning", "ct_finetune"):
+    elif config.train.algorithm not in Q_LEARNING_ALGORITHMS:
         from distq.algorithms.policy_gradient import PolicyGradient
 
         objective = PolicyGradient()

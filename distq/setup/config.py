@@ -50,6 +50,8 @@ DEVICES = ("auto", "cpu", "cuda")
 """auto: cuda if the process sees a CUDA device, else cpu (distq.setup.devices.resolve_device, when the run starts)."""
 PRETRAINED_ALGORITHMS = ("ct_finetune", "dpok")
 """The algorithms that need a pretrained run (train.init) as their reference."""
+Q_LEARNING_ALGORITHMS = ("qlearning", "ct_finetune")
+"""The algorithms that learn a value function with little q-learning (Algorithm 1) from running rewards."""
 WANDB_MODES = ("online", "offline", "disabled")
 POLICY_GRADIENTS = ("td", "rao_blackwell")
 """td: the policy semi-gradient of (E16) as written. rao_blackwell: the same expectation with less variance
@@ -353,10 +355,10 @@ class TrainConfig:
         _positive(self.is_clip, "train.is_clip")
         _require(self.inner_steps >= 1, "train.inner_steps", f"must be >= 1, got {self.inner_steps}")
         _choice(self.policy_gradient, "train.policy_gradient", POLICY_GRADIENTS)
-        _require(self.policy_gradient == "td" or self.algorithm in ("qlearning", "ct_finetune"),
+        _require(self.policy_gradient == "td" or self.algorithm in Q_LEARNING_ALGORITHMS,
                  "train.policy_gradient", f"rao_blackwell applies to qlearning and ct_finetune, not {self.algorithm}")
         _require(0 <= self.target_rate <= 1, "train.target_rate", f"must be between 0 and 1, got {self.target_rate}")
-        _require(self.target_rate == 0 or self.algorithm in ("qlearning", "ct_finetune"), "train.target_rate",
+        _require(self.target_rate == 0 or self.algorithm in Q_LEARNING_ALGORITHMS, "train.target_rate",
                  f"applies to the value network of qlearning and ct_finetune, not {self.algorithm}")
         _require(0 <= self.ema_rate <= 1, "train.ema_rate", f"must be between 0 and 1, got {self.ema_rate}")
         _positive(self.lr_policy, "train.lr_policy")
@@ -499,7 +501,7 @@ class Config:
             # the loop runs in the Ray Train workers; evaluating there during training is not built
             _require(self.eval.every == 0, "eval.every",
                      "evaluations during training are not available with parallel.mode ddp yet; use sync or async")
-            _require(self.train.algorithm in ("qlearning", "ct_finetune", "dsm"), "parallel.mode",
+            _require(self.train.algorithm in Q_LEARNING_ALGORITHMS + ("dsm",), "parallel.mode",
                      f"ddp trains qlearning, ct_finetune and dsm, not {self.train.algorithm}")
             _require(self.train.device == self.parallel.rollout_device, "parallel.mode",
                      "ddp: each worker rolls out and updates on one device; set train.device and "
