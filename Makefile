@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/distq train configs/demo.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

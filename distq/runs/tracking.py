@@ -56,7 +56,12 @@ class RunTracker:
         self.run.summary.update({k: v for k, v in flatten(summary).items() if _number(v) or isinstance(v, str)})
 
     def close(self, failed: bool) -> None:
+        """Finish the run and, unless another run is open in this process, wait for W&B's service to write it out:
+        run.finish() returns before the service has flushed the run's .wandb file, which `wandb sync` (or a reader
+        in the same process) would then find cut short."""
         self.run.finish(exit_code=1 if failed else 0)
+        if self.wandb.run is None:
+            self.wandb.teardown()
 
 
 def _number(value: Any) -> bool:
