@@ -18,6 +18,9 @@ from distq.setup import devices
 
 # W&B off unless a test turns it on (WANDB_MODE=offline): every training run would otherwise start a W&B run (seconds).
 os.environ["WANDB_MODE"] = "disabled"
+# Ray Train's watcher of spot-instance preemption notices: one more process (2-4 s of CPU) per ddp run, and a test
+# machine is never preempted. Set before any Ray starts, so every Ray of the session and its subprocesses inherits it.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 
 
 @pytest.fixture(autouse=True)
