@@ -212,7 +212,7 @@ def requested_digit_rates():
     return rates
 
 
-# The suite's longest files first, longest first (seconds of one xdist worker in a `make test` on a 2-core machine:
+# The suite's longest files, longest first (seconds of one xdist worker in a `make test` on a 2-core machine:
 # 169, 144, 129, 128, 82, 53, 48, 45, 44, 17, 15, 13, 13, 13, 12, 12): `make test` hands whole files to two processes
 # in this order (--no-loadscope-reorder: xdist would otherwise order them by their number of tests), each taking the
 # next when it is free, so the two end together instead of one running a long file alone at the end.

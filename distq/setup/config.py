@@ -356,10 +356,11 @@ class TrainConfig:
         _require(self.inner_steps >= 1, "train.inner_steps", f"must be >= 1, got {self.inner_steps}")
         _choice(self.policy_gradient, "train.policy_gradient", POLICY_GRADIENTS)
         _require(self.policy_gradient == "td" or self.algorithm in Q_LEARNING_ALGORITHMS,
-                 "train.policy_gradient", f"rao_blackwell applies to qlearning and ct_finetune, not {self.algorithm}")
+                 "train.policy_gradient",
+                 f"rao_blackwell applies to {' and '.join(Q_LEARNING_ALGORITHMS)}, not {self.algorithm}")
         _require(0 <= self.target_rate <= 1, "train.target_rate", f"must be between 0 and 1, got {self.target_rate}")
         _require(self.target_rate == 0 or self.algorithm in Q_LEARNING_ALGORITHMS, "train.target_rate",
-                 f"applies to the value network of qlearning and ct_finetune, not {self.algorithm}")
+                 f"applies to the value network of {' and '.join(Q_LEARNING_ALGORITHMS)}, not {self.algorithm}")
         _require(0 <= self.ema_rate <= 1, "train.ema_rate", f"must be between 0 and 1, got {self.ema_rate}")
         _positive(self.lr_policy, "train.lr_policy")
         _positive(self.lr_value, "train.lr_value")
@@ -502,7 +503,7 @@ class Config:
             _require(self.eval.every == 0, "eval.every",
                      "evaluations during training are not available with parallel.mode ddp yet; use sync or async")
             _require(self.train.algorithm in Q_LEARNING_ALGORITHMS + ("dsm",), "parallel.mode",
-                     f"ddp trains qlearning, ct_finetune and dsm, not {self.train.algorithm}")
+                     f"ddp trains {', '.join(Q_LEARNING_ALGORITHMS)} and dsm, not {self.train.algorithm}")
             _require(self.train.device == self.parallel.rollout_device, "parallel.mode",
                      "ddp: each worker rolls out and updates on one device; set train.device and "
                      "parallel.rollout_device alike")
